@@ -1,0 +1,25 @@
+"""moebalance: Auxiliary-Loss-Free Load Balancing for Mixture-of-Experts (arXiv 2408.15664).
+
+The public building blocks: :class:`TopKRouter`, :class:`LossFreeBalancer`,
+:class:`AuxLossBalancer`, :class:`MoELayer` and :func:`max_violation`. Training, data, reporting
+and the CLI live in their own modules and are imported on use.
+"""
+
+from moebalance.balancing import AuxLossBalancer, LossFreeBalancer, router_z_loss, sequence_aux_loss
+from moebalance.metrics import max_violation
+from moebalance.moe import MoELayer, MoEOutput
+from moebalance.routing import RouterOutput, TopKRouter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuxLossBalancer",
+    "LossFreeBalancer",
+    "MoELayer",
+    "MoEOutput",
+    "RouterOutput",
+    "TopKRouter",
+    "max_violation",
+    "router_z_loss",
+    "sequence_aux_loss",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from moebalance.cli import main
+
+sys.exit(main())

@@ -1,0 +1,313 @@
+"""Training text: the built-in corpus, user text, pre-tokenized ``.bin`` files, and batching.
+
+The built-in corpus is the Python standard library of the interpreter that runs the job (every
+``*.py`` under the stdlib directory, without ``site-packages`` and test folders): real text that is
+on every machine, so nothing is downloaded. Files are taken in sorted order and split into train
+and validation *by file* (a file's split depends only on a hash of its relative path). A byte-level
+BPE (Hugging Face ``tokenizers``) is trained on the training split, and both splits are stored as
+``uint16`` token arrays read back as numpy memmaps, in a cache directory keyed by the corpus
+fingerprint (hash of the file list and sizes), the vocabulary size and the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moebalance.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TokenData", "batch_at", "eval_batches", "prepare_data", "sample_batch"]
+
+EOT = "<|endoftext|>"
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_CACHE_VERSION = 1
+
+
+@dataclass
+class TokenData:
+    """Tokenized train and validation splits.
+
+    Attributes:
+        train, val: 1-D ``uint16`` arrays (numpy memmaps) of token ids.
+        vocab_size: number of token ids the model must embed.
+        fingerprint: hex digest of the source (file list and sizes, or the ``.bin`` files).
+        source: a human description of where the text came from.
+        num_files: (train files, validation files) for text corpora, ``None`` for ``.bin`` data.
+        tokenizer_path: the BPE ``tokenizer.json`` (``None`` for ``.bin`` data).
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    fingerprint: str
+    source: str
+    num_files: tuple[int, int] | None = None
+    tokenizer_path: str | None = None
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "train_tokens": int(len(self.train)),
+            "val_tokens": int(len(self.val)),
+            "num_files": list(self.num_files) if self.num_files else None,
+        }
+
+
+def stdlib_dir() -> Path:
+    """The standard-library directory of the running interpreter."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def builtin_corpus_files(max_files: int = 0) -> tuple[Path, list[str]]:
+    """Sorted relative paths of the built-in corpus's files (first ``max_files`` if > 0)."""
+    root = stdlib_dir()
+    rels = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if p.is_file() and not (_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+    )
+    return root, rels[:max_files] if max_files else rels
+
+
+def text_corpus_files(path: Path, max_files: int = 0) -> tuple[Path, list[str]]:
+    """A text file, or every regular file under a folder (sorted), as ``(root, relative paths)``."""
+    if path.is_file():
+        return path.parent, [path.name]
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.path {str(path)!r} is neither a file nor a folder")
+    rels = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not rels:
+        raise ValueError(f"data.path {str(path)!r} holds no files")
+    return path, rels[:max_files] if max_files else rels
+
+
+def _is_val(rel: str, val_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def split_files(rels: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Split by file: validation files are those whose path hash falls under ``val_fraction``.
+
+    At least one file goes to each side when there are two or more files.
+    """
+    val = [r for r in rels if _is_val(r, val_fraction)]
+    train = [r for r in rels if not _is_val(r, val_fraction)]
+    if len(rels) >= 2 and not val:
+        val, train = train[-1:], train[:-1]
+    if len(rels) >= 2 and not train:
+        train, val = val[:1], val[1:]
+    return train, val
+
+
+def fingerprint_files(root: Path, rels: list[str]) -> str:
+    """SHA-256 (first 16 hex digits) of the relative paths and byte sizes of the files."""
+    h = hashlib.sha256()
+    for rel in rels:
+        h.update(f"{rel}\0{(root / rel).stat().st_size}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("MOEBALANCE_CACHE", Path.home() / ".cache" / "moebalance"))
+
+
+def _read_texts(root: Path, rels: list[str]) -> tuple[list[str], int]:
+    texts, skipped = [], 0
+    for rel in rels:
+        try:
+            texts.append((root / rel).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped += 1
+    return texts, skipped
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[EOT],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    return tok
+
+
+def _encode(tok, texts: list[str]) -> np.ndarray:
+    eot = tok.token_to_id(EOT)
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> TokenData:
+    train_rels, val_rels = split_files(rels, cfg.val_fraction)
+    if not val_rels:
+        raise ValueError(f"data.path {source!r}: need at least 2 files (or one long file) to split train/validation")
+    fp = fingerprint_files(root, rels)
+    key = f"{fp}-bpe{cfg.vocab_size}-val{cfg.val_fraction:g}-v{_CACHE_VERSION}"
+    cache = cache_root(cfg) / key
+    meta_path = cache / "meta.json"
+    if not meta_path.exists():
+        train_texts, skipped_train = _read_texts(root, train_rels)
+        val_texts, skipped_val = _read_texts(root, val_rels)
+        if skipped_train + skipped_val:
+            log.warning("skipped %d non-UTF-8 files of %s", skipped_train + skipped_val, source)
+        if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
+            raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
+        log.info("training a %d-token BPE on %d files (cached in %s)", cfg.vocab_size, len(train_texts), cache)
+        tok = _train_tokenizer(train_texts, cfg.vocab_size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a temporary folder and rename: a killed job never leaves a half-written cache.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent))
+        try:
+            tok.save(str(tmp / "tokenizer.json"))
+            _encode(tok, train_texts).tofile(tmp / "train.bin")
+            _encode(tok, val_texts).tofile(tmp / "val.bin")
+            meta = {
+                "vocab_size": tok.get_vocab_size(),
+                "fingerprint": fp,
+                "num_files": [len(train_texts), len(val_texts)],
+                "skipped_files": skipped_train + skipped_val,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.rename(tmp, cache)
+            except OSError:  # another process won the race; its cache is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    meta = json.loads(meta_path.read_text())
+    return TokenData(
+        train=np.memmap(cache / "train.bin", dtype=np.uint16, mode="r"),
+        val=np.memmap(cache / "val.bin", dtype=np.uint16, mode="r"),
+        vocab_size=int(meta["vocab_size"]),
+        fingerprint=fp,
+        source=source,
+        num_files=tuple(meta["num_files"]),
+        tokenizer_path=str(cache / "tokenizer.json"),
+    )
+
+
+def _load_bin(path: Path, vocab_size: int) -> np.ndarray:
+    size = path.stat().st_size
+    if size % 2:
+        raise ValueError(f"{path}: size {size} bytes is not a multiple of the uint16 token size (2)")
+    if size == 0:
+        raise ValueError(f"{path}: empty token file")
+    arr = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(arr.max())
+    if top >= vocab_size:
+        raise ValueError(f"{path}: token id {top} is beyond data.bin_vocab_size={vocab_size}")
+    return arr
+
+
+def _prepare_bin(cfg: DataConfig, path: Path) -> TokenData:
+    if cfg.bin_vocab_size <= 0:
+        raise ValueError("data.bin_vocab_size must be set (> 0) for pre-tokenized .bin data")
+    if path.is_dir():
+        train_path, val_path = path / "train.bin", path / "val.bin"
+        for p in (train_path, val_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{path} needs train.bin and val.bin (nanoGPT layout); missing {p.name}")
+        train = _load_bin(train_path, cfg.bin_vocab_size)
+        val = _load_bin(val_path, cfg.bin_vocab_size)
+        files = [train_path, val_path]
+    else:
+        tokens = _load_bin(path, cfg.bin_vocab_size)
+        cut = int(len(tokens) * (1 - cfg.val_fraction))
+        train, val = tokens[:cut], tokens[cut:]
+        files = [path]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
+    return TokenData(train, val, cfg.bin_vocab_size, h.hexdigest()[:16], str(path))
+
+
+def prepare_data(cfg: DataConfig) -> TokenData:
+    """Load or build the token arrays named by ``cfg``.
+
+    Raises:
+        FileNotFoundError: ``cfg.path`` does not exist.
+        ValueError: an empty corpus, no text files, a malformed ``.bin`` file (size not a multiple of
+            2, token id beyond the vocabulary), or a missing ``bin_vocab_size``.
+    """
+    if cfg.path is None:
+        root, rels = builtin_corpus_files(cfg.max_files)
+        if not rels:
+            raise ValueError(f"built-in corpus: no .py files under {root}")
+        return _prepare_text(cfg, root, rels, f"python-stdlib:{root}")
+    path = Path(cfg.path).expanduser()
+    if path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").exists()):
+        return _prepare_bin(cfg, path)
+    root, rels = text_corpus_files(path, cfg.max_files)
+    return _prepare_text(cfg, root, rels, str(path))
+
+
+def batch_at(data: np.ndarray, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets ``[B, S]`` int64 starting at ``offsets``."""
+    rows = np.stack([np.asarray(data[o : o + seq_len + 1], dtype=np.int64) for o in offsets.tolist()])
+    t = torch.from_numpy(rows)
+    return t[:, :-1], t[:, 1:]
+
+
+def sample_batch(
+    data: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows of ``seq_len + 1`` tokens (deterministic given ``generator``).
+
+    Raises:
+        ValueError: the split is shorter than one window.
+    """
+    high = len(data) - seq_len - 1
+    if high < 1:
+        raise ValueError(f"the training split has {len(data)} tokens, fewer than train.seq_len+2={seq_len + 2}")
+    offsets = torch.randint(0, high, (batch_size,), generator=generator)
+    return batch_at(data, offsets, seq_len)
+
+
+def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_tokens: int = 0):
+    """Consecutive non-overlapping windows over the validation split, in order.
+
+    Yields ``(inputs, targets)`` ``[b, S]`` int64 with ``b <= batch_size``; covers at most
+    ``max_tokens`` target tokens (0: the whole split).
+
+    Raises:
+        ValueError: the split is shorter than one window.
+    """
+    n_windows = (len(data) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"the validation split has {len(data)} tokens, fewer than train.seq_len+1={seq_len + 1}")
+    if max_tokens:
+        n_windows = min(n_windows, max(1, max_tokens // seq_len))
+    offsets = torch.arange(n_windows) * seq_len
+    for start in range(0, n_windows, batch_size):
+        yield batch_at(data, offsets[start : start + batch_size], seq_len)

@@ -1,0 +1,137 @@
+"""Experiments built from several training runs: ``compare`` (Loss-Free vs auxiliary loss)."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any
+
+from moebalance.config import RunConfig
+from moebalance.data import prepare_data
+from moebalance.reporting import plot_loads, plot_maxvio_batch, plot_val_loss, write_json, write_text
+from moebalance.train import train
+
+__all__ = ["compare", "compare_configs"]
+
+REPORT_FIELDS = (
+    "val_loss",
+    "val_ppl",
+    "maxvio_global",
+    "maxvio_global_per_layer",
+    "maxvio_batch_last",
+    "tokens_per_s",
+    "steps",
+    "tokens",
+)
+
+
+def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
+    """The two runs of the paper's main comparison (arXiv 2408.15664 Table 2), from one base config.
+
+    ``loss_free``: Algorithm 1 with ``base.balance.bias_update_rate`` (default 1e-3), no aux loss.
+    ``aux_loss``: eq. 2 with ``base.balance.aux_loss_coeff`` (default 1e-3), no bias update.
+    Everything else (model, seed, data order, initial weights) is shared.
+    """
+    runs = {}
+    for strategy in ("loss_free", "aux_loss"):
+        cfg = copy.deepcopy(base)
+        cfg.balance.strategy = strategy
+        runs[strategy] = cfg
+    return runs
+
+
+def _verdict(lf: dict[str, Any], aux: dict[str, Any]) -> str:
+    ppl = (
+        f"Loss-Free reached a validation perplexity of {lf['val_ppl']:.2f} against {aux['val_ppl']:.2f} "
+        f"for the auxiliary loss ({'lower' if lf['val_ppl'] < aux['val_ppl'] else 'not lower'}, "
+        f"{100 * (lf['val_ppl'] / aux['val_ppl'] - 1):+.2f}%)"
+    )
+    bal = (
+        f"and a MaxVio_global of {lf['maxvio_global']:.3f} against {aux['maxvio_global']:.3f} "
+        f"({'better' if lf['maxvio_global'] < aux['maxvio_global'] else 'not better'} balanced)"
+    )
+    return f"{ppl}, {bal}. The paper reports 9.50 vs 9.56 perplexity and 0.04 vs 0.72 MaxVio_global at 1B parameters."
+
+
+def compare(base: RunConfig, out_dir: str | Path, progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Train the ``loss_free`` and ``aux_loss`` runs of :func:`compare_configs` and write the report.
+
+    Writes into ``out_dir``: ``report.json``, ``report.md``, ``maxvio_batch.png``, ``val_loss.png``,
+    ``expert_load.png``, and one sub-folder per run with its metrics, TensorBoard events and
+    checkpoint.
+
+    Returns:
+        the ``report.json`` content.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(base.data)
+    base = copy.deepcopy(base)
+    base.model.vocab_size = data.vocab_size
+    results: dict[str, dict[str, Any]] = {}
+    run_dirs: dict[str, Path] = {}
+    for name, cfg in compare_configs(base).items():
+        run_dirs[name] = out / name
+        res = train(cfg, run_dirs[name], data=data, progress=progress, desc=name).to_dict()
+        results[name] = {k: res[k] for k in REPORT_FIELDS} | {
+            "balance": cfg.balance.__dict__.copy(),
+            "run_dir": name,
+        }
+    plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
+    plot_val_loss(run_dirs, out / "val_loss.png")
+    plot_loads(run_dirs, out / "expert_load.png")
+    report = {
+        "corpus_fingerprint": data.fingerprint,
+        "data": data.describe(),
+        "config": base.to_dict(),
+        "command": command or " ".join(["moebalance"] + sys.argv[1:]),
+        "runs": results,
+    }
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", render_compare_markdown(report))
+    return report
+
+
+def render_compare_markdown(report: dict[str, Any]) -> str:
+    """The human summary of a ``compare`` report (table, verdict, plots)."""
+    runs = report["runs"]
+    cfg = report["config"]
+    m, t = cfg["model"], cfg["train"]
+    lines = [
+        "# moebalance compare: Loss-Free Balancing vs auxiliary loss",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Model: {m['n_layers']} layers, d_model {m['d_model']}, {m['num_experts']} experts (top-{m['top_k']}, "
+        f"{m['score_func']} gate), expert hidden {m['d_expert']}. Training: {t['max_steps']} steps of "
+        f"{t['batch_size'] * t['grad_accum']} x {t['seq_len']} tokens, seed {t['seed']}.",
+        f"Data: {report['data']['source']} (fingerprint `{report['corpus_fingerprint']}`, "
+        f"{report['data']['train_tokens']:,} train / {report['data']['val_tokens']:,} validation tokens).",
+        "",
+        "| run | val loss | val ppl | MaxVio_global | MaxVio_batch (last 10%) | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        lines.append(
+            f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
+            f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
+        )
+    lines += ["", "MaxVio_global per layer:", ""]
+    for name, r in runs.items():
+        lines.append(f"- {name}: " + ", ".join(f"{v:.3f}" for v in r["maxvio_global_per_layer"]))
+    if "loss_free" in runs and "aux_loss" in runs:
+        lines += ["", _verdict(runs["loss_free"], runs["aux_loss"])]
+    lines += [
+        "",
+        "![MaxVio_batch during training](maxvio_batch.png)",
+        "",
+        "![validation loss](val_loss.png)",
+        "",
+        "![expert load at the end](expert_load.png)",
+        "",
+        "TensorBoard: `tensorboard --logdir " + "` / `".join(f"{r['run_dir']}/tb" for r in runs.values()) + "` "
+        "(relative to this folder).",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""The Mixture-of-Experts layer: router + routed experts + optional shared experts.
+
+``h_t = sum_i g_{i,t} FFN_i(u_t) + sum_j FFN^shared_j(u_t)`` (arXiv 2408.15664 eq. 1 without the
+residual, which the Transformer block adds; shared experts as in DeepSeekMoE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moebalance.experts import GroupedExperts, SwiGLU, combine, permute
+from moebalance.routing import BiasMode, RouterOutput, ScoreFunc, TopKRouter
+
+__all__ = ["MoELayer", "MoEOutput"]
+
+
+@dataclass
+class MoEOutput:
+    """Result of :meth:`MoELayer.forward`.
+
+    Attributes:
+        output: same shape as the input (``[T, D]`` or ``[B, S, D]``).
+        routing: the router's :class:`~moebalance.routing.RouterOutput` (for losses and metrics).
+    """
+
+    output: torch.Tensor
+    routing: RouterOutput
+
+
+class MoELayer(nn.Module):
+    """Dropless MoE feed-forward layer with a Loss-Free Balancing router.
+
+    Args:
+        d_model: ``D``.
+        d_ff: hidden size ``F`` of one routed expert (and of each shared expert).
+        num_experts: ``E`` routed experts.
+        top_k: ``K`` experts per token.
+        num_shared_experts: experts every token passes through (DeepSeekMoE), fused into one
+            SwiGLU of hidden size ``num_shared_experts * d_ff``.
+        score_func, norm_topk_prob, route_scale, bias_mode, n_group, topk_group: passed to
+            :class:`~moebalance.routing.TopKRouter`.
+        use_grouped_mm: see :class:`~moebalance.experts.GroupedExperts`.
+
+    Raises:
+        ValueError: a field outside its range (the message names it).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        top_k: int,
+        num_shared_experts: int = 0,
+        score_func: ScoreFunc = "sigmoid",
+        norm_topk_prob: bool = False,
+        route_scale: float = 1.0,
+        bias_mode: BiasMode = "additive",
+        n_group: int = 1,
+        topk_group: int = 1,
+        use_grouped_mm: bool = True,
+    ) -> None:
+        super().__init__()
+        if d_ff < 1:
+            raise ValueError(f"d_ff must be >= 1, got {d_ff}")
+        if num_shared_experts < 0:
+            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
+        self.router = TopKRouter(
+            d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale, bias_mode, n_group, topk_group
+        )
+        self.experts = GroupedExperts(num_experts, d_model, d_ff, use_grouped_mm)
+        self.shared_experts = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> MoEOutput:
+        """Route, compute and combine.
+
+        Args:
+            x: ``[T, D]`` or ``[B, S, D]``.
+            mask: optional ``[T]`` / ``[B, S]`` bool, ``False`` for padding. Padding tokens are still
+                computed (their output is harmless) but count for no load and no loss.
+
+        Returns:
+            :class:`MoEOutput` with ``output`` of ``x``'s shape and dtype.
+        """
+        routing = self.router(x, mask)
+        x_TD = x.reshape(-1, x.shape[-1])
+        x_ND, dispatch = permute(x_TD, routing.indices, routing.gates, self.router.num_experts)
+        y_ND = self.experts(x_ND, dispatch.counts)
+        out_TD = combine(y_ND, dispatch, x_TD.shape[0])
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        return MoEOutput(output=out_TD.to(x.dtype).view_as(x), routing=routing)

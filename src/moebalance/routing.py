@@ -1,0 +1,292 @@
+"""Top-K routing with an expert-wise selection bias.
+
+Shape legend used in names and docstrings:
+    T tokens, D model dim, E routed experts (``num_experts``), K experts per token (``top_k``).
+
+The routing rule is eq. 1 and eq. 3 of Wang et al., "Auxiliary-Loss-Free Load Balancing Strategy
+for Mixture-of-Experts", arXiv 2408.15664 (DeepSeek-AI):
+
+    s_{i,t} = G(u_t . e_i)                                     (eq. 1, G = sigmoid or softmax)
+    g_{i,t} = s_{i,t} if s_{i,t} + b_i in TopK({s_{j,t} + b_j}, K) else 0      (eq. 3)
+
+The bias ``b`` only *selects*: gate values always come from the unbiased scores ``s``. The router
+module owns ``b`` as the persistent float32 buffer ``expert_bias`` and counts the load it produced
+in training mode; it never changes the bias itself. The update (Algorithm 1) lives in
+:mod:`moebalance.balancing` and runs once per optimizer step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ScoreFunc = Literal["sigmoid", "softmax"]
+BiasMode = Literal["additive", "multiplicative"]
+
+__all__ = ["RouterOutput", "TopKRouter", "count_tokens_per_expert", "route_topk"]
+
+
+@dataclass
+class RouterOutput:
+    """What one routing call produced.
+
+    Attributes:
+        gates: ``[T, K]`` float32 gate values ``g_{i,t}`` of the chosen experts, taken from the
+            *unbiased* scores (then normalised and scaled if the router says so).
+        indices: ``[T, K]`` int64 ids of the chosen experts (chosen with the bias).
+        scores: ``[T, E]`` float32 scores ``s_{i,t}`` after the score function.
+        logits: ``[T, E]`` float32 router logits ``u_t . e_i`` (for the z-loss).
+        tokens_per_expert: ``[E]`` int64, tokens assigned to each expert by this call
+            (masked tokens excluded); sums to ``K * T_unmasked``.
+        seq_len: length ``S`` of the sequences when the input was ``[B, S, D]`` (``None`` for a
+            flat ``[T, D]`` input); the sequence-wise auxiliary loss needs it.
+        mask: ``[T]`` bool, ``True`` for real tokens, or ``None`` when every token counts.
+    """
+
+    gates: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    seq_len: int | None = None
+    mask: torch.Tensor | None = None
+
+
+def count_tokens_per_expert(
+    indices: torch.Tensor, num_experts: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Count how many (token, slot) pairs go to each expert.
+
+    Args:
+        indices: ``[T, K]`` int64 expert ids.
+        num_experts: ``E``.
+        mask: optional ``[T]`` bool, ``False`` for padding tokens (they count for nothing).
+
+    Returns:
+        ``[E]`` int64 counts ``c_i`` (Algorithm 1 of arXiv 2408.15664).
+    """
+    flat = indices.reshape(-1)
+    if mask is not None:
+        flat = flat[mask.reshape(-1, 1).expand_as(indices).reshape(-1)]
+    return torch.bincount(flat, minlength=num_experts)
+
+
+def route_topk(
+    scores: torch.Tensor,
+    top_k: int,
+    bias: torch.Tensor | None = None,
+    *,
+    bias_mode: BiasMode = "additive",
+    n_group: int = 1,
+    topk_group: int = 1,
+) -> torch.Tensor:
+    """Choose ``top_k`` experts per token from (optionally biased) scores.
+
+    Stateless: the bias is an argument, as in torchtitan's router.
+
+    Args:
+        scores: ``[T, E]`` float scores ``s_{i,t}``.
+        top_k: ``K``.
+        bias: ``[E]`` float32 expert bias ``b_i`` or ``None``. Additive mode selects on
+            ``s + b`` (arXiv 2408.15664 eq. 3); multiplicative mode on ``s * b`` (the paper's
+            ablation, §5, which it finds worse).
+        bias_mode: ``"additive"`` or ``"multiplicative"``.
+        n_group, topk_group: group-limited routing (DeepSeek-V3): experts are split into
+            ``n_group`` equal groups, groups are ranked by the sum of their two best biased
+            scores, and only experts of the ``topk_group`` best groups can be chosen. Dropped
+            groups are masked with ``-inf`` (not 0, which would let a dropped group win once the
+            biased scores go negative). ``n_group=1`` disables it.
+
+    Returns:
+        ``[T, K]`` int64 expert ids, best first.
+    """
+    choice = scores
+    if bias is not None:
+        choice = scores * bias if bias_mode == "multiplicative" else scores + bias
+    if n_group > 1:
+        num_tokens, num_experts = choice.shape
+        grouped = choice.view(num_tokens, n_group, num_experts // n_group)
+        per_group = min(2, grouped.shape[-1])
+        group_scores = grouped.topk(per_group, dim=-1).values.sum(-1)  # [T, n_group]
+        keep = group_scores.topk(topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(
+            num_tokens, num_experts
+        )
+    return choice.topk(top_k, dim=-1, sorted=True).indices
+
+
+class TopKRouter(nn.Module):
+    """Linear top-K router with a Loss-Free Balancing bias (arXiv 2408.15664 eq. 1, eq. 3).
+
+    Args:
+        d_model: ``D``.
+        num_experts: ``E >= 1``.
+        top_k: ``K`` in ``[1, E]``.
+        score_func: ``"sigmoid"`` (the paper's default gate) or ``"softmax"``.
+        norm_topk_prob: divide the K gate values of a token by their sum (DeepSeek-V3 with
+            sigmoid; Mixtral/Qwen-MoE with softmax).
+        route_scale: multiply gate values by this factor (DeepSeek-V3's routed scaling factor).
+        bias_mode: ``"additive"`` (eq. 3) or ``"multiplicative"`` (ablation, §5). The bias starts
+            at 0 (additive) or 1 (multiplicative), so an untouched bias changes nothing.
+        n_group, topk_group: group-limited routing, see :func:`route_topk`.
+
+    Buffers:
+        ``expert_bias`` ``[E]`` float32, persistent (saved in ``state_dict``), no gradient. It stays
+        float32 when the module is cast (``.to(torch.bfloat16)``, ``.half()``): an update of
+        ``1e-3`` on a bias near 1 vanishes in bfloat16.
+        ``load_counts`` ``[E]`` float32, not persistent: tokens routed to each expert since the
+        balancer last read them. Filled under ``no_grad`` and only in training mode.
+
+    Raises:
+        ValueError: for a field outside its range (the message names it).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        score_func: ScoreFunc = "sigmoid",
+        norm_topk_prob: bool = False,
+        route_scale: float = 1.0,
+        bias_mode: BiasMode = "additive",
+        n_group: int = 1,
+        topk_group: int = 1,
+    ) -> None:
+        super().__init__()
+        check_routing_args(num_experts, top_k, score_func, route_scale, bias_mode, n_group, topk_group)
+        if d_model < 1:
+            raise ValueError(f"d_model must be >= 1, got {d_model}")
+        self.d_model = d_model
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.score_func = score_func
+        self.norm_topk_prob = norm_topk_prob
+        self.route_scale = route_scale
+        self.bias_mode = bias_mode
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # expert centroids e_i
+        init_bias = 1.0 if bias_mode == "multiplicative" else 0.0
+        self.register_buffer("expert_bias", torch.full((num_experts,), init_bias), persistent=True)
+        self.register_buffer("load_counts", torch.zeros(num_experts), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.d_model**-0.5)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # Keep the balancing state float32 through dtype casts; follow the weight's device.
+        state = {name: self._buffers.pop(name) for name in ("expert_bias", "load_counts")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            device = self.weight.device
+            for name, buf in state.items():
+                self._buffers[name] = buf.to(device=device, dtype=torch.float32)
+        return self
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        """Route tokens.
+
+        Args:
+            x: ``[T, D]`` or ``[B, S, D]`` token representations ``u_t``.
+            mask: optional ``[T]`` or ``[B, S]`` bool, ``False`` for padding tokens.
+
+        Returns:
+            :class:`RouterOutput` over the ``T = B*S`` flattened tokens.
+        """
+        seq_len = x.shape[1] if x.dim() == 3 else None
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"router input last dim must be d_model={self.d_model}, got {x.shape[-1]}")
+        x_TD = x.reshape(-1, self.d_model)
+        flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool)
+        if flat_mask is not None and flat_mask.numel() != x_TD.shape[0]:
+            raise ValueError(f"mask has {flat_mask.numel()} entries for {x_TD.shape[0]} tokens")
+        # Router math in float32, also under bf16 autocast: top-K on bf16 scores ties easily.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            if self.score_func == "sigmoid":
+                scores_TE = torch.sigmoid(logits_TE)
+            else:
+                scores_TE = torch.softmax(logits_TE, dim=-1)
+            indices_TK = route_topk(
+                scores_TE.detach(),
+                self.top_k,
+                self.expert_bias,
+                bias_mode=self.bias_mode,
+                n_group=self.n_group,
+                topk_group=self.topk_group,
+            )
+            gates_TK = scores_TE.gather(1, indices_TK)  # unbiased: b_i never enters g_{i,t}
+            if self.norm_topk_prob and self.top_k > 1:
+                gates_TK = gates_TK / (gates_TK.sum(-1, keepdim=True) + 1e-20)
+            if self.route_scale != 1.0:
+                gates_TK = gates_TK * self.route_scale
+        with torch.no_grad():
+            tokens_per_expert = count_tokens_per_expert(indices_TK, self.num_experts, flat_mask)
+            if self.training and not _in_backward_recompute():
+                self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+        return RouterOutput(
+            gates=gates_TK,
+            indices=indices_TK,
+            scores=scores_TE,
+            logits=logits_TE,
+            tokens_per_expert=tokens_per_expert,
+            seq_len=seq_len,
+            mask=flat_mask,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_model={self.d_model}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"score_func={self.score_func}, norm_topk_prob={self.norm_topk_prob}, "
+            f"route_scale={self.route_scale}, bias_mode={self.bias_mode}, "
+            f"n_group={self.n_group}, topk_group={self.topk_group}"
+        )
+
+
+def _in_backward_recompute() -> bool:
+    """True while autograd runs a backward pass (activation-checkpoint recomputation).
+
+    A recomputed forward routes the same tokens a second time; counting them again would double
+    the step's load. The sign update would survive the doubling, the ``error`` variant and the
+    metrics would not, so the recomputation is simply not counted.
+    """
+    return torch._C._current_graph_task_id() != -1
+
+
+def check_routing_args(
+    num_experts: int,
+    top_k: int,
+    score_func: str,
+    route_scale: float,
+    bias_mode: str,
+    n_group: int,
+    topk_group: int,
+) -> None:
+    """Validate routing hyper-parameters; raise ``ValueError`` naming the field and its range."""
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
+    if not route_scale > 0:
+        raise ValueError(f"route_scale must be > 0, got {route_scale}")
+    if bias_mode not in ("additive", "multiplicative"):
+        raise ValueError(f"bias_mode must be 'additive' or 'multiplicative', got {bias_mode!r}")
+    if n_group < 1 or num_experts % n_group != 0:
+        raise ValueError(f"n_group must be >= 1 and divide num_experts={num_experts}, got {n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group must be in [1, n_group={n_group}], got {topk_group}")
+    if n_group > 1 and top_k > topk_group * (num_experts // n_group):
+        raise ValueError(
+            f"top_k={top_k} exceeds the experts left by group-limited routing "
+            f"(topk_group * num_experts / n_group = {topk_group * (num_experts // n_group)})"
+        )

@@ -1,0 +1,319 @@
+"""The training loop: a few hundred lines in the spirit of nanoGPT.
+
+One optimizer step = ``grad_accum`` micro-batches. After the step, the Loss-Free bias update runs
+once (arXiv 2408.15664 Algorithm 1) from the load of all micro-batches; the auxiliary loss and the
+z-loss, when configured, are added to the LM loss of every micro-batch.
+
+Output directory:
+    config.json     the full run config
+    metrics.jsonl   one record per step (loss, MaxVio_batch per layer, loads, bias range, lr, tokens/s)
+                    and one per evaluation (val loss, perplexity, MaxVio_global per layer, loads)
+    tb/             TensorBoard event files
+    checkpoint.pt   final model (expert biases included), optimizer and scheduler state
+    summary.json    the final numbers (see :func:`train`)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moebalance.balancing import AuxLossBalancer, LossFreeBalancer, pop_expert_loads, router_z_loss
+from moebalance.checkpoint import save_checkpoint
+from moebalance.config import RunConfig
+from moebalance.data import TokenData, eval_batches, prepare_data, sample_batch
+from moebalance.metrics import max_violation
+from moebalance.model import MoETransformer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "evaluate", "train"]
+
+
+@dataclass
+class TrainResult:
+    """Final numbers of a run (also written to ``summary.json``).
+
+    ``maxvio_batch_last`` is the mean MaxVio_batch (over layers and over the last 10% of steps).
+    """
+
+    val_loss: float
+    val_ppl: float
+    maxvio_global: float
+    maxvio_global_per_layer: list[float]
+    maxvio_batch_last: float
+    tokens_per_s: float
+    steps: int
+    tokens: int
+    skipped_steps: int
+    out_dir: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        d.update(self.extra)
+        return d
+
+
+def lr_at(step: int, cfg: RunConfig) -> float:
+    """Linear warmup to ``lr`` then cosine decay to ``min_lr`` at ``max_steps`` (step is 0-based)."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices and expert stacks only (not norms). Biases are buffers, so
+    the optimizer never sees them."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, data: TokenData, cfg: RunConfig) -> dict[str, Any]:
+    """Validation loss, perplexity and global expert loads over the validation split.
+
+    Returns:
+        dict with ``val_loss`` (nats/token), ``val_ppl``, ``loads`` ``[L, E]`` (list of lists),
+        ``maxvio_global_per_layer`` and ``maxvio_global`` (mean over layers).
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    loads_LE = None
+    for x, y in eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_tokens):
+        x, y = x.to(cfg.train.device), y.to(cfg.train.device)
+        with _autocast(cfg):
+            out = model(x, y)
+        total_loss += out.loss.item() * y.numel()
+        total_tokens += y.numel()
+        step_loads = torch.stack([r.tokens_per_expert for r in out.routing])
+        loads_LE = step_loads if loads_LE is None else loads_LE + step_loads
+    model.train(was_training)
+    val_loss = total_loss / total_tokens
+    vio = max_violation(loads_LE)
+    return {
+        "val_loss": val_loss,
+        "val_ppl": math.exp(val_loss),
+        "val_tokens": total_tokens,
+        "loads": loads_LE.tolist(),
+        "maxvio_global_per_layer": vio.tolist(),
+        "maxvio_global": vio.mean().item(),
+    }
+
+
+def _autocast(cfg: RunConfig):
+    enabled = cfg.train.dtype == "bfloat16"
+    return torch.autocast(device_type=torch.device(cfg.train.device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
+class _Logger:
+    """JSONL + TensorBoard sink."""
+
+    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
+        self.jsonl = open(out_dir / "metrics.jsonl", "w")
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+
+    def record(self, rec: dict[str, Any], scalars: dict[str, float], step: int) -> None:
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    data: TokenData | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+) -> TrainResult:
+    """Train the MoE LM of ``cfg`` and write its outputs into ``out_dir``.
+
+    The seed fixes the initial weights and the data order, so two runs that differ only in
+    ``cfg.balance`` see the same model at step 0 and the same batches.
+
+    Args:
+        cfg: the run config.
+        out_dir: output folder (created).
+        data: already prepared tokens (else prepared from ``cfg.data``).
+        progress: show a tqdm progress bar.
+        desc: label of the progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    data = data if data is not None else prepare_data(cfg.data)
+    if data.vocab_size > cfg.model.vocab_size or cfg.model.vocab_size != data.vocab_size:
+        cfg.model.vocab_size = data.vocab_size
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+
+    torch.manual_seed(cfg.train.seed)
+    device = torch.device(cfg.train.device)
+    model = MoETransformer(cfg.model, cfg.balance).to(device)
+    routers = model.routers
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.train.lr)
+    data_gen = torch.Generator().manual_seed(cfg.train.seed)
+
+    strategy = cfg.balance.strategy
+    bias_balancer = (
+        LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update) if strategy == "loss_free" else None
+    )
+    aux_balancer = AuxLossBalancer(cfg.balance.aux_loss_coeff) if strategy == "aux_loss" else None
+
+    logger = _Logger(out, cfg.train.tensorboard)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+    maxvio_history: list[float] = []
+    skipped = 0
+    last_eval: dict[str, Any] | None = None
+    train_time = 0.0
+    bar = tqdm(range(cfg.train.max_steps), desc=desc or strategy, disable=not progress, dynamic_ncols=True)
+    model.train()
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            lm_sum, aux_sum, z_sum, finite = 0.0, 0.0, 0.0, True
+            for _ in range(cfg.train.grad_accum):
+                x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
+                x, y = x.to(device), y.to(device)
+                with _autocast(cfg):
+                    res = model(x, y)
+                loss = res.loss
+                if aux_balancer is not None:
+                    aux = aux_balancer(res.routing)
+                    aux_sum += aux.item()
+                    loss = loss + aux
+                if cfg.balance.z_loss_coeff > 0:
+                    z = cfg.balance.z_loss_coeff * sum(router_z_loss(r.logits, r.mask) for r in res.routing)
+                    z_sum += z.item()
+                    loss = loss + z
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                (loss / cfg.train.grad_accum).backward()
+                lm_sum += res.loss.item()
+            if not finite:
+                # Skip the whole step: no weight update, and the bias learns nothing from it.
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                pop_expert_loads(routers)
+                log.warning("step %d: non-finite loss, step skipped", step)
+                continue
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
+                if cfg.train.grad_clip > 0
+                else float("nan")
+            )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            # Algorithm 1: one bias update per optimizer step, from the loads of this step's batch.
+            loads_LE = bias_balancer.step(model) if bias_balancer is not None else pop_expert_loads(routers)
+            dt = time.perf_counter() - t0
+            train_time += dt
+            vio_L = max_violation(loads_LE)
+            maxvio_history.append(vio_L.mean().item())
+            biases = torch.stack([r.expert_bias for r in routers])
+            n = cfg.train.grad_accum
+            rec = {
+                "kind": "train",
+                "step": step + 1,
+                "lr": scheduler.get_last_lr()[0],
+                "loss": lm_sum / n,
+                "aux_loss": aux_sum / n,
+                "z_loss": z_sum / n,
+                "grad_norm": grad_norm,
+                "maxvio_batch": maxvio_history[-1],
+                "maxvio_batch_per_layer": vio_L.tolist(),
+                "loads": loads_LE.long().tolist(),
+                "bias_min": biases.min().item(),
+                "bias_max": biases.max().item(),
+                "tokens_per_s": tokens_per_step / dt,
+            }
+            scalars = {
+                "train/loss": rec["loss"],
+                "train/lr": rec["lr"],
+                "train/maxvio_batch": rec["maxvio_batch"],
+                "train/bias_min": rec["bias_min"],
+                "train/bias_max": rec["bias_max"],
+                "train/tokens_per_s": rec["tokens_per_s"],
+            }
+            if aux_balancer is not None:
+                scalars["train/aux_loss"] = rec["aux_loss"]
+            scalars.update({f"maxvio_batch/layer{i}": v for i, v in enumerate(rec["maxvio_batch_per_layer"])})
+            logger.record(rec, scalars, step + 1)
+            if (step + 1) % cfg.train.log_every == 0:
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
+            if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
+                last_eval = evaluate(model, data, cfg)
+                erec = {"kind": "eval", "step": step + 1, **last_eval}
+                escalars = {
+                    "val/loss": last_eval["val_loss"],
+                    "val/ppl": last_eval["val_ppl"],
+                    "val/maxvio_global": last_eval["maxvio_global"],
+                }
+                escalars.update({f"maxvio_global/layer{i}": v for i, v in enumerate(last_eval["maxvio_global_per_layer"])})
+                logger.record(erec, escalars, step + 1)
+    finally:
+        bar.close()
+        logger.close()
+
+    if last_eval is None:
+        last_eval = evaluate(model, data, cfg)
+    steps_done = cfg.train.max_steps - skipped
+    save_checkpoint(
+        out / "checkpoint.pt",
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "config": cfg.to_dict(),
+            "step": cfg.train.max_steps,
+        },
+    )
+    tail = maxvio_history[-max(1, len(maxvio_history) // 10) :] if maxvio_history else [float("nan")]
+    result = TrainResult(
+        val_loss=last_eval["val_loss"],
+        val_ppl=last_eval["val_ppl"],
+        maxvio_global=last_eval["maxvio_global"],
+        maxvio_global_per_layer=last_eval["maxvio_global_per_layer"],
+        maxvio_batch_last=sum(tail) / len(tail),
+        tokens_per_s=tokens_per_step * steps_done / max(train_time, 1e-9),
+        steps=steps_done,
+        tokens=tokens_per_step * steps_done,
+        skipped_steps=skipped,
+        out_dir=str(out),
+        extra={"final_loads": last_eval["loads"]},
+    )
+    (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+    return result

@@ -1,0 +1,148 @@
+import pytest
+import torch
+from torch import nn
+
+from moebalance import AuxLossBalancer, LossFreeBalancer, MoELayer, TopKRouter
+from moebalance.balancing import find_routers, router_z_loss, sequence_aux_loss
+
+
+def _fill(router: TopKRouter, loads):
+    router.load_counts.copy_(torch.tensor(loads, dtype=torch.float32))
+
+
+def test_update_moves_each_bias_by_exactly_u():
+    router = TopKRouter(8, 4, 1)
+    _fill(router, [10, 2, 4, 0])  # mean 4: overloaded, underloaded, exact, underloaded
+    LossFreeBalancer(update_rate=1e-3).step(router)
+    u = torch.tensor(1e-3, dtype=torch.float32).item()  # u as float32 holds it, exactly
+    assert router.expert_bias.tolist() == [-u, u, 0.0, u]
+    assert router.load_counts.sum().item() == 0  # counts cleared
+
+
+def test_error_update_is_scale_free():
+    a, b = TopKRouter(8, 4, 1), TopKRouter(8, 4, 1)
+    _fill(a, [10, 2, 4, 0])
+    _fill(b, [100, 20, 40, 0])
+    bal = LossFreeBalancer(update_rate=1e-2, update="error")
+    bal.step(a)
+    bal.step(b)
+    torch.testing.assert_close(a.expert_bias, b.expert_bias)
+    torch.testing.assert_close(a.expert_bias, 1e-2 * torch.tensor([-1.5, 0.5, 0.0, 1.0]))
+
+
+def test_step_updates_every_layer_of_a_model():
+    model = nn.Sequential(MoELayer(8, 16, 4, 2), MoELayer(8, 16, 4, 2))
+    routers = find_routers(model)
+    assert len(routers) == 2
+    model.train()
+    h = torch.randn(32, 8)
+    for layer in model:
+        h = layer(h).output
+    loads = LossFreeBalancer().step(model)
+    assert loads.shape == (2, 4) and loads.sum().item() == 2 * 32 * 2
+    for r, row in zip(routers, loads):
+        expected = 1e-3 * torch.sign(row.mean() - row)
+        torch.testing.assert_close(r.expert_bias, expected)
+
+
+def test_gradient_accumulation_gives_one_update():
+    router = TopKRouter(8, 4, 2)
+    router.train()
+    xs = [torch.randn(16, 8) for _ in range(4)]
+    total = sum(router(x).tokens_per_expert for x in xs)
+    assert torch.equal(router.load_counts, total.float())
+    LossFreeBalancer(update_rate=1e-3).step(router)
+    assert router.expert_bias.abs().max().item() <= torch.tensor(1e-3).item()  # one step of u, not four
+    expected = 1e-3 * torch.sign(total.float().mean() - total.float())
+    torch.testing.assert_close(router.expert_bias, expected)
+
+
+def test_eval_forward_changes_no_count_and_no_bias():
+    layer = MoELayer(8, 16, 4, 2).eval()
+    layer(torch.randn(10, 8))
+    assert layer.router.load_counts.sum().item() == 0
+    LossFreeBalancer().step(layer)
+    assert torch.equal(layer.router.expert_bias, torch.zeros(4))
+
+
+def test_bf16_model_keeps_small_updates():
+    layer = MoELayer(8, 16, 4, 2).to(torch.bfloat16)
+    assert layer.router.expert_bias.dtype == torch.float32
+    layer.router.expert_bias.fill_(1.0)
+    _fill(layer.router, [0, 10, 10, 10])
+    LossFreeBalancer(update_rate=1e-3).step(layer)
+    assert layer.router.expert_bias[0].item() == pytest.approx(1.001, abs=1e-7)
+    assert layer.router.expert_bias[1].item() == pytest.approx(0.999, abs=1e-7)
+
+
+def test_all_reduce_hook_sees_the_loads():
+    router = TopKRouter(8, 4, 1)
+    _fill(router, [1, 1, 1, 5])
+
+    def fake_all_reduce(t):  # another rank with the opposite skew
+        t.add_(torch.tensor([[5, 1, 1, 1]], dtype=t.dtype))
+
+    LossFreeBalancer(all_reduce=fake_all_reduce).step(router)
+    torch.testing.assert_close(router.expert_bias, 1e-3 * torch.tensor([-1.0, 1.0, 1.0, -1.0]))
+
+
+def test_invalid_rates():
+    with pytest.raises(ValueError, match="update_rate"):
+        LossFreeBalancer(update_rate=0)
+    with pytest.raises(ValueError, match="update"):
+        LossFreeBalancer(update="magnitude")
+    with pytest.raises(ValueError, match="coeff"):
+        AuxLossBalancer(coeff=-1)
+
+
+def test_aux_loss_matches_eq2_by_hand():
+    # 1 sequence, T=4 tokens, N=3 experts, K=1
+    scores = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.5, 0.25, 0.25]])
+    indices = torch.tensor([[0], [0], [1], [0]])
+    f = torch.tensor([3 / 4 * 3, 3 / 4 * 1, 0.0])  # N/(K T) * count
+    P = scores.mean(0)
+    expected = (f * P).sum()
+    torch.testing.assert_close(sequence_aux_loss(scores, indices, seq_len=4), expected)
+    # two sequences: the mean of the per-sequence losses
+    s2 = torch.cat([scores, scores.flip(1)])
+    i2 = torch.cat([indices, 2 - indices])
+    torch.testing.assert_close(sequence_aux_loss(s2, i2, seq_len=4), expected)
+
+
+def test_aux_loss_uniform_routing_value():
+    # E=4, K=2, every expert chosen equally often: f_i = 1, loss = sum_i P_i.
+    scores = torch.full((8, 4), 0.25)
+    indices = torch.tensor([[0, 1], [2, 3]] * 4)
+    torch.testing.assert_close(sequence_aux_loss(scores, indices, seq_len=8), torch.tensor(1.0))
+    sig = torch.rand(8, 4)
+    torch.testing.assert_close(sequence_aux_loss(sig, indices, seq_len=8), sig.mean(0).sum())
+
+
+def test_aux_balancer_scales_and_sums_layers():
+    layer = MoELayer(8, 16, 4, 2)
+    x = torch.randn(2, 6, 8)
+    r1, r2 = layer(x).routing, layer(x * 2).routing
+    manual = 1e-2 * (sequence_aux_loss(r1.scores, r1.indices, 6) + sequence_aux_loss(r2.scores, r2.indices, 6))
+    torch.testing.assert_close(AuxLossBalancer(1e-2)([r1, r2]), manual)
+    loss = AuxLossBalancer(1e-2)(r1)
+    loss.backward()
+    assert layer.router.weight.grad is not None
+    with pytest.raises(ValueError, match="B, S, D"):
+        AuxLossBalancer()(layer(x.view(12, 8)).routing)
+
+
+def test_aux_loss_mask():
+    scores = torch.rand(6, 4)
+    indices = torch.tensor([[0, 1], [2, 3], [0, 2], [1, 3], [0, 1], [0, 1]])
+    mask = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.bool)
+    torch.testing.assert_close(
+        sequence_aux_loss(scores, indices, 6, mask), sequence_aux_loss(scores[:4], indices[:4], 4)
+    )
+
+
+def test_z_loss_finite_for_huge_logits():
+    logits = torch.tensor([[100.0, -50.0, 3.0], [200.0, 200.0, 0.0]])
+    z = router_z_loss(logits)
+    expected = ((100 + torch.log1p(torch.exp(torch.tensor(-103.0)))) ** 2 + (200 + torch.log(torch.tensor(2.0))) ** 2) / 2
+    assert torch.isfinite(z)
+    torch.testing.assert_close(z, expected)

@@ -1,0 +1,33 @@
+import pytest
+import torch
+
+from moebalance.metrics import coefficient_of_variation, dead_experts, load_share, max_violation
+
+
+def test_maxvio_hand_made():
+    assert max_violation(torch.tensor([4, 4, 4, 4])).item() == 0.0
+    # mean 4, max 10 -> (10-4)/4 = 1.5
+    assert max_violation(torch.tensor([10, 2, 4, 0])).item() == pytest.approx(1.5)
+    # one expert takes everything: E - 1
+    assert max_violation(torch.tensor([0, 0, 12, 0, 0, 0])).item() == pytest.approx(5.0)
+
+
+def test_maxvio_per_layer():
+    loads = torch.tensor([[4, 4, 4, 4], [10, 2, 4, 0], [0, 0, 0, 0]])
+    vio = max_violation(loads)
+    assert vio.shape == (3,)
+    assert vio.tolist() == pytest.approx([0.0, 1.5, 0.0])
+
+
+def test_maxvio_bad_input():
+    with pytest.raises(ValueError, match="tokens_per_expert"):
+        max_violation(torch.zeros(2, 2, 2))
+    with pytest.raises(ValueError, match=">= 0"):
+        max_violation(torch.tensor([1, -1]))
+
+
+def test_other_metrics():
+    loads = torch.tensor([[2.0, 2.0, 0.0, 4.0]])
+    assert dead_experts(loads).tolist() == [1]
+    assert load_share(loads).sum().item() == pytest.approx(1.0)
+    assert coefficient_of_variation(loads).item() == pytest.approx(torch.tensor([2.0, 2, 0, 4]).std(unbiased=False).item() / 2)

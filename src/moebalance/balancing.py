@@ -25,6 +25,7 @@ UpdateMode = Literal["sign", "error"]
 
 __all__ = [
     "AuxLossBalancer",
+    "Balancing",
     "LossFreeBalancer",
     "find_routers",
     "pop_expert_loads",
@@ -225,3 +226,75 @@ def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
         return z_T.mean()
     weight = mask_T.to(z_T.dtype)
     return (z_T * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+class Balancing:
+    """The balancing of one training run, built from :class:`~moebalance.config.BalanceConfig`.
+
+    The training loop asks it for the extra loss of each micro-batch (:meth:`loss`) and calls
+    :meth:`after_step` once after each optimizer step (the bias update, and the reset of the load
+    counters). Adding a strategy means adding a branch here, not touching the loop.
+
+    Args:
+        strategy: ``"loss_free"``, ``"aux_loss"`` or ``"none"``.
+        bias_update_rate, bias_update: see :class:`LossFreeBalancer`.
+        aux_loss_coeff: see :class:`AuxLossBalancer`.
+        z_loss_coeff: coefficient of :func:`router_z_loss`, summed over layers; 0 disables it.
+        all_reduce: see :class:`LossFreeBalancer`.
+    """
+
+    def __init__(
+        self,
+        strategy: str = "loss_free",
+        bias_update_rate: float = 1e-3,
+        bias_update: UpdateMode = "sign",
+        aux_loss_coeff: float = 1e-3,
+        z_loss_coeff: float = 0.0,
+        all_reduce: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        if strategy not in ("loss_free", "aux_loss", "none"):
+            raise ValueError(f"strategy must be 'loss_free', 'aux_loss' or 'none', got {strategy!r}")
+        if not z_loss_coeff >= 0:
+            raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff}")
+        self.strategy = strategy
+        self.all_reduce = all_reduce
+        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce) if strategy == "loss_free" else None
+        self.aux = AuxLossBalancer(aux_loss_coeff) if strategy == "aux_loss" else None
+        self.z_loss_coeff = float(z_loss_coeff)
+
+    @classmethod
+    def from_config(cls, cfg, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Balancing:
+        """From a :class:`~moebalance.config.BalanceConfig`."""
+        return cls(cfg.strategy, cfg.bias_update_rate, cfg.bias_update, cfg.aux_loss_coeff, cfg.z_loss_coeff, all_reduce)
+
+    def loss(self, routing: Sequence[RouterOutput]) -> tuple[torch.Tensor | None, dict[str, float]]:
+        """Extra loss for one micro-batch, and its parts as floats for logging (``aux_loss``, ``z_loss``).
+
+        Returns ``(None, {})`` when the strategy adds no loss.
+        """
+        total, parts = None, {}
+        if self.aux is not None:
+            total = self.aux(routing)
+            parts["aux_loss"] = total.item()
+        if self.z_loss_coeff > 0:
+            z = self.z_loss_coeff * sum(router_z_loss(r.logits, r.mask) for r in routing)
+            parts["z_loss"] = z.item()
+            total = z if total is None else total + z
+        return total, parts
+
+    def after_step(self, model: nn.Module) -> torch.Tensor:
+        """Once per optimizer step: update the biases (Loss-Free) and clear the load counters.
+
+        Returns:
+            ``[L, E]`` loads of the step (all-reduced when ``all_reduce`` is set).
+        """
+        if self.bias is not None:
+            return self.bias.step(model)
+        loads_LE = pop_expert_loads(find_routers(model))
+        if self.all_reduce is not None:
+            self.all_reduce(loads_LE)
+        return loads_LE
+
+    def discard_step(self, model: nn.Module) -> None:
+        """Forget the loads counted in a step that was skipped (non-finite loss)."""
+        pop_expert_loads(find_routers(model))

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from moebalance.balancing import AuxLossBalancer, LossFreeBalancer, pop_expert_loads, router_z_loss
+from moebalance.balancing import Balancing
 from moebalance.checkpoint import save_checkpoint
 from moebalance.config import RunConfig
 from moebalance.data import TokenData, eval_batches, prepare_data, sample_batch
@@ -185,11 +185,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.train.lr)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)
 
-    strategy = cfg.balance.strategy
-    bias_balancer = (
-        LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update) if strategy == "loss_free" else None
-    )
-    aux_balancer = AuxLossBalancer(cfg.balance.aux_loss_coeff) if strategy == "aux_loss" else None
+    balancing = Balancing.from_config(cfg.balance)
 
     logger = _Logger(out, cfg.train.tensorboard)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
@@ -197,26 +193,22 @@ def train(
     skipped = 0
     last_eval: dict[str, Any] | None = None
     train_time = 0.0
-    bar = tqdm(range(cfg.train.max_steps), desc=desc or strategy, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.train.max_steps), desc=desc or cfg.balance.strategy, disable=not progress, dynamic_ncols=True)
     model.train()
     try:
         for step in bar:
             t0 = time.perf_counter()
-            lm_sum, aux_sum, z_sum, finite = 0.0, 0.0, 0.0, True
+            lm_sum, finite = 0.0, True
+            parts_sum: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
                 x, y = x.to(device), y.to(device)
                 with _autocast(cfg):
                     res = model(x, y)
-                loss = res.loss
-                if aux_balancer is not None:
-                    aux = aux_balancer(res.routing)
-                    aux_sum += aux.item()
-                    loss = loss + aux
-                if cfg.balance.z_loss_coeff > 0:
-                    z = cfg.balance.z_loss_coeff * sum(router_z_loss(r.logits, r.mask) for r in res.routing)
-                    z_sum += z.item()
-                    loss = loss + z
+                extra, parts = balancing.loss(res.routing)
+                loss = res.loss if extra is None else res.loss + extra
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -226,7 +218,7 @@ def train(
                 # Skip the whole step: no weight update, and the bias learns nothing from it.
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
-                pop_expert_loads(routers)
+                balancing.discard_step(model)
                 log.warning("step %d: non-finite loss, step skipped", step)
                 continue
             grad_norm = (
@@ -238,7 +230,7 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             # Algorithm 1: one bias update per optimizer step, from the loads of this step's batch.
-            loads_LE = bias_balancer.step(model) if bias_balancer is not None else pop_expert_loads(routers)
+            loads_LE = balancing.after_step(model)
             dt = time.perf_counter() - t0
             train_time += dt
             vio_L = max_violation(loads_LE)
@@ -250,8 +242,7 @@ def train(
                 "step": step + 1,
                 "lr": scheduler.get_last_lr()[0],
                 "loss": lm_sum / n,
-                "aux_loss": aux_sum / n,
-                "z_loss": z_sum / n,
+                **{k: v / n for k, v in parts_sum.items()},
                 "grad_norm": grad_norm,
                 "maxvio_batch": maxvio_history[-1],
                 "maxvio_batch_per_layer": vio_L.tolist(),
@@ -268,8 +259,7 @@ def train(
                 "train/bias_max": rec["bias_max"],
                 "train/tokens_per_s": rec["tokens_per_s"],
             }
-            if aux_balancer is not None:
-                scalars["train/aux_loss"] = rec["aux_loss"]
+            scalars.update({f"train/{k}": rec[k] for k in parts_sum})
             scalars.update({f"maxvio_batch/layer{i}": v for i, v in enumerate(rec["maxvio_batch_per_layer"])})
             logger.record(rec, scalars, step + 1)
             if (step + 1) % cfg.train.log_every == 0:

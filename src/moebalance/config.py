@@ -126,18 +126,18 @@ class TrainConfig:
     """Optimisation and logging. One optimizer step sees ``batch_size * grad_accum`` sequences."""
 
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 400
-    lr: float = 3e-3
-    min_lr: float = 3e-4
-    warmup_steps: int = 30
+    max_steps: int = 800
+    lr: float = 1.5e-3
+    min_lr: float = 1.5e-4
+    warmup_steps: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_tokens: int = 65536  # validation tokens per evaluation (0: the whole split)
+    eval_every: int = 200
+    eval_tokens: int = 32768  # validation tokens of an intermediate evaluation (0: all); the final one reads all
     log_every: int = 10
     seed: int = 1234
     device: str = "cpu"

@@ -295,10 +295,13 @@ def sample_batch(
 
 
 def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_tokens: int = 0):
-    """Consecutive non-overlapping windows over the validation split, in order.
+    """Non-overlapping windows over the validation split, in order.
 
-    Yields ``(inputs, targets)`` ``[b, S]`` int64 with ``b <= batch_size``; covers at most
-    ``max_tokens`` target tokens (0: the whole split).
+    With ``max_tokens = 0`` the windows tile the whole split. Otherwise about ``max_tokens`` target
+    tokens are taken as windows spread evenly over the split, so a partial evaluation still sees
+    every part of it (the split is ordered by file; its first windows would be a few files only).
+
+    Yields ``(inputs, targets)`` ``[b, S]`` int64 with ``b <= batch_size``.
 
     Raises:
         ValueError: the split is shorter than one window.
@@ -306,8 +309,10 @@ def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_tokens: in
     n_windows = (len(data) - 1) // seq_len
     if n_windows < 1:
         raise ValueError(f"the validation split has {len(data)} tokens, fewer than train.seq_len+1={seq_len + 1}")
-    if max_tokens:
-        n_windows = min(n_windows, max(1, max_tokens // seq_len))
-    offsets = torch.arange(n_windows) * seq_len
-    for start in range(0, n_windows, batch_size):
+    window_ids = torch.arange(n_windows)
+    if max_tokens and max_tokens // seq_len < n_windows:
+        keep = max(1, max_tokens // seq_len)
+        window_ids = torch.linspace(0, n_windows - 1, keep).round().long().unique()
+    offsets = window_ids * seq_len
+    for start in range(0, len(offsets), batch_size):
         yield batch_at(data, offsets[start : start + batch_size], seq_len)

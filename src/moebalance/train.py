@@ -86,8 +86,10 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, data: TokenData, cfg: RunConfig) -> dict[str, Any]:
+def evaluate(model: MoETransformer, data: TokenData, cfg: RunConfig, max_tokens: int | None = None) -> dict[str, Any]:
     """Validation loss, perplexity and global expert loads over the validation split.
+
+    ``max_tokens`` (default ``cfg.train.eval_tokens``; 0 = the whole split) bounds the tokens read.
 
     Returns:
         dict with ``val_loss`` (nats/token), ``val_ppl``, ``loads`` ``[L, E]`` (list of lists),
@@ -97,7 +99,8 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: RunConfig) -> dict[str
     model.eval()
     total_loss, total_tokens = 0.0, 0
     loads_LE = None
-    for x, y in eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, cfg.train.eval_tokens):
+    max_tokens = cfg.train.eval_tokens if max_tokens is None else max_tokens
+    for x, y in eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, max_tokens):
         x, y = x.to(cfg.train.device), y.to(cfg.train.device)
         with _autocast(cfg):
             out = model(x, y)
@@ -264,8 +267,10 @@ def train(
             logger.record(rec, scalars, step + 1)
             if (step + 1) % cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
-            if (step + 1) % cfg.train.eval_every == 0 or step + 1 == cfg.train.max_steps:
-                last_eval = evaluate(model, data, cfg)
+            last_step = step + 1 == cfg.train.max_steps
+            if (step + 1) % cfg.train.eval_every == 0 or last_step:
+                # The final evaluation reads the whole validation split: MaxVio_global (paper §4.1).
+                last_eval = evaluate(model, data, cfg, max_tokens=0 if last_step else None)
                 erec = {"kind": "eval", "step": step + 1, **last_eval}
                 escalars = {
                     "val/loss": last_eval["val_loss"],
@@ -279,7 +284,7 @@ def train(
         logger.close()
 
     if last_eval is None:
-        last_eval = evaluate(model, data, cfg)
+        last_eval = evaluate(model, data, cfg, max_tokens=0)
     steps_done = cfg.train.max_steps - skipped
     save_checkpoint(
         out / "checkpoint.pt",

@@ -15,6 +15,7 @@ Output directory:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -176,8 +177,8 @@ def train(
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     data = data if data is not None else prepare_data(cfg.data)
-    if data.vocab_size > cfg.model.vocab_size or cfg.model.vocab_size != data.vocab_size:
-        cfg.model.vocab_size = data.vocab_size
+    cfg = copy.deepcopy(cfg)
+    cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
     torch.manual_seed(cfg.train.seed)

@@ -27,7 +27,7 @@ def test_smoke_compare_end_to_end(tmp_path):
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "report.json").read_text())

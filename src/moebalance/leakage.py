@@ -53,17 +53,22 @@ def model_router(model: MoETransformer) -> RouteFn:
     return route
 
 
-def current_batch_bias_router(model: MoETransformer, update_rate: float) -> RouteFn:
+def current_batch_bias_router(model: MoETransformer, update_rate: float, iterations: int = 8) -> RouteFn:
     """Top-K routing with a bias computed from the batch being routed (the variant §5 rules out).
 
-    The batch is routed once with the model's (past) biases; each layer's bias is then moved by one
-    Loss-Free step ``u * sign(c_mean - c_i)`` computed from *this batch's* load ``c``, and the batch
-    is routed again with it. The model's biases are restored afterwards.
+    Starting from the model's (past) biases, the batch is routed ``iterations`` times; after each
+    pass every layer's bias moves by one Loss-Free step ``u * sign(c_mean - c_i)`` computed from
+    *this batch's* load ``c``; the batch is then routed with the resulting bias. It is what
+    balancing the current batch with its own statistics amounts to. The model's biases are
+    restored afterwards.
 
     Args:
         model: a top-K model.
-        update_rate: ``u`` of the one-step bias from the current batch.
+        update_rate: ``u`` of each step.
+        iterations: bias steps computed from the batch (>= 1).
     """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
     balancer = LossFreeBalancer(update_rate)
 
     @torch.no_grad()
@@ -71,10 +76,11 @@ def current_batch_bias_router(model: MoETransformer, update_rate: float) -> Rout
         model.eval()
         routers = model.routers
         saved = [r.expert_bias.clone() for r in routers]
-        loads_LE = torch.stack([r.tokens_per_expert for r in model(tokens_BS).routing]).float()
         try:
-            for router, delta_E in zip(routers, balancer.bias_delta(loads_LE)):
-                router.expert_bias += delta_E
+            for _ in range(iterations):
+                loads_LE = torch.stack([r.tokens_per_expert for r in model(tokens_BS).routing]).float()
+                for router, delta_E in zip(routers, balancer.bias_delta(loads_LE)):
+                    router.expert_bias += delta_E
             return torch.stack([chosen_experts(r) for r in model(tokens_BS).routing])
         finally:
             for router, bias in zip(routers, saved):
@@ -157,6 +163,7 @@ def leakage(
     trials: int = 4,
     warmup_batches: int = 20,
     current_batch_rate: float = 1e-2,
+    current_batch_iterations: int = 8,
     command: str | None = None,
 ) -> dict[str, Any]:
     """Measure future-token leakage of three routing rules on one model and write ``leakage.json``.
@@ -165,8 +172,9 @@ def leakage(
     * ``loss_free``: top-K with the Loss-Free bias of past batches (``warmup_batches`` training
       batches, one Algorithm 1 update after each, without weight updates; or the biases of
       ``checkpoint``);
-    * ``current_batch_bias``: top-K whose bias is moved by one step of rate ``current_batch_rate``
-      from the current batch's own load (:func:`current_batch_bias_router`).
+    * ``current_batch_bias``: top-K whose bias is moved by ``current_batch_iterations`` steps of
+      rate ``current_batch_rate`` computed from the current batch's own load
+      (:func:`current_batch_bias_router`).
 
     The model is the seeded initial model of ``base`` or, with ``checkpoint``, a trained one (its
     saved config replaces ``base``'s model section). The batch is ``train.batch_size`` validation
@@ -212,7 +220,7 @@ def leakage(
     rules = {
         "expert_choice": model_router(expert_choice),
         "loss_free": model_router(topk),
-        "current_batch_bias": current_batch_bias_router(topk, current_batch_rate),
+        "current_batch_bias": current_batch_bias_router(topk, current_batch_rate, current_batch_iterations),
     }
     measured = {
         name: measure_leakage(rule, tokens_BS, position, data.vocab_size, trials, cfg.train.seed)
@@ -227,6 +235,7 @@ def leakage(
         "tokens_compared": batch * (position + 1),
         "trials": trials,
         "current_batch_rate": current_batch_rate,
+        "current_batch_iterations": current_batch_iterations,
         "bias_source": f"checkpoint {checkpoint}" if checkpoint else f"{warmup_batches} Loss-Free updates from past batches",
         "expert_choice_capacity": ec_cfg.expert_choice_capacity,
         "command": command or " ".join(["moebalance"] + sys.argv[1:]),

@@ -110,7 +110,12 @@ def route_topk(
             ``n_group`` equal groups, groups are ranked by the sum of their two best biased
             scores, and only experts of the ``topk_group`` best groups can be chosen. Dropped
             groups are masked with ``-inf`` (not 0, which would let a dropped group win once the
-            biased scores go negative). ``n_group=1`` disables it.
+            biased scores go negative). ``n_group=1`` disables it. This is the selection of
+            ``transformers``' ``DeepseekV3TopkRouter`` (sigmoid scores + ``e_score_correction_bias``
+            = our additive bias): indices and gates match it exactly (tests/test_conformance.py).
+            transformers 4.x filled dropped groups with 0 instead of ``-inf`` and could pick an
+            expert of a dropped group once every kept biased score was negative; we deliberately
+            do not.
 
     Returns:
         ``[T, K]`` int64 expert ids, best first.

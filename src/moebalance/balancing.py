@@ -1,14 +1,18 @@
-"""Load balancing: the Loss-Free bias update and the auxiliary-loss baselines.
+"""Load balancing: the Loss-Free bias update, the auxiliary-loss baselines and their combination.
 
 Shape legend: B sequences, S tokens per sequence, T = B*S tokens, E experts, K experts per token,
 L MoE layers.
 
 * :class:`LossFreeBalancer` is Algorithm 1 of arXiv 2408.15664: after each optimizer step,
   ``b_i <- b_i + u * sign(c_mean - c_i)`` from the load counted since the previous step.
-* :func:`sequence_aux_loss` is eq. 2 of the same paper (sequence-wise, Switch/GShard form);
-  :class:`AuxLossBalancer` wraps it for a list of layers.
+* The auxiliary losses are pure functions in :mod:`moebalance.losses` (sequence-wise eq. 2,
+  batch-level, global-batch, CV² importance, router z-loss); :class:`AuxLossBalancer` wraps the
+  sequence-wise one for a list of layers, :class:`GlobalBatchCounts` gathers the global batch's
+  expert counts for the global-batch loss.
+* :class:`Balancing` is what the training loop talks to: one object per run, built from
+  :class:`~moebalance.config.BalanceConfig` by strategy name (:data:`STRATEGIES`).
 
-Every loss here is a pure function of router outputs; nothing is stashed in global lists.
+Nothing is stashed in global lists: losses are computed from the router outputs the model returns.
 """
 
 from __future__ import annotations
@@ -19,14 +23,36 @@ from typing import Literal
 import torch
 from torch import nn
 
+from moebalance.losses import (
+    batch_aux_loss,
+    global_batch_aux_loss,
+    importance_loss,
+    router_z_loss,
+    sequence_aux_loss,
+)
 from moebalance.routing import RouterOutput, TopKRouter
 
 UpdateMode = Literal["sign", "error"]
 
+#: Balancing strategies by name: which auxiliary loss (if any) and whether the Loss-Free bias is
+#: updated. ``aux_loss`` is the paper's sequence-wise baseline (eq. 2); ``deepseek_v3`` is
+#: Loss-Free plus a tiny complementary sequence-wise loss (DeepSeek-V3 report, §2.1.2).
+STRATEGIES: dict[str, tuple[str | None, bool]] = {
+    "none": (None, False),
+    "loss_free": (None, True),
+    "aux_loss": ("sequence", False),
+    "batch_aux_loss": ("batch", False),
+    "global_aux_loss": ("global", False),
+    "importance_loss": ("importance", False),
+    "deepseek_v3": ("sequence", True),
+}
+
 __all__ = [
     "AuxLossBalancer",
     "Balancing",
+    "GlobalBatchCounts",
     "LossFreeBalancer",
+    "STRATEGIES",
     "find_routers",
     "pop_expert_loads",
     "router_z_loss",
@@ -125,51 +151,6 @@ class LossFreeBalancer:
         return self.update_rate * error / mean.clamp_min(1e-12)
 
 
-def sequence_aux_loss(
-    scores_TE: torch.Tensor,
-    indices_TK: torch.Tensor,
-    seq_len: int,
-    mask_T: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Sequence-wise auxiliary balance loss ``sum_i f_i P_i`` (arXiv 2408.15664 eq. 2), unscaled.
-
-    For each sequence of length ``S`` (paper: ``T``):
-    ``f_i = E/(K*S) * sum_t 1(token t selects expert i)`` and ``P_i = 1/S * sum_t s_{i,t}``;
-    the loss is ``sum_i f_i * P_i``, averaged over the ``B`` sequences. ``f`` carries no gradient
-    (it counts a discrete choice); the gradient flows through ``P``. With perfectly uniform routing
-    ``f_i = 1`` and the loss is ``sum_i P_i`` = the mean over tokens of ``sum_i s_{i,t}`` (1 for a
-    softmax gate). With a mask, padding tokens count for nothing and ``S`` is the number of real
-    tokens of each sequence.
-
-    Args:
-        scores_TE: ``[B*S, E]`` scores ``s_{i,t}`` (after sigmoid/softmax), with gradient.
-        indices_TK: ``[B*S, K]`` chosen experts.
-        seq_len: ``S``; the tokens are ``B`` consecutive sequences of it.
-        mask_T: optional ``[B*S]`` bool, ``False`` for padding.
-
-    Returns:
-        0-dim float32 tensor.
-    """
-    num_tokens, num_experts = scores_TE.shape
-    top_k = indices_TK.shape[1]
-    if seq_len < 1 or num_tokens % seq_len != 0:
-        raise ValueError(f"seq_len must divide the {num_tokens} tokens, got {seq_len}")
-    num_seqs = num_tokens // seq_len
-    weight_T = (
-        torch.ones(num_tokens, device=scores_TE.device)
-        if mask_T is None
-        else mask_T.to(scores_TE.device, torch.float32)
-    )
-    with torch.no_grad():
-        onehot_TE = torch.zeros_like(scores_TE).scatter_(1, indices_TK, 1.0)
-        counts_BE = (onehot_TE * weight_T[:, None]).view(num_seqs, seq_len, num_experts).sum(1)
-    tokens_B = weight_T.view(num_seqs, seq_len).sum(1).clamp_min(1.0)
-    f_BE = counts_BE * (num_experts / top_k) / tokens_B[:, None]
-    p_BE = (scores_TE.float() * weight_T[:, None]).view(num_seqs, seq_len, num_experts).sum(1)
-    p_BE = p_BE / tokens_B[:, None]
-    return (f_BE * p_BE).sum(-1).mean()
-
-
 class AuxLossBalancer:
     """Auxiliary-loss load balancing, sequence-wise as in the paper (arXiv 2408.15664 eq. 2).
 
@@ -208,24 +189,41 @@ class AuxLossBalancer:
         return self.coeff * total
 
 
-def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
-    """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5), unscaled: mean over tokens of
-    ``logsumexp_i(logits_{t,i})**2``.
 
-    ``logsumexp`` keeps it finite for logits of magnitude 100 and more.
+
+class GlobalBatchCounts:
+    """Expert counts of the current global batch, for :func:`~moebalance.losses.global_batch_aux_loss`.
+
+    Design (as Megatron-Core's global auxiliary loss): each micro-batch adds its ``[L, E]`` counts,
+    all-reduced (sum) over data-parallel ranks through the ``all_reduce`` hook, to a running total
+    that :meth:`reset` clears after every optimizer step. The loss of micro-batch ``m`` uses the
+    counts of micro-batches ``1..m`` of the step on all ranks. With one micro-batch per step this is
+    exactly the global batch's ``f``; with gradient accumulation the last micro-batch sees the whole
+    global batch and earlier ones a growing part of it, because a micro-batch's backward runs before
+    later micro-batches are routed. (Exact ``f`` for every micro-batch would need a second forward
+    pass or keeping every micro-batch's graph alive until the step ends.)
 
     Args:
-        logits_TE: ``[T, E]`` router logits (before the score function).
-        mask_T: optional ``[T]`` bool, ``False`` for padding.
-
-    Returns:
-        0-dim float32 tensor.
+        all_reduce: optional in-place sum over data-parallel ranks of a float32 ``[L, E]`` tensor
+            (e.g. ``torch.distributed.all_reduce``); ``None`` in a single process.
     """
-    z_T = torch.logsumexp(logits_TE.float(), dim=-1) ** 2
-    if mask_T is None:
-        return z_T.mean()
-    weight = mask_T.to(z_T.dtype)
-    return (z_T * weight).sum() / weight.sum().clamp_min(1.0)
+
+    def __init__(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        self.all_reduce = all_reduce
+        self.counts_LE: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, routing: Sequence[RouterOutput]) -> torch.Tensor:
+        """Add one micro-batch's counts (masked tokens excluded) and return the running ``[L, E]`` total."""
+        step_LE = torch.stack([r.tokens_per_expert.float() for r in routing])
+        if self.all_reduce is not None:
+            self.all_reduce(step_LE)
+        self.counts_LE = step_LE if self.counts_LE is None else self.counts_LE + step_LE
+        return self.counts_LE
+
+    def reset(self) -> None:
+        """Start a new global batch (call after each optimizer step)."""
+        self.counts_LE = None
 
 
 class Balancing:
@@ -233,14 +231,26 @@ class Balancing:
 
     The training loop asks it for the extra loss of each micro-batch (:meth:`loss`) and calls
     :meth:`after_step` once after each optimizer step (the bias update, and the reset of the load
-    counters). Adding a strategy means adding a branch here, not touching the loop.
+    counters and of the global-batch counts). Adding a strategy means adding a branch here, not
+    touching the loop.
+
+    Each auxiliary loss is summed over MoE layers and scaled by its coefficient
+    (``loss = alpha * sum_layers loss_layer``, as DeepSeekMoE and Megatron-Core).
 
     Args:
-        strategy: ``"loss_free"``, ``"aux_loss"`` or ``"none"``.
+        strategy: a name of :data:`STRATEGIES`.
         bias_update_rate, bias_update: see :class:`LossFreeBalancer`.
-        aux_loss_coeff: see :class:`AuxLossBalancer`.
-        z_loss_coeff: coefficient of :func:`router_z_loss`, summed over layers; 0 disables it.
-        all_reduce: see :class:`LossFreeBalancer`.
+        aux_loss_coeff: ``alpha`` of the strategy's auxiliary loss (``aux_loss``, ``batch_aux_loss``,
+            ``global_aux_loss``, ``importance_loss``).
+        z_loss_coeff: coefficient of :func:`~moebalance.losses.router_z_loss`, summed over layers,
+            added on top of any strategy; 0 disables it.
+        all_reduce: in-place sum over data-parallel ranks of a float32 tensor; used for the
+            Loss-Free loads and the global-batch counts.
+        seq_aux_coeff: ``alpha`` of the complementary sequence-wise loss of ``deepseek_v3``
+            (DeepSeek-V3 uses 1e-4).
+
+    Raises:
+        ValueError: unknown strategy or a negative coefficient.
     """
 
     def __init__(
@@ -251,30 +261,68 @@ class Balancing:
         aux_loss_coeff: float = 1e-3,
         z_loss_coeff: float = 0.0,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
+        seq_aux_coeff: float = 1e-4,
     ) -> None:
-        if strategy not in ("loss_free", "aux_loss", "none"):
-            raise ValueError(f"strategy must be 'loss_free', 'aux_loss' or 'none', got {strategy!r}")
-        if not z_loss_coeff >= 0:
-            raise ValueError(f"z_loss_coeff must be >= 0, got {z_loss_coeff}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
+        for name, value in (("aux_loss_coeff", aux_loss_coeff), ("z_loss_coeff", z_loss_coeff), ("seq_aux_coeff", seq_aux_coeff)):
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.strategy = strategy
+        self.aux_kind, uses_bias = STRATEGIES[strategy]
+        self.aux_coeff = float(seq_aux_coeff if strategy == "deepseek_v3" else aux_loss_coeff)
         self.all_reduce = all_reduce
-        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce) if strategy == "loss_free" else None
-        self.aux = AuxLossBalancer(aux_loss_coeff) if strategy == "aux_loss" else None
+        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce) if uses_bias else None
+        # Kept for callers of the core API: the sequence-wise balancer of the ``aux_loss`` strategy.
+        self.aux = AuxLossBalancer(self.aux_coeff) if self.aux_kind == "sequence" else None
+        self.global_counts = GlobalBatchCounts(all_reduce) if self.aux_kind == "global" else None
         self.z_loss_coeff = float(z_loss_coeff)
 
     @classmethod
     def from_config(cls, cfg, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Balancing:
         """From a :class:`~moebalance.config.BalanceConfig`."""
-        return cls(cfg.strategy, cfg.bias_update_rate, cfg.bias_update, cfg.aux_loss_coeff, cfg.z_loss_coeff, all_reduce)
+        return cls(
+            cfg.strategy,
+            cfg.bias_update_rate,
+            cfg.bias_update,
+            cfg.aux_loss_coeff,
+            cfg.z_loss_coeff,
+            all_reduce,
+            getattr(cfg, "seq_aux_coeff", 1e-4),
+        )
+
+    def _aux_loss(self, routing: Sequence[RouterOutput]) -> torch.Tensor:
+        if any(getattr(r, "is_expert_choice", False) for r in routing):
+            raise ValueError(f"strategy {self.strategy!r} adds an auxiliary loss, which expert-choice routing does not use")
+        if self.aux is not None:
+            return self.aux(routing)
+        if self.aux_kind == "batch":
+            total = sum(batch_aux_loss(r.scores, r.indices, r.mask) for r in routing)
+        elif self.aux_kind == "importance":
+            total = sum(importance_loss(r.scores, r.mask) for r in routing)
+        else:  # global
+            counts_LE = self.global_counts.add(routing)
+            total = sum(
+                global_batch_aux_loss(r.scores, counts_E, r.indices.shape[1], r.mask)
+                for r, counts_E in zip(routing, counts_LE)
+            )
+        return self.aux_coeff * total
 
     def loss(self, routing: Sequence[RouterOutput]) -> tuple[torch.Tensor | None, dict[str, float]]:
         """Extra loss for one micro-batch, and its parts as floats for logging (``aux_loss``, ``z_loss``).
 
-        Returns ``(None, {})`` when the strategy adds no loss.
+        Args:
+            routing: one :class:`~moebalance.routing.RouterOutput` per MoE layer.
+
+        Returns:
+            ``(loss, parts)``; ``(None, {})`` when the strategy adds no loss.
+
+        Raises:
+            ValueError: an auxiliary loss was asked of expert-choice routing outputs.
         """
         total, parts = None, {}
-        if self.aux is not None:
-            total = self.aux(routing)
+        if self.aux_kind is not None and self.aux_coeff > 0:
+            total = self._aux_loss(routing)
             parts["aux_loss"] = total.item()
         if self.z_loss_coeff > 0:
             z = self.z_loss_coeff * sum(router_z_loss(r.logits, r.mask) for r in routing)
@@ -288,6 +336,8 @@ class Balancing:
         Returns:
             ``[L, E]`` loads of the step (all-reduced when ``all_reduce`` is set).
         """
+        if self.global_counts is not None:
+            self.global_counts.reset()
         if self.bias is not None:
             return self.bias.step(model)
         loads_LE = pop_expert_loads(find_routers(model))
@@ -297,4 +347,6 @@ class Balancing:
 
     def discard_step(self, model: nn.Module) -> None:
         """Forget the loads counted in a step that was skipped (non-finite loss)."""
+        if self.global_counts is not None:
+            self.global_counts.reset()
         pop_expert_loads(find_routers(model))

@@ -1,4 +1,4 @@
-"""Command line: ``moebalance train`` and ``moebalance compare``.
+"""Command line: ``moebalance train``, ``compare``, ``sweep GRID`` and ``leakage``.
 
 Any config key can be overridden as ``section.field=value`` after the options, e.g.
 ``moebalance train --preset smoke train.max_steps=50 balance.strategy=aux_loss``.
@@ -44,12 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p_train, "runs/train")
     p_cmp = sub.add_parser("compare", help="Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
+    from moebalance.sweeps import GRIDS
+
+    p_sweep = sub.add_parser("sweep", help="a grid of balancing runs on one seed, data order and initial weights")
+    p_sweep.add_argument("grid", choices=GRIDS, help="built-in grid (see docs/balancing.md)")
+    _add_common(p_sweep, "runs/sweep/GRID")
+    p_leak = sub.add_parser("leakage", help="future-token leakage of expert choice, Loss-Free and a current-batch bias")
+    _add_common(p_leak, "runs/leakage")
+    p_leak.add_argument("--checkpoint", default=None, help="checkpoint.pt of a trained run (default: the seeded initial model)")
+    p_leak.add_argument("--position", type=int, default=None, help="last unchanged position p (default: seq_len/2 - 1)")
+    p_leak.add_argument("--trials", type=int, default=4, help="perturbed sequences averaged (default 4)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # parse_known_args: after `sweep GRID`, argparse has already filled the `overrides`
+    # positional when it meets them behind options; they come back as extras.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = _config(args)
@@ -74,6 +90,20 @@ def main(argv: list[str] | None = None) -> int:
                     f"MaxVio_batch(last) {r['maxvio_batch_last']:.3f}"
                 )
             print(f"report: {args.out}/report.md")
+        elif args.command == "sweep":
+            from moebalance.sweeps import sweep
+
+            out = args.out.replace("GRID", args.grid)
+            report = sweep(args.grid, cfg, out, progress=not args.no_progress)
+            for name, r in report["runs"].items():
+                print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
+            print(f"report: {out}/sweep.md")
+        elif args.command == "leakage":
+            from moebalance.leakage import leakage, render_leakage_table
+
+            result = leakage(cfg, args.out, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
+            print(render_leakage_table(result))
+            print(f"written: {args.out}/leakage.json")
     except (ValueError, FileNotFoundError) as exc:
         print(f"moebalance: error: {exc}", file=sys.stderr)
         return 2

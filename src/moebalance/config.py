@@ -24,7 +24,10 @@ __all__ = [
     "get_preset",
 ]
 
-Strategy = Literal["loss_free", "aux_loss", "none"]
+Strategy = Literal[
+    "loss_free", "aux_loss", "none", "batch_aux_loss", "global_aux_loss", "importance_loss", "deepseek_v3"
+]
+STRATEGY_NAMES = typing.get_args(Strategy)
 
 
 def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
@@ -55,6 +58,10 @@ class ModelConfig:
     route_scale: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    # "topk" (token choice, eq. 1/3) or "expert_choice" (each expert takes its best tokens of the
+    # batch; Zhou et al. 2022). Expert choice takes ceil(capacity * K * T / E) tokens per expert.
+    routing: Literal["topk", "expert_choice"] = "topk"
+    expert_choice_capacity: float = 1.0
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -71,6 +78,8 @@ class ModelConfig:
         _check(self.route_scale > 0, "model.route_scale", "> 0", self.route_scale)
         _check(self.n_group >= 1 and self.num_experts % self.n_group == 0, "model.n_group", f">= 1 and divide num_experts={self.num_experts}", self.n_group)
         _check(1 <= self.topk_group <= self.n_group, "model.topk_group", f"in [1, n_group={self.n_group}]", self.topk_group)
+        _check(self.routing in ("topk", "expert_choice"), "model.routing", "'topk' or 'expert_choice'", self.routing)
+        _check(self.expert_choice_capacity > 0, "model.expert_choice_capacity", "> 0", self.expert_choice_capacity)
         _check(self.rope_theta > 0, "model.rope_theta", "> 0", self.rope_theta)
         _check(self.init_std > 0, "model.init_std", "> 0", self.init_std)
 
@@ -79,8 +88,12 @@ class ModelConfig:
 class BalanceConfig:
     """Which load balancing the run uses (SPEC §2-§3).
 
-    ``strategy``: ``loss_free`` (arXiv 2408.15664 Algorithm 1), ``aux_loss`` (eq. 2, sequence-wise)
-    or ``none``. ``z_loss_coeff`` adds the ST-MoE router z-loss on top of any strategy.
+    ``strategy`` (see :data:`moebalance.balancing.STRATEGIES` and docs/balancing.md):
+    ``loss_free`` (arXiv 2408.15664 Algorithm 1), ``aux_loss`` (eq. 2, sequence-wise),
+    ``batch_aux_loss`` (Switch/GShard), ``global_aux_loss`` (f over the global batch),
+    ``importance_loss`` (CV²), ``deepseek_v3`` (Loss-Free plus a sequence-wise loss of
+    ``seq_aux_coeff``) or ``none``. ``aux_loss_coeff`` is the alpha of the auxiliary-loss
+    strategies. ``z_loss_coeff`` adds the ST-MoE router z-loss on top of any strategy.
     """
 
     strategy: Strategy = "loss_free"
@@ -89,14 +102,16 @@ class BalanceConfig:
     bias_mode: Literal["additive", "multiplicative"] = "additive"
     aux_loss_coeff: float = 1e-3
     z_loss_coeff: float = 0.0
+    seq_aux_coeff: float = 1e-4
 
     def __post_init__(self) -> None:
-        _check(self.strategy in ("loss_free", "aux_loss", "none"), "balance.strategy", "'loss_free', 'aux_loss' or 'none'", self.strategy)
+        _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
         _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
         _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
         _check(self.bias_mode in ("additive", "multiplicative"), "balance.bias_mode", "'additive' or 'multiplicative'", self.bias_mode)
         _check(self.aux_loss_coeff >= 0, "balance.aux_loss_coeff", ">= 0", self.aux_loss_coeff)
         _check(self.z_loss_coeff >= 0, "balance.z_loss_coeff", ">= 0", self.z_loss_coeff)
+        _check(self.seq_aux_coeff >= 0, "balance.seq_aux_coeff", ">= 0", self.seq_aux_coeff)
 
 
 @dataclass
@@ -179,6 +194,13 @@ class RunConfig:
             "train.seq_len",
             f"<= model.max_seq_len={self.model.max_seq_len}",
             self.train.seq_len,
+        )
+        # Expert choice is balanced by construction; a bias or an aux loss would do nothing.
+        _check(
+            self.model.routing == "topk" or self.balance.strategy == "none",
+            "balance.strategy",
+            "'none' with model.routing='expert_choice'",
+            self.balance.strategy,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -75,6 +75,8 @@ class Block(nn.Module):
                 bias_mode=bias_mode,  # type: ignore[arg-type]
                 n_group=cfg.n_group,
                 topk_group=cfg.topk_group,
+                routing=cfg.routing,
+                expert_choice_capacity=cfg.expert_choice_capacity,
             )
 
     def forward(self, x, cos, sin, mask=None) -> tuple[torch.Tensor, RouterOutput | None]:

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moebalance.experts import GroupedExperts, SwiGLU, combine, permute
-from moebalance.routing import BiasMode, RouterOutput, ScoreFunc, TopKRouter
+from moebalance.experts import Dispatch, GroupedExperts, SwiGLU, combine, permute
+from moebalance.routing import BiasMode, ExpertChoiceOutput, ExpertChoiceRouter, RouterOutput, ScoreFunc, TopKRouter
 
 __all__ = ["MoELayer", "MoEOutput"]
 
@@ -43,6 +43,9 @@ class MoELayer(nn.Module):
         score_func, norm_topk_prob, route_scale, bias_mode, n_group, topk_group: passed to
             :class:`~moebalance.routing.TopKRouter`.
         use_grouped_mm: see :class:`~moebalance.experts.GroupedExperts`.
+        routing: ``"topk"`` (token choice) or ``"expert_choice"``
+            (:class:`~moebalance.routing.ExpertChoiceRouter`, which ignores ``bias_mode`` and groups).
+        expert_choice_capacity: capacity factor of expert-choice routing.
 
     Raises:
         ValueError: a field outside its range (the message names it).
@@ -62,15 +65,24 @@ class MoELayer(nn.Module):
         n_group: int = 1,
         topk_group: int = 1,
         use_grouped_mm: bool = True,
+        routing: str = "topk",
+        expert_choice_capacity: float = 1.0,
     ) -> None:
         super().__init__()
         if d_ff < 1:
             raise ValueError(f"d_ff must be >= 1, got {d_ff}")
         if num_shared_experts < 0:
             raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-        self.router = TopKRouter(
-            d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale, bias_mode, n_group, topk_group
-        )
+        if routing not in ("topk", "expert_choice"):
+            raise ValueError(f"routing must be 'topk' or 'expert_choice', got {routing!r}")
+        if routing == "expert_choice":
+            self.router: TopKRouter = ExpertChoiceRouter(
+                d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale, expert_choice_capacity
+            )
+        else:
+            self.router = TopKRouter(
+                d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale, bias_mode, n_group, topk_group
+            )
         self.experts = GroupedExperts(num_experts, d_model, d_ff, use_grouped_mm)
         self.shared_experts = SwiGLU(d_model, num_shared_experts * d_ff) if num_shared_experts else None
 
@@ -87,7 +99,11 @@ class MoELayer(nn.Module):
         """
         routing = self.router(x, mask)
         x_TD = x.reshape(-1, x.shape[-1])
-        x_ND, dispatch = permute(x_TD, routing.indices, routing.gates, self.router.num_experts)
+        if isinstance(routing, ExpertChoiceOutput):  # [E, C] token ids: rows already grouped by expert
+            dispatch = Dispatch(routing.indices.reshape(-1), routing.gates.reshape(-1), routing.tokens_per_expert)
+            x_ND = x_TD[dispatch.token_ids]
+        else:
+            x_ND, dispatch = permute(x_TD, routing.indices, routing.gates, self.router.num_experts)
         y_ND = self.experts(x_ND, dispatch.counts)
         out_TD = combine(y_ND, dispatch, x_TD.shape[0])
         if self.shared_experts is not None:

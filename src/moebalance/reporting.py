@@ -13,7 +13,15 @@ from typing import Any
 
 from moebalance.checkpoint import atomic_write_bytes
 
-__all__ = ["load_metrics", "plot_loads", "plot_maxvio_batch", "plot_val_loss", "write_json", "write_text"]
+__all__ = [
+    "load_metrics",
+    "plot_loads",
+    "plot_maxvio_batch",
+    "plot_tradeoff",
+    "plot_val_loss",
+    "write_json",
+    "write_text",
+]
 
 
 def write_json(path: str | Path, obj: Any) -> None:
@@ -118,5 +126,27 @@ def plot_loads(runs: dict[str, str | Path], path: str | Path) -> None:
         ax.set_xlabel("expert")
         ax.set_ylabel("MoE layer")
         fig.colorbar(im, ax=ax)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_tradeoff(points: dict[str, tuple[float, float]], path: str | Path, highlight: list[str] = ()) -> None:
+    """Validation perplexity against MaxVio_global, one point per run (arXiv 2408.15664 Figure 2).
+
+    Args:
+        points: run name -> ``(maxvio_global, val_ppl)``.
+        path: PNG to write.
+        highlight: runs drawn as stars (Loss-Free), the others as circles.
+    """
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (vio, ppl) in points.items():
+        star = name in highlight
+        ax.scatter([vio], [ppl], marker="*" if star else "o", s=160 if star else 50, color="tab:red" if star else "tab:blue")
+        ax.annotate(name, (vio, ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xlabel("MaxVio_global (lower is better balanced)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title("Balance against quality (stars: Loss-Free)")
+    ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)

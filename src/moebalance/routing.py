@@ -17,6 +17,7 @@ in training mode; it never changes the bias itself. The update (Algorithm 1) liv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -27,7 +28,17 @@ from torch import nn
 ScoreFunc = Literal["sigmoid", "softmax"]
 BiasMode = Literal["additive", "multiplicative"]
 
-__all__ = ["RouterOutput", "TopKRouter", "count_tokens_per_expert", "route_topk"]
+__all__ = [
+    "ExpertChoiceOutput",
+    "ExpertChoiceRouter",
+    "RouterOutput",
+    "TopKRouter",
+    "chosen_experts",
+    "count_tokens_per_expert",
+    "expert_choice_capacity",
+    "route_expert_choice",
+    "route_topk",
+]
 
 
 @dataclass
@@ -99,7 +110,12 @@ def route_topk(
             ``n_group`` equal groups, groups are ranked by the sum of their two best biased
             scores, and only experts of the ``topk_group`` best groups can be chosen. Dropped
             groups are masked with ``-inf`` (not 0, which would let a dropped group win once the
-            biased scores go negative). ``n_group=1`` disables it.
+            biased scores go negative). ``n_group=1`` disables it. This is the selection of
+            ``transformers``' ``DeepseekV3TopkRouter`` (sigmoid scores + ``e_score_correction_bias``
+            = our additive bias): indices and gates match it exactly (tests/test_conformance.py).
+            transformers 4.x filled dropped groups with 0 instead of ``-inf`` and could pick an
+            expert of a dropped group once every kept biased score was negative; we deliberately
+            do not.
 
     Returns:
         ``[T, K]`` int64 expert ids, best first.
@@ -290,3 +306,149 @@ def check_routing_args(
             f"top_k={top_k} exceeds the experts left by group-limited routing "
             f"(topk_group * num_experts / n_group = {topk_group * (num_experts // n_group)})"
         )
+
+
+# --- Expert Choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing") ---
+
+
+@dataclass
+class ExpertChoiceOutput(RouterOutput):
+    """What one expert-choice routing call produced.
+
+    Same fields as :class:`RouterOutput`, but expert-major: ``indices`` is ``[E, C]`` int64 *token*
+    ids (the ``C`` tokens each expert took, best first) and ``gates`` is ``[E, C]`` float32 their
+    gate values. ``tokens_per_expert`` is ``C`` for every expert. A token may be taken by any
+    number of experts, including none. Use :func:`chosen_experts` for a ``[T, E]`` view.
+
+    Attributes:
+        capacity: ``C``, tokens per expert.
+        num_tokens: ``T``.
+    """
+
+    capacity: int = 0
+    num_tokens: int = 0
+    is_expert_choice: bool = True
+
+
+def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """Tokens each expert takes: ``ceil(capacity_factor * K * T / E)``, at most ``T``.
+
+    With ``capacity_factor = 1`` expert choice does the same expert computation as top-``K``
+    token choice (``E * C = K * T`` pairs). Zhou et al. 2022 §3.1 write ``k = n * c / e``.
+    """
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    raw = round(capacity_factor * top_k * num_tokens / num_experts, 9)  # 16.0000001 is 16, not 17
+    return min(num_tokens, math.ceil(raw))
+
+
+def route_expert_choice(scores_TE: torch.Tensor, capacity: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Each expert takes the ``capacity`` tokens of the batch with the highest scores.
+
+    Not causal: whether expert i takes token t depends on the scores of every other token of the
+    batch, later tokens of t's own sequence included (arXiv 2408.15664 §5, "future token leakage").
+
+    Args:
+        scores_TE: ``[T, E]`` scores.
+        capacity: ``C``, at most the number of unmasked tokens.
+        mask_T: optional ``[T]`` bool; padding tokens are never taken.
+
+    Returns:
+        ``[E, C]`` int64 token ids, best first.
+    """
+    choice_ET = scores_TE.detach().t()
+    if mask_T is not None:
+        choice_ET = choice_ET.masked_fill(~mask_T.reshape(1, -1), float("-inf"))
+    return choice_ET.topk(capacity, dim=-1, sorted=True).indices
+
+
+def chosen_experts(out: RouterOutput) -> torch.Tensor:
+    """``[T, E]`` bool: which experts each token went to, for top-K and expert-choice outputs."""
+    if isinstance(out, ExpertChoiceOutput):
+        num_experts = out.indices.shape[0]
+        chosen = torch.zeros(num_experts, out.num_tokens, dtype=torch.bool, device=out.indices.device)
+        return chosen.scatter_(1, out.indices, True).t()
+    chosen = torch.zeros_like(out.scores, dtype=torch.bool)
+    return chosen.scatter_(1, out.indices, True)
+
+
+class ExpertChoiceRouter(TopKRouter):
+    """Expert Choice router (Zhou et al. 2022): each expert takes its top ``C`` tokens of the batch.
+
+    Perfectly balanced by construction (every expert gets ``C`` tokens) but not causal, which is
+    why arXiv 2408.15664 (§5, Table 1) rules it out for language modelling; ``moebalance leakage``
+    measures it. It has the same parameters and buffers as :class:`TopKRouter`, so weights can be
+    moved between the two; ``expert_bias`` is kept (for checkpoints) but never used.
+
+    Args:
+        d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale: as
+            :class:`TopKRouter`; ``top_k`` sets the capacity (:func:`expert_choice_capacity`).
+            ``norm_topk_prob`` divides each token's gates by their sum over the experts that took it.
+        capacity_factor: ``> 0``; 1 gives the compute of top-``K`` routing.
+
+    Raises:
+        ValueError: for a field outside its range.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        top_k: int,
+        score_func: ScoreFunc = "sigmoid",
+        norm_topk_prob: bool = False,
+        route_scale: float = 1.0,
+        capacity_factor: float = 1.0,
+    ) -> None:
+        super().__init__(d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale)
+        if not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        self.capacity_factor = float(capacity_factor)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> ExpertChoiceOutput:
+        """Route a batch.
+
+        Args:
+            x: ``[T, D]`` or ``[B, S, D]``. mask: optional ``[T]`` / ``[B, S]`` bool.
+
+        Returns:
+            :class:`ExpertChoiceOutput` (expert-major ``[E, C]`` token ids and gates).
+        """
+        seq_len = x.shape[1] if x.dim() == 3 else None
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"router input last dim must be d_model={self.d_model}, got {x.shape[-1]}")
+        x_TD = x.reshape(-1, self.d_model)
+        num_tokens = x_TD.shape[0]
+        flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool)
+        if flat_mask is not None and flat_mask.numel() != num_tokens:
+            raise ValueError(f"mask has {flat_mask.numel()} entries for {num_tokens} tokens")
+        real_tokens = num_tokens if flat_mask is None else int(flat_mask.sum())
+        capacity = expert_choice_capacity(real_tokens, self.num_experts, self.top_k, self.capacity_factor)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            scores_TE = torch.sigmoid(logits_TE) if self.score_func == "sigmoid" else torch.softmax(logits_TE, dim=-1)
+            token_ids_EC = route_expert_choice(scores_TE, capacity, flat_mask)
+            gates_EC = scores_TE.t().gather(1, token_ids_EC)
+            if self.norm_topk_prob:
+                per_token = scores_TE.new_zeros(num_tokens).index_add(0, token_ids_EC.reshape(-1), gates_EC.reshape(-1))
+                gates_EC = gates_EC / (per_token[token_ids_EC] + 1e-20)
+            if self.route_scale != 1.0:
+                gates_EC = gates_EC * self.route_scale
+        tokens_per_expert = torch.full((self.num_experts,), capacity, dtype=torch.int64, device=x.device)
+        with torch.no_grad():
+            if self.training and not _in_backward_recompute():
+                self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+        return ExpertChoiceOutput(
+            gates=gates_EC,
+            indices=token_ids_EC,
+            scores=scores_TE,
+            logits=logits_TE,
+            tokens_per_expert=tokens_per_expert,
+            seq_len=seq_len,
+            mask=flat_mask,
+            capacity=capacity,
+            num_tokens=num_tokens,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", capacity_factor={self.capacity_factor} (expert choice)"

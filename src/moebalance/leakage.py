@@ -1,0 +1,261 @@
+"""Future-token leakage of a routing rule, measured (arXiv 2408.15664 §5, Table 1).
+
+The paper rejects Expert Choice routing, and a bias computed from the current batch, because a
+token's routing then depends on *later* tokens of its sequence: information from the future leaks
+into the prediction. Top-K routing with a bias learnt from past batches (Loss-Free Balancing) is
+causal. This module turns the argument into a number:
+
+    for a batch, replace only the tokens after position p of one sequence and report the fraction
+    of tokens at positions <= p (of every sequence of the batch) whose chosen experts change in at
+    least one MoE layer.
+
+A causal router gives exactly 0. Shape legend: B sequences, S positions, T = B*S, E experts,
+L MoE layers.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moebalance.balancing import LossFreeBalancer
+from moebalance.config import RunConfig
+from moebalance.model import MoETransformer
+from moebalance.reporting import write_json
+from moebalance.routing import chosen_experts
+
+__all__ = [
+    "changed_fraction",
+    "current_batch_bias_router",
+    "leakage",
+    "measure_leakage",
+    "model_router",
+    "render_leakage_table",
+]
+
+#: A routing rule under test: ``[B, S]`` tokens -> ``[L, T, E]`` bool chosen experts.
+RouteFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def model_router(model: MoETransformer) -> RouteFn:
+    """The routing of ``model`` in eval mode (fixed biases; no load is counted)."""
+
+    @torch.no_grad()
+    def route(tokens_BS: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        return torch.stack([chosen_experts(r) for r in model(tokens_BS).routing])
+
+    return route
+
+
+def current_batch_bias_router(model: MoETransformer, update_rate: float, iterations: int = 8) -> RouteFn:
+    """Top-K routing with a bias computed from the batch being routed (the variant §5 rules out).
+
+    Starting from the model's (past) biases, the batch is routed ``iterations`` times; after each
+    pass every layer's bias moves by one Loss-Free step ``u * sign(c_mean - c_i)`` computed from
+    *this batch's* load ``c``; the batch is then routed with the resulting bias. It is what
+    balancing the current batch with its own statistics amounts to. The model's biases are
+    restored afterwards.
+
+    Args:
+        model: a top-K model.
+        update_rate: ``u`` of each step.
+        iterations: bias steps computed from the batch (>= 1).
+    """
+    if iterations < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    balancer = LossFreeBalancer(update_rate)
+
+    @torch.no_grad()
+    def route(tokens_BS: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        routers = model.routers
+        saved = [r.expert_bias.clone() for r in routers]
+        try:
+            for _ in range(iterations):
+                loads_LE = torch.stack([r.tokens_per_expert for r in model(tokens_BS).routing]).float()
+                for router, delta_E in zip(routers, balancer.bias_delta(loads_LE)):
+                    router.expert_bias += delta_E
+            return torch.stack([chosen_experts(r) for r in model(tokens_BS).routing])
+        finally:
+            for router, bias in zip(routers, saved):
+                router.expert_bias.copy_(bias)
+
+    return route
+
+
+def changed_fraction(before_LTE: torch.Tensor, after_LTE: torch.Tensor, batch: int, position: int) -> tuple[float, list[float]]:
+    """Fraction of tokens at positions ``<= position`` whose expert set changed.
+
+    Args:
+        before_LTE, after_LTE: ``[L, B*S, E]`` bool chosen experts.
+        batch: ``B``.
+        position: ``p``; positions ``0..p`` of every sequence are compared.
+
+    Returns:
+        ``(fraction changed in any layer, [fraction changed per layer])``.
+    """
+    num_layers, num_tokens, num_experts = before_LTE.shape
+    diff_LBS = (before_LTE != after_LTE).any(-1).view(num_layers, batch, num_tokens // batch)
+    past_LBS = diff_LBS[:, :, : position + 1]
+    return past_LBS.any(0).float().mean().item(), past_LBS.float().mean(dim=(1, 2)).tolist()
+
+
+@torch.no_grad()
+def measure_leakage(
+    route: RouteFn,
+    tokens_BS: torch.Tensor,
+    position: int,
+    vocab_size: int,
+    trials: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Mean leakage of ``route`` over ``trials`` perturbations of ``tokens_BS``.
+
+    Trial ``i`` replaces the tokens after ``position`` of sequence ``i mod B`` with random tokens.
+
+    Args:
+        route: the routing rule (:data:`RouteFn`).
+        tokens_BS: ``[B, S]`` int64 token ids.
+        position: ``p`` in ``[0, S-2]``.
+        vocab_size: range of the random replacement tokens.
+        trials: number of perturbations averaged.
+        seed: seed of the replacement tokens.
+
+    Returns:
+        ``{"fraction": float, "per_layer": [float] * L}``.
+
+    Raises:
+        ValueError: ``position`` outside ``[0, S-2]`` or ``trials < 1``.
+    """
+    batch, seq_len = tokens_BS.shape
+    if not 0 <= position <= seq_len - 2:
+        raise ValueError(f"position must be in [0, seq_len-2={seq_len - 2}], got {position}")
+    if trials < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    gen = torch.Generator().manual_seed(seed)
+    before = route(tokens_BS)
+    fractions, per_layer = [], []
+    for trial in range(trials):
+        changed = tokens_BS.clone()
+        tail = seq_len - position - 1
+        changed[trial % batch, position + 1 :] = torch.randint(0, vocab_size, (tail,), generator=gen)
+        frac, layers = changed_fraction(before, route(changed), batch, position)
+        fractions.append(frac)
+        per_layer.append(layers)
+    return {
+        "fraction": sum(fractions) / trials,
+        "per_layer": [sum(col) / trials for col in zip(*per_layer)],
+    }
+
+
+def leakage(
+    base: RunConfig,
+    out_dir: str | Path,
+    *,
+    checkpoint: str | Path | None = None,
+    position: int | None = None,
+    trials: int = 4,
+    warmup_batches: int = 20,
+    current_batch_rate: float = 1e-2,
+    current_batch_iterations: int = 8,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Measure future-token leakage of three routing rules on one model and write ``leakage.json``.
+
+    * ``expert_choice``: the same weights with :class:`~moebalance.routing.ExpertChoiceRouter`;
+    * ``loss_free``: top-K with the Loss-Free bias of past batches (``warmup_batches`` training
+      batches, one Algorithm 1 update after each, without weight updates; or the biases of
+      ``checkpoint``);
+    * ``current_batch_bias``: top-K whose bias is moved by ``current_batch_iterations`` steps of
+      rate ``current_batch_rate`` computed from the current batch's own load
+      (:func:`current_batch_bias_router`).
+
+    The model is the seeded initial model of ``base`` or, with ``checkpoint``, a trained one (its
+    saved config replaces ``base``'s model section). The batch is ``train.batch_size`` validation
+    windows of ``train.seq_len`` tokens; ``position`` defaults to the middle of the sequence.
+
+    Returns:
+        the ``leakage.json`` content: ``{"expert_choice": fraction, "loss_free": fraction,
+        "current_batch_bias": fraction, "per_layer": {...}, "position": p, ...}``.
+    """
+    from moebalance.checkpoint import load_checkpoint
+    from moebalance.data import prepare_data, sample_batch
+
+    cfg = copy.deepcopy(base)
+    state = None
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        cfg = RunConfig.from_dict({**cfg.to_dict(), "model": ckpt["config"]["model"]})
+        state = ckpt["model"]
+    data = prepare_data(cfg.data)
+    cfg.model.vocab_size = data.vocab_size
+    cfg.model.routing = "topk"
+    batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
+    position = seq_len // 2 - 1 if position is None else position
+
+    torch.manual_seed(cfg.train.seed)
+    topk = MoETransformer(cfg.model, cfg.balance)
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    if state is not None:
+        topk.load_state_dict(state)
+    else:  # a bias learnt from past batches only
+        balancer = LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update)
+        topk.train()
+        with torch.no_grad():
+            for _ in range(warmup_batches):
+                topk(sample_batch(data.train, batch, seq_len, gen)[0])
+                balancer.step(topk)
+    ec_cfg = copy.deepcopy(cfg.model)
+    ec_cfg.routing = "expert_choice"
+    expert_choice = MoETransformer(ec_cfg)
+    expert_choice.load_state_dict(topk.state_dict())  # same parameters; the bias is unused
+
+    tokens_BS = sample_batch(data.val, batch, seq_len, gen)[0]
+    rules = {
+        "expert_choice": model_router(expert_choice),
+        "loss_free": model_router(topk),
+        "current_batch_bias": current_batch_bias_router(topk, current_batch_rate, current_batch_iterations),
+    }
+    measured = {
+        name: measure_leakage(rule, tokens_BS, position, data.vocab_size, trials, cfg.train.seed)
+        for name, rule in rules.items()
+    }
+    result: dict[str, Any] = {name: m["fraction"] for name, m in measured.items()}
+    result |= {
+        "per_layer": {name: m["per_layer"] for name, m in measured.items()},
+        "position": position,
+        "batch_size": batch,
+        "seq_len": seq_len,
+        "tokens_compared": batch * (position + 1),
+        "trials": trials,
+        "current_batch_rate": current_batch_rate,
+        "current_batch_iterations": current_batch_iterations,
+        "bias_source": f"checkpoint {checkpoint}" if checkpoint else f"{warmup_batches} Loss-Free updates from past batches",
+        "expert_choice_capacity": ec_cfg.expert_choice_capacity,
+        "command": command or " ".join(["moebalance"] + sys.argv[1:]),
+        "config": cfg.to_dict(),
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "leakage.json", result)
+    return result
+
+
+def render_leakage_table(result: dict[str, Any]) -> str:
+    """A plain-text table of :func:`leakage`'s result."""
+    lines = [
+        f"Tokens at positions <= {result['position']} whose experts change when only later tokens of one "
+        f"sequence change ({result['batch_size']} x {result['seq_len']} batch, {result['trials']} trials):",
+        f"{'routing':22s} {'fraction':>9s}   per layer",
+    ]
+    for name in ("expert_choice", "loss_free", "current_batch_bias"):
+        layers = " ".join(f"{v:.4f}" for v in result["per_layer"][name])
+        lines.append(f"{name:22s} {result[name]:9.4f}   {layers}")
+    return "\n".join(lines)
+

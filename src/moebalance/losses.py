@@ -1,0 +1,200 @@
+"""Auxiliary load-balancing losses as pure functions of router outputs.
+
+Shape legend: T tokens (``B*S`` flattened), S tokens per sequence, E experts, K experts per token.
+
+Every function here returns the *unscaled* loss (a 0-dim float32 tensor); the coefficient ``alpha``
+is applied by :class:`~moebalance.balancing.Balancing`. Every function accepts a token mask
+(``[T]`` bool, ``False`` for padding): padded tokens count neither in the expert counts ``f`` nor in
+the mean scores ``P`` nor in the number of tokens that normalises them.
+
+The ``f . P`` family (Switch Transformer eq. 4-6, GShard; arXiv 2408.15664 eq. 2) shares one
+normalisation::
+
+    f_i = E / (K * T') * sum_t 1(token t selects expert i)      (no gradient: a discrete choice)
+    P_i = 1 / T' * sum_t s_{i,t}                                  (gradient flows through P)
+    loss = sum_i f_i * P_i
+
+and they differ only in the set of tokens ``T'`` over which ``f`` (and ``P``) are counted: one
+sequence (:func:`sequence_aux_loss`), the whole micro-batch (:func:`batch_aux_loss`) or the whole
+global batch (:func:`global_batch_aux_loss`). With ``f_i = 1`` for every expert (perfectly uniform
+routing) the loss equals ``sum_i P_i``: 1 for a softmax gate, and the mean over tokens of the
+summed sigmoid scores for a sigmoid gate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "batch_aux_loss",
+    "expert_counts",
+    "global_batch_aux_loss",
+    "importance_loss",
+    "router_z_loss",
+    "sequence_aux_loss",
+]
+
+
+def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    if mask_T is None:
+        return torch.ones(num_tokens, device=device)
+    if mask_T.numel() != num_tokens:
+        raise ValueError(f"mask has {mask_T.numel()} entries for {num_tokens} tokens")
+    return mask_T.reshape(-1).to(device, torch.float32)
+
+
+def expert_counts(indices_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Tokens that select each expert, as float32 without gradient.
+
+    Args:
+        indices_TK: ``[T, K]`` int64 chosen experts.
+        num_experts: ``E``.
+        mask_T: optional ``[T]`` bool, ``False`` for padding (counts nothing).
+
+    Returns:
+        ``[E]`` float32 counts; they sum to ``K * T_unmasked``.
+    """
+    weight_T = _token_weights(indices_TK.shape[0], mask_T, indices_TK.device)
+    counts = torch.zeros(num_experts, device=indices_TK.device)
+    return counts.index_add_(0, indices_TK.reshape(-1), weight_T.repeat_interleave(indices_TK.shape[1]))
+
+
+def sequence_aux_loss(
+    scores_TE: torch.Tensor,
+    indices_TK: torch.Tensor,
+    seq_len: int,
+    mask_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sequence-wise auxiliary balance loss ``sum_i f_i P_i`` (arXiv 2408.15664 eq. 2), unscaled.
+
+    ``f`` and ``P`` are counted per sequence of length ``S`` (the paper's ``T``), the loss is the
+    mean over the ``B`` sequences. DeepSeek-V3's complementary sequence-wise loss has this form
+    too (with a very small ``alpha``). With a mask, ``S`` is the number of real tokens of each
+    sequence; a sequence of padding only contributes 0.
+
+    Args:
+        scores_TE: ``[B*S, E]`` scores ``s_{i,t}`` (after sigmoid/softmax), with gradient.
+        indices_TK: ``[B*S, K]`` chosen experts.
+        seq_len: ``S``; the tokens are ``B`` consecutive sequences of it.
+        mask_T: optional ``[B*S]`` bool, ``False`` for padding.
+
+    Returns:
+        0-dim float32 tensor.
+
+    Raises:
+        ValueError: ``seq_len`` does not divide the number of tokens.
+    """
+    num_tokens, num_experts = scores_TE.shape
+    top_k = indices_TK.shape[1]
+    if seq_len < 1 or num_tokens % seq_len != 0:
+        raise ValueError(f"seq_len must divide the {num_tokens} tokens, got {seq_len}")
+    num_seqs = num_tokens // seq_len
+    weight_T = _token_weights(num_tokens, mask_T, scores_TE.device)
+    with torch.no_grad():
+        onehot_TE = torch.zeros_like(scores_TE, dtype=torch.float32).scatter_(1, indices_TK, 1.0)
+        counts_BE = (onehot_TE * weight_T[:, None]).view(num_seqs, seq_len, num_experts).sum(1)
+    tokens_B = weight_T.view(num_seqs, seq_len).sum(1).clamp_min(1.0)
+    f_BE = counts_BE * (num_experts / top_k) / tokens_B[:, None]
+    p_BE = (scores_TE.float() * weight_T[:, None]).view(num_seqs, seq_len, num_experts).sum(1)
+    p_BE = p_BE / tokens_B[:, None]
+    return (f_BE * p_BE).sum(-1).mean()
+
+
+def batch_aux_loss(
+    scores_TE: torch.Tensor, indices_TK: torch.Tensor, mask_T: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Batch-level Switch/GShard auxiliary loss ``sum_i f_i P_i`` over all tokens of a micro-batch.
+
+    Switch Transformer (Fedus et al. 2022, eq. 4-6) writes ``alpha * E * sum_i f_i P_i`` with
+    ``f_i`` the *fraction* of tokens sent to expert i (top-1); here the factor ``E/K`` is folded
+    into ``f_i`` (module docstring), so K > 1 keeps the balanced value at ``sum_i P_i``.
+    ``transformers``' Mixtral ``load_balancing_loss_func`` equals ``K *`` this loss with a softmax
+    gate, computed on all layers' tokens concatenated (tests/test_conformance.py).
+
+    Args:
+        scores_TE: ``[T, E]`` scores with gradient. indices_TK: ``[T, K]`` chosen experts.
+        mask_T: optional ``[T]`` bool, ``False`` for padding.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    return sequence_aux_loss(scores_TE, indices_TK, scores_TE.shape[0], mask_T)
+
+
+def global_batch_aux_loss(
+    scores_TE: torch.Tensor,
+    global_counts_E: torch.Tensor,
+    top_k: int,
+    mask_T: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Global-batch auxiliary loss: ``f`` from the global batch, ``P`` from the local tokens.
+
+    ``f_i = E / (K * T_G) * c_i`` with ``c`` the expert counts of the global batch (all
+    micro-batches and data-parallel ranks; Qiu et al. 2025, "Demons in the Detail: On Implementing
+    Load Balancing Loss for Training Specialized Mixture-of-Expert Models") and
+    ``T_G = sum_i c_i / K``; ``P_i`` is the mean score over this micro-batch's (unmasked) tokens.
+    Averaging this loss over equally sized micro-batches gives ``sum_i f_i P_i^global`` exactly,
+    because ``f`` carries no gradient. How ``global_counts_E`` is gathered is the caller's business
+    (see :class:`~moebalance.balancing.GlobalBatchCounts`).
+
+    Args:
+        scores_TE: ``[T, E]`` local scores with gradient.
+        global_counts_E: ``[E]`` float expert counts of the global batch (masked tokens excluded).
+        top_k: ``K``.
+        mask_T: optional ``[T]`` bool, ``False`` for padding.
+
+    Returns:
+        0-dim float32 tensor (0 when the global batch has no token).
+    """
+    num_tokens, num_experts = scores_TE.shape
+    if global_counts_E.shape != (num_experts,):
+        raise ValueError(f"global_counts_E must have shape [{num_experts}], got {tuple(global_counts_E.shape)}")
+    weight_T = _token_weights(num_tokens, mask_T, scores_TE.device)
+    counts = global_counts_E.detach().float().to(scores_TE.device)
+    total_tokens = counts.sum() / top_k
+    f_E = counts * (num_experts / top_k) / total_tokens.clamp_min(1.0)
+    p_E = (scores_TE.float() * weight_T[:, None]).sum(0) / weight_T.sum().clamp_min(1.0)
+    return (f_E * p_E).sum()
+
+
+def importance_loss(scores_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """CV² importance loss (Shazeer et al. 2017, eq. 6): squared coefficient of variation of ``P``.
+
+    ``P_i = 1/T * sum_t s_{i,t}`` (dense scores, every expert gets a gradient) and the loss is
+    ``Var(P) / mean(P)**2`` with the population variance. For a softmax gate ``mean(P) = 1/E`` and
+    this is ``E * sum_i (P_i - 1/E)**2``, the form of SPEC §3; dividing by ``mean(P)**2`` makes it
+    scale-free for sigmoid gates too. It is 0 when all experts have the same mean score and at most
+    ``E - 1`` (all the score mass on one expert). Shazeer sums the sparse gates instead; the dense
+    scores are the SPEC's choice and avoid a loss that ignores unselected experts.
+
+    Args:
+        scores_TE: ``[T, E]`` scores with gradient.
+        mask_T: optional ``[T]`` bool, ``False`` for padding.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    weight_T = _token_weights(scores_TE.shape[0], mask_T, scores_TE.device)
+    p_E = (scores_TE.float() * weight_T[:, None]).sum(0) / weight_T.sum().clamp_min(1.0)
+    mean = p_E.mean()
+    return ((p_E - mean) ** 2).mean() / (mean**2).clamp_min(1e-20)
+
+
+def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE, Zoph et al. 2022, eq. 5), unscaled: mean over tokens of
+    ``logsumexp_i(logits_{t,i})**2``.
+
+    ``logsumexp`` keeps it finite for logits of magnitude 100 and more.
+
+    Args:
+        logits_TE: ``[T, E]`` router logits (before the score function).
+        mask_T: optional ``[T]`` bool, ``False`` for padding.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    z_T = torch.logsumexp(logits_TE.float(), dim=-1) ** 2
+    if mask_T is None:
+        return z_T.mean()
+    weight = mask_T.reshape(-1).to(z_T.dtype)
+    return (z_T * weight).sum() / weight.sum().clamp_min(1.0)

@@ -1,0 +1,203 @@
+"""Grids of training runs that differ only in their balancing (``moebalance sweep GRID``).
+
+Every run of a grid shares the base config's model size, seed, data order and initial weights;
+each run is the base config plus a few ``section.field=value`` overrides (the same syntax as the
+CLI). A sweep is resumable: a run whose folder holds a ``summary.json`` written for the same
+config is read back, not trained again.
+
+Built-in grids (arXiv 2408.15664):
+
+* ``alpha``: auxiliary loss with alpha in {0, 1e-4, 1e-3, 1e-2} and Loss-Free with u = 1e-3
+  (Figure 2: validation perplexity against MaxVio_global);
+* ``update-rate``: Loss-Free with u in {1e-4, 1e-3, 1e-2} (§5 ablation, MaxVio_batch curves);
+* ``variants``: Loss-Free with one change at a time: ``error`` update, multiplicative bias,
+  softmax gate (§5 ablations);
+* ``strategies``: every strategy of :data:`moebalance.balancing.STRATEGIES` at its usual setting,
+  plus the z-loss, group-limited routing and Expert Choice.
+
+Output folder: ``sweep.json`` (one record per run with the fields of ``compare``'s
+``report.json``, plus the overrides), ``sweep.md``, ``tradeoff.png``, ``maxvio_batch.png``,
+``val_loss.png``, ``expert_load.png`` and one sub-folder per run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from moebalance.config import RunConfig, apply_overrides
+from moebalance.experiments import REPORT_FIELDS
+from moebalance.reporting import (
+    plot_loads,
+    plot_maxvio_batch,
+    plot_tradeoff,
+    plot_val_loss,
+    write_json,
+    write_text,
+)
+
+__all__ = ["GRIDS", "grid_runs", "render_sweep_markdown", "sweep"]
+
+GRIDS = ("alpha", "update-rate", "variants", "strategies")
+
+
+def grid_runs(grid: str, base: RunConfig) -> dict[str, list[str]]:
+    """The runs of a built-in grid: run name -> overrides applied to ``base``.
+
+    Raises:
+        ValueError: unknown grid.
+    """
+    lf = ["balance.strategy=loss_free"]
+    if grid == "alpha":
+        runs = {f"aux_alpha_{a}": ["balance.strategy=aux_loss", f"balance.aux_loss_coeff={a}"] for a in ("0", "1e-4", "1e-3", "1e-2")}
+        runs["loss_free_u_1e-3"] = lf + ["balance.bias_update_rate=1e-3"]
+        return runs
+    if grid == "update-rate":
+        return {f"loss_free_u_{u}": lf + [f"balance.bias_update_rate={u}"] for u in ("1e-4", "1e-3", "1e-2")}
+    if grid == "variants":
+        return {
+            "sign_additive_sigmoid": lf,
+            "error_update": lf + ["balance.bias_update=error"],
+            "multiplicative_bias": lf + ["balance.bias_mode=multiplicative"],
+            "softmax_gate": lf + ["model.score_func=softmax"],
+        }
+    if grid == "strategies":
+        runs = {
+            "none": ["balance.strategy=none"],
+            "aux_loss": ["balance.strategy=aux_loss", "balance.aux_loss_coeff=1e-3"],
+            "batch_aux_loss": ["balance.strategy=batch_aux_loss", "balance.aux_loss_coeff=1e-3"],
+            "global_aux_loss": ["balance.strategy=global_aux_loss", "balance.aux_loss_coeff=1e-3"],
+            "importance_loss": ["balance.strategy=importance_loss", "balance.aux_loss_coeff=1e-2"],
+            "loss_free": lf,
+            "loss_free_z_loss": lf + ["balance.z_loss_coeff=1e-3"],
+            "deepseek_v3": ["balance.strategy=deepseek_v3", "balance.seq_aux_coeff=1e-4"],
+        }
+        m = base.model
+        if m.num_experts % 4 == 0 and m.top_k <= m.num_experts // 2:  # 4 groups, 2 kept
+            runs["loss_free_grouped"] = lf + ["model.n_group=4", "model.topk_group=2"]
+        runs["expert_choice"] = ["balance.strategy=none", "model.routing=expert_choice", "model.expert_choice_capacity=1.0"]
+        return runs
+    raise ValueError(f"unknown grid {grid!r}; choose from {list(GRIDS)}")
+
+
+def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished run of exactly ``cfg`` in ``run_dir``, else ``None``."""
+    summary, config = run_dir / "summary.json", run_dir / "config.json"
+    if not (summary.is_file() and config.is_file()):
+        return None
+    if json.loads(config.read_text()) != json.loads(json.dumps(cfg.to_dict())):
+        return None  # a different config ran here: train again
+    return json.loads(summary.read_text())
+
+
+def sweep(
+    grid: str,
+    base: RunConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Run (or read back) every run of ``grid`` and write the sweep report.
+
+    Args:
+        grid: one of :data:`GRIDS`.
+        base: the shared config (model, data, training, seed).
+        out_dir: output folder; one sub-folder per run.
+        progress: show progress bars.
+        command: command line recorded in the report.
+
+    Returns:
+        the ``sweep.json`` content: ``{"grid", "command", "config", "data", "corpus_fingerprint",
+        "runs": {name: record}}``; each record has ``compare``'s fields plus ``overrides`` and
+        ``resumed`` (read back from an earlier sweep).
+    """
+    from moebalance.data import prepare_data
+    from moebalance.train import train
+
+    runs = grid_runs(grid, base)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(base.data)
+    base = copy.deepcopy(base)
+    base.model.vocab_size = data.vocab_size
+    records: dict[str, dict[str, Any]] = {}
+    run_dirs: dict[str, Path] = {}
+    for name, overrides in runs.items():
+        cfg = apply_overrides(base, overrides)
+        run_dirs[name] = out / name
+        res = _finished(run_dirs[name], cfg)
+        resumed = res is not None
+        if res is None:
+            res = train(cfg, run_dirs[name], data=data, progress=progress, desc=name).to_dict()
+        records[name] = {k: res[k] for k in REPORT_FIELDS} | {
+            "balance": cfg.balance.__dict__.copy(),
+            "run_dir": name,
+            "overrides": overrides,
+            "routing": cfg.model.routing,
+            "score_func": cfg.model.score_func,
+            "resumed": resumed,
+        }
+    plot_tradeoff(
+        {n: (r["maxvio_global"], r["val_ppl"]) for n, r in records.items()},
+        out / "tradeoff.png",
+        highlight=[n for n, r in records.items() if r["balance"]["strategy"] in ("loss_free", "deepseek_v3")],
+    )
+    plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
+    plot_val_loss(run_dirs, out / "val_loss.png")
+    plot_loads(run_dirs, out / "expert_load.png")
+    report = {
+        "grid": grid,
+        "command": command or " ".join(["moebalance"] + sys.argv[1:]),
+        "corpus_fingerprint": data.fingerprint,
+        "data": data.describe(),
+        "config": base.to_dict(),
+        "runs": records,
+    }
+    write_json(out / "sweep.json", report)
+    write_text(out / "sweep.md", render_sweep_markdown(report))
+    return report
+
+
+def render_sweep_markdown(report: dict[str, Any]) -> str:
+    """The human summary of a sweep: one table row per run, then the plots."""
+    cfg = report["config"]
+    m, t = cfg["model"], cfg["train"]
+    lines = [
+        f"# moebalance sweep `{report['grid']}`",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Model: {m['n_layers']} layers, d_model {m['d_model']}, {m['num_experts']} experts (top-{m['top_k']}). "
+        f"Training: {t['max_steps']} steps of {t['batch_size'] * t['grad_accum']} x {t['seq_len']} tokens, "
+        f"seed {t['seed']} (same initial weights and data order in every run).",
+        f"Data: {report['data']['source']} (fingerprint `{report['corpus_fingerprint']}`).",
+        "",
+        "| run | overrides | val ppl | MaxVio_global | MaxVio_batch (last 10%) | tokens/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in report["runs"].items():
+        lines.append(
+            f"| {name} | `{' '.join(r['overrides'])}` | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
+            f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
+        )
+    if any(r["routing"] == "expert_choice" for r in report["runs"].values()):
+        lines += [
+            "",
+            "Expert choice is balanced by construction and not causal: its validation perplexity is "
+            "measured with routing that sees later tokens of the batch (`moebalance leakage`).",
+        ]
+    lines += [
+        "",
+        "![validation perplexity against MaxVio_global](tradeoff.png)",
+        "",
+        "![MaxVio_batch during training](maxvio_batch.png)",
+        "",
+        "![validation loss](val_loss.png)",
+        "",
+        "![expert load at the end](expert_load.png)",
+        "",
+    ]
+    return "\n".join(lines)

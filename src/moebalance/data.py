@@ -28,7 +28,7 @@ from moebalance.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TokenData", "batch_at", "eval_batches", "prepare_data", "sample_batch"]
+__all__ = ["TokenData", "batch_at", "check_data", "eval_batches", "prepare_data", "sample_batch"]
 
 EOT = "<|endoftext|>"
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -168,9 +168,14 @@ def _encode(tok, texts: list[str]) -> np.ndarray:
 
 
 def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> TokenData:
+    if sum((root / rel).stat().st_size for rel in rels) == 0:
+        raise ValueError(f"data.path {source!r}: the corpus is empty ({len(rels)} files, 0 bytes)")
+    if len(rels) < 2:
+        raise ValueError(
+            f"data.path {source!r}: train and validation are split by file, so a text corpus needs at "
+            "least 2 files (give a folder, or a pre-tokenized .bin file)"
+        )
     train_rels, val_rels = split_files(rels, cfg.val_fraction)
-    if not val_rels:
-        raise ValueError(f"data.path {source!r}: need at least 2 files (or one long file) to split train/validation")
     fp = fingerprint_files(root, rels)
     key = f"{fp}-bpe{cfg.vocab_size}-val{cfg.val_fraction:g}-v{_CACHE_VERSION}"
     cache = cache_root(cfg) / key
@@ -180,6 +185,8 @@ def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> 
         val_texts, skipped_val = _read_texts(root, val_rels)
         if skipped_train + skipped_val:
             log.warning("skipped %d non-UTF-8 files of %s", skipped_train + skipped_val, source)
+        if not train_texts and not val_texts:
+            raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
         if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
             raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
         log.info("training a %d-token BPE on %d files (cached in %s)", cfg.vocab_size, len(train_texts), cache)
@@ -270,6 +277,28 @@ def prepare_data(cfg: DataConfig) -> TokenData:
         return _prepare_bin(cfg, path)
     root, rels = text_corpus_files(path, cfg.max_files)
     return _prepare_text(cfg, root, rels, str(path))
+
+
+def check_data(data: TokenData, seq_len: int) -> None:
+    """Check prepared tokens before training starts, so a bad corpus fails at once, not at step 1.
+
+    Raises:
+        ValueError: a split shorter than one training window (``seq_len + 2`` tokens for the
+            training split, ``seq_len + 1`` for validation), or a token id ``>= data.vocab_size``
+            (the embedding would index out of range or, worse, a wrong row).
+    """
+    if len(data.train) < seq_len + 2:
+        raise ValueError(
+            f"{data.source}: the training split has {len(data.train)} tokens, fewer than train.seq_len+2={seq_len + 2}"
+        )
+    if len(data.val) < seq_len + 1:
+        raise ValueError(
+            f"{data.source}: the validation split has {len(data.val)} tokens, fewer than train.seq_len+1={seq_len + 1}"
+        )
+    for name, split in (("training", data.train), ("validation", data.val)):
+        top = int(split.max())
+        if top >= data.vocab_size:
+            raise ValueError(f"{data.source}: {name} split holds token id {top}, beyond the vocabulary of {data.vocab_size}")
 
 
 def batch_at(data: np.ndarray, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

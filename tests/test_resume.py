@@ -7,6 +7,7 @@ bit: final weights, expert biases, optimizer state and every logged loss.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -118,7 +119,13 @@ def test_resume_is_bit_identical(tokens, straight, tmp_path, monkeypatch, crash_
 
 
 def test_resume_with_grad_accum_aux_loss_and_recompute(tokens, tmp_path, monkeypatch):
-    extra = ["train.grad_accum=2", "balance.strategy=aux_loss", "balance.z_loss_coeff=1e-3", "model.activation_checkpointing=true"]
+    extra = [
+        "train.grad_accum=2",
+        "balance.strategy=aux_loss",
+        "balance.z_loss_coeff=1e-3",
+        "model.activation_checkpointing=true",
+        "train.tensorboard=true",
+    ]
     ref = tmp_path / "ref"
     train(tiny_cfg(tokens, *extra), ref, progress=False)
     crash_at_batch(monkeypatch, 2 * 6 + 1)  # first micro-batch of step 7
@@ -127,6 +134,17 @@ def test_resume_with_grad_accum_aux_loss_and_recompute(tokens, tmp_path, monkeyp
     monkeypatch.undo()
     train(tiny_cfg(tokens, *extra), tmp_path / "run", progress=False, resume=True)
     assert_same_run(ref, tmp_path / "run")
+    assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 2  # TensorBoard continues
+
+
+def test_resume_a_finished_run_with_more_steps(tokens, straight, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    result = train(tiny_cfg(tokens, "train.max_steps=16"), run, progress=False, resume=True)
+    assert result.steps == 16
+    steps = [r["step"] for r in run_records(run) if r["kind"] == "train"]
+    assert steps == list(range(1, 17))
+    assert run_records(run)[: len(run_records(straight))] == run_records(straight)
 
 
 def test_resume_falls_back_past_a_corrupt_checkpoint(tokens, straight, tmp_path, monkeypatch, caplog):
@@ -144,6 +162,7 @@ def test_resume_falls_back_past_a_corrupt_checkpoint(tokens, straight, tmp_path,
 
 
 def test_resume_refuses_other_config_other_data_and_no_checkpoint(tokens, straight, tmp_path):
+    saved_config = (straight / "config.json").read_text()
     with pytest.raises(ValueError, match=r"model.d_expert"):
         train(tiny_cfg(tokens, "model.d_expert=16"), straight, progress=False, resume=True)
     other = tmp_path / "other.bin"
@@ -154,6 +173,7 @@ def test_resume_refuses_other_config_other_data_and_no_checkpoint(tokens, straig
         train(cfg, straight, progress=False, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_cfg(tokens), tmp_path / "empty", progress=False, resume=True)
+    assert (straight / "config.json").read_text() == saved_config  # a refused resume changes nothing
 
 
 # --- checkpoint files -------------------------------------------------------------------------

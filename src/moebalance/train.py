@@ -207,7 +207,6 @@ def train(
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
     check_data(data, cfg.train.seq_len)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
     torch.manual_seed(cfg.train.seed)
     device = torch.device(cfg.train.device)
@@ -228,6 +227,8 @@ def train(
             state, **objects, config=cfg.to_dict(), data_fingerprint=data.fingerprint, source=str(ckpt_path)
         )
         log.info("resumed from %s after step %d", ckpt_path, start_step)
+    # Written only now: a refused resume must leave the run's config.json as it was.
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
     def state_now(steps_done: int) -> dict[str, Any]:
         run_stats = {"skipped": skipped, "maxvio_history": maxvio_history, "last_eval": last_eval, "train_time": train_time}

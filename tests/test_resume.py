@@ -242,7 +242,7 @@ def cli(out: Path, tokens: Path, *extra: str, resume: bool = False, env_extra: d
 
 @pytest.mark.slow
 def test_sigkill_mid_run_then_resume(tokens, tmp_path):
-    steps = 40
+    steps = 24
     ref = tmp_path / "ref"
     train(tiny_cfg(tokens, f"train.max_steps={steps}"), ref, progress=False)
     run = tmp_path / "run"

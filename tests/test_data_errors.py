@@ -31,9 +31,9 @@ def make(tmp_path, kind):
         for i in range(3):
             (root / f"f{i}.png").write_bytes(b"\x89PNG\xff\xfe" * 50)
         return DataConfig(path=str(root), cache_dir=cache), ValueError, "holds no text files"
-    if kind == "single_file":
-        (root / "one.txt").write_text("hello world\n" * 100)
-        return DataConfig(path=str(root / "one.txt"), cache_dir=cache), ValueError, "at least 2 files"
+    if kind == "single_line_file":
+        (root / "one.txt").write_text("hello world, " * 100)
+        return DataConfig(path=str(root / "one.txt"), cache_dir=cache), ValueError, "at least 2 non-empty lines"
     if kind == "bin_no_vocab":
         path = write_bin(root / "t.bin", range(100))
         return DataConfig(path=str(path)), ValueError, "data.bin_vocab_size must be set"
@@ -59,7 +59,7 @@ KINDS = [
     "empty_folder",
     "empty_files",
     "binary_files",
-    "single_file",
+    "single_line_file",
     "bin_no_vocab",
     "bin_odd_size",
     "bin_empty",
@@ -83,6 +83,14 @@ def test_bad_data_stops_before_training(tmp_path, kind):
     with pytest.raises(exc, match=match):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_single_text_file_is_split_by_lines(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(200)))
+    data = prepare_data(DataConfig(path=str(path), vocab_size=300, cache_dir=str(tmp_path / "cache")))
+    assert len(data.train) > 10 * len(data.val) > 0  # about 5% held out, by the last lines
+    check_data(data, seq_len=16)
 
 
 def token_data(train_tokens, val_tokens, vocab):

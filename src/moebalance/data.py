@@ -3,7 +3,8 @@
 The built-in corpus is the Python standard library of the interpreter that runs the job (every
 ``*.py`` under the stdlib directory, without ``site-packages`` and test folders): real text that is
 on every machine, so nothing is downloaded. Files are taken in sorted order and split into train
-and validation *by file* (a file's split depends only on a hash of its relative path). A byte-level
+and validation *by file* (a file's split depends only on a hash of its relative path; a corpus of
+one file is split by lines, its last lines held out). A byte-level
 BPE (Hugging Face ``tokenizers``) is trained on the training split, and both splits are stored as
 ``uint16`` token arrays read back as numpy memmaps, in a cache directory keyed by the corpus
 fingerprint (hash of the file list and sizes), the vocabulary size and the split.
@@ -118,6 +119,23 @@ def split_files(rels: list[str], val_fraction: float) -> tuple[list[str], list[s
     return train, val
 
 
+def split_lines(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
+    """Split one text at the line boundary nearest ``1 - val_fraction`` of its characters.
+
+    Returns ``([train_text], [val_text])``; each side keeps at least one line when the text has two.
+
+    Raises:
+        ValueError: the text has fewer than 2 non-empty lines (nothing to hold out).
+    """
+    lines = text.splitlines(keepends=True)
+    if sum(1 for line in lines if line.strip()) < 2:
+        raise ValueError("a single-file corpus needs at least 2 non-empty lines to split train/validation")
+    ends = np.cumsum([len(line) for line in lines])
+    cut = int(np.searchsorted(ends, (1 - val_fraction) * ends[-1])) + 1
+    cut = min(max(cut, 1), len(lines) - 1)
+    return ["".join(lines[:cut])], ["".join(lines[cut:])]
+
+
 def fingerprint_files(root: Path, rels: list[str]) -> str:
     """SHA-256 (first 16 hex digits) of the relative paths and byte sizes of the files."""
     h = hashlib.sha256()
@@ -170,12 +188,9 @@ def _encode(tok, texts: list[str]) -> np.ndarray:
 def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> TokenData:
     if sum((root / rel).stat().st_size for rel in rels) == 0:
         raise ValueError(f"data.path {source!r}: the corpus is empty ({len(rels)} files, 0 bytes)")
-    if len(rels) < 2:
-        raise ValueError(
-            f"data.path {source!r}: train and validation are split by file, so a text corpus needs at "
-            "least 2 files (give a folder, or a pre-tokenized .bin file)"
-        )
-    train_rels, val_rels = split_files(rels, cfg.val_fraction)
+    # Several files are split by file; a single file by lines (its last lines are the validation part).
+    single = len(rels) == 1
+    train_rels, val_rels = (rels, []) if single else split_files(rels, cfg.val_fraction)
     fp = fingerprint_files(root, rels)
     key = f"{fp}-bpe{cfg.vocab_size}-val{cfg.val_fraction:g}-v{_CACHE_VERSION}"
     cache = cache_root(cfg) / key
@@ -187,6 +202,11 @@ def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> 
             log.warning("skipped %d non-UTF-8 files of %s", skipped_train + skipped_val, source)
         if not train_texts and not val_texts:
             raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
+        if single:
+            try:
+                train_texts, val_texts = split_lines(train_texts[0], cfg.val_fraction)
+            except ValueError as exc:
+                raise ValueError(f"data.path {source!r}: {exc}") from None
         if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
             raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
         log.info("training a %d-token BPE on %d files (cached in %s)", cfg.vocab_size, len(train_texts), cache)

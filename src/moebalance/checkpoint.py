@@ -1,28 +1,73 @@
-"""Crash-safe checkpoint files.
+"""Crash-safe, verified checkpoint files and the rotating set a run resumes from.
 
 A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then renamed
-over the target: a reader sees either the old file or the complete new one, never a torn write.
+over the target (and the folder fsync'ed): a reader sees either the old file or the complete new
+one, never a torn write.
+
+File layout (version 1)::
+
+    b"MOEBALANCE-CKPT\\n"   16 bytes, magic
+    sha256                  32 bytes, digest of the payload
+    length                   8 bytes, little-endian payload size
+    payload                 torch.save(state) bytes
+
+The digest is there because ``torch.load`` does not notice flipped bytes inside a tensor record: it
+returns the damaged weights silently. A file without the magic is read as a plain ``torch.save``
+file (unverified), so older checkpoints still load.
+
+:class:`CheckpointDir` keeps the last N checkpoints of a run as ``step_00000010.pt`` files and
+finds the newest one that verifies, falling back past truncated or corrupt ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import os
+import re
+import signal
+import struct
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["atomic_write_bytes", "load_checkpoint", "save_checkpoint"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CheckpointDir",
+    "atomic_write_bytes",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+MAGIC = b"MOEBALANCE-CKPT\n"
+_HEADER = struct.Struct("<16s32sQ")
+
+# Fault injection for the crash tests only (tests/test_resume.py): when this variable holds a step
+# number, the process SIGKILLs itself half-way through writing that step's checkpoint, after the
+# first half of the bytes reached the disk. Nothing else reads it.
+FAULT_ENV = "MOEBALANCE_TEST_KILL_IN_CHECKPOINT_WRITE"
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder)."""
+def atomic_write_bytes(path: str | Path, data: bytes, _kill_midway: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder).
+
+    Raises:
+        OSError: the folder cannot be created or written.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if _kill_midway:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                os.kill(os.getpid(), signal.SIGKILL)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -37,26 +82,110 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    """``torch.save`` ``state`` to ``path`` atomically."""
-    import io
-
+def _encode(state: dict[str, Any]) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    payload = buf.getvalue()
+    return _HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload)) + payload
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], _kill_midway: bool = False) -> None:
+    """``torch.save`` ``state`` to ``path`` atomically, with a SHA-256 of the payload (format above)."""
+    atomic_write_bytes(path, _encode(state), _kill_midway=_kill_midway)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`.
+    """Load and verify a checkpoint written by :func:`save_checkpoint`.
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is truncated or corrupt (the message names it).
+        ValueError: the file is truncated or corrupt (wrong length, SHA-256 mismatch, unreadable
+            payload); the message names the file.
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    blob = path.read_bytes()
+    if blob[: len(MAGIC)] == MAGIC:
+        if len(blob) < _HEADER.size:
+            raise ValueError(f"checkpoint {path} is truncated: {len(blob)} bytes, shorter than its header")
+        _, digest, length = _HEADER.unpack_from(blob)
+        payload = blob[_HEADER.size :]
+        if len(payload) != length:
+            raise ValueError(f"checkpoint {path} is truncated: payload of {len(payload)} bytes, expected {length}")
+        if hashlib.sha256(payload).digest() != digest:
+            raise ValueError(f"checkpoint {path} is corrupt: SHA-256 of the payload does not match its header")
+    else:
+        payload = blob  # a plain torch.save file (no digest to check)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises several types for a damaged zip / pickle
         raise ValueError(f"checkpoint {path} is truncated or corrupt: {exc}") from exc
+
+
+class CheckpointDir:
+    """The rotating checkpoints of one run: ``<folder>/step_%08d.pt``, the last ``keep`` kept.
+
+    Args:
+        folder: where the files live (created on the first save).
+        keep: how many checkpoints to keep (>= 1); older ones are deleted only after a newer one
+            is safely on disk.
+
+    Raises:
+        ValueError: ``keep < 1``.
+    """
+
+    _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+
+    def __init__(self, folder: str | Path, keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError(f"train.keep_checkpoints must be >= 1, got {keep}")
+        self.folder = Path(folder)
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.folder / f"step_{step:08d}.pt"
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoint files present, oldest first (temporary files excluded)."""
+        if not self.folder.is_dir():
+            return []
+        found = (self._NAME.match(p.name) for p in self.folder.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write the checkpoint of ``step`` atomically, then delete all but the newest ``keep``.
+
+        Leftover temporary files of an earlier killed write are removed too.
+        """
+        path = self.path_for(step)
+        kill = os.environ.get(FAULT_ENV) == str(step)
+        save_checkpoint(path, state, _kill_midway=kill)
+        for old in self.steps()[: -self.keep]:
+            self.path_for(old).unlink(missing_ok=True)
+        for tmp in self.folder.glob(".step_*.tmp"):
+            tmp.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self) -> tuple[Path, dict[str, Any]]:
+        """The newest checkpoint that verifies, skipping (with a warning) truncated or corrupt ones.
+
+        Returns:
+            ``(path, state)``.
+
+        Raises:
+            FileNotFoundError: the folder holds no checkpoint.
+            ValueError: no checkpoint verifies (the message names each file and its fault).
+        """
+        steps = self.steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint (step_*.pt) in {self.folder}")
+        faults = []
+        for step in reversed(steps):
+            path = self.path_for(step)
+            try:
+                return path, load_checkpoint(path)
+            except ValueError as exc:
+                log.warning("%s; falling back to an older checkpoint", exc)
+                faults.append(str(exc))
+        raise ValueError(f"no usable checkpoint in {self.folder}: " + "; ".join(faults))

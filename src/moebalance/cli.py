@@ -3,6 +3,10 @@
 Any config key can be overridden as ``section.field=value`` after the options, e.g.
 ``moebalance train --preset smoke train.max_steps=50 balance.strategy=aux_loss``.
 An unknown key or a value out of range is an error that names the field.
+
+``moebalance train --resume DIR`` continues the run in ``DIR`` from its newest good checkpoint
+(``DIR/checkpoints``), with the config saved in ``DIR/config.json``; only the keys of
+:data:`moebalance.resume.RESUMABLE_KEYS` (e.g. ``train.max_steps``) may be overridden.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from moebalance.config import PRESETS, RunConfig, apply_overrides, get_preset
 
@@ -18,16 +23,36 @@ __all__ = ["main"]
 
 
 def _config(args: argparse.Namespace) -> RunConfig:
-    cfg = get_preset(args.preset)
+    if getattr(args, "resume", None):
+        return _resume_config(args)
+    cfg = get_preset(args.preset or "default")
     overrides = list(args.overrides)
     if getattr(args, "data", None):
         overrides.append(f"data.path={args.data}")
     return apply_overrides(cfg, overrides)
 
 
+def _resume_config(args: argparse.Namespace) -> RunConfig:
+    """The saved config of the run in ``args.resume``, with the allowed overrides applied."""
+    from moebalance.resume import RESUMABLE_KEYS
+
+    run_dir = Path(args.resume)
+    for flag in ("preset", "data", "out"):
+        if getattr(args, flag) is not None and not (flag == "out" and Path(args.out) == run_dir):
+            raise ValueError(f"--{flag} cannot be combined with --resume: the run's config and folder are {run_dir}")
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a moebalance run folder)")
+    keys = [item.split("=", 1)[0].strip() for item in args.overrides]
+    bad = [k for k in keys if k not in RESUMABLE_KEYS]
+    if bad:
+        raise ValueError(f"--resume: {bad} cannot change on resume; allowed: {sorted(RESUMABLE_KEYS)}")
+    return apply_overrides(RunConfig.from_dict(json.loads(config_path.read_text())), list(args.overrides))
+
+
 def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--preset", default="default", choices=sorted(PRESETS), help="named config preset")
-    p.add_argument("--out", default=default_out, help=f"output folder (default {default_out})")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS), help="named config preset (default: default)")
+    p.add_argument("--out", default=None, help=f"output folder (default {default_out})")
     p.add_argument("--data", default=None, help="text file, folder of text files, or .bin tokens (default: built-in corpus)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -42,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p_train = sub.add_parser("train", help="train the small MoE LM with one balancing strategy")
     _add_common(p_train, "runs/train")
+    p_train.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the run in DIR from its newest good checkpoint (needs train.checkpoint_every > 0)",
+    )
     p_cmp = sub.add_parser("compare", help="Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
     from moebalance.sweeps import GRIDS
@@ -74,26 +105,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    resume = getattr(args, "resume", None)
+    default_out = {"train": "runs/train", "compare": "runs/compare", "leakage": "runs/leakage"}
+    out = resume or args.out or default_out.get(args.command) or f"runs/sweep/{args.grid}"
     try:
         if args.command == "train":
             from moebalance.train import train
 
-            result = train(cfg, args.out, progress=not args.no_progress)
+            result = train(cfg, out, progress=not args.no_progress, resume=bool(resume))
             print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
         elif args.command == "compare":
             from moebalance.experiments import compare
 
-            report = compare(cfg, args.out, progress=not args.no_progress)
+            report = compare(cfg, out, progress=not args.no_progress)
             for name, r in report["runs"].items():
                 print(
                     f"{name:10s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}  "
                     f"MaxVio_batch(last) {r['maxvio_batch_last']:.3f}"
                 )
-            print(f"report: {args.out}/report.md")
+            print(f"report: {out}/report.md")
         elif args.command == "sweep":
             from moebalance.sweeps import sweep
 
-            out = args.out.replace("GRID", args.grid)
             report = sweep(args.grid, cfg, out, progress=not args.no_progress)
             for name, r in report["runs"].items():
                 print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
@@ -101,10 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "leakage":
             from moebalance.leakage import leakage, render_leakage_table
 
-            result = leakage(cfg, args.out, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
+            result = leakage(cfg, out, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
             print(render_leakage_table(result))
-            print(f"written: {args.out}/leakage.json")
+            print(f"written: {out}/leakage.json")
     except (ValueError, FileNotFoundError) as exc:
         print(f"moebalance: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # guards.NonFiniteError with train.on_nonfinite=stop
+        print(f"moebalance: stopped: {exc}", file=sys.stderr)
+        return 3
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -33,6 +35,41 @@ STRATEGY_NAMES = typing.get_args(Strategy)
 def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
     if not cond:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_type(value: Any, tp: Any, name: str) -> None:
+    """``value`` matches the annotation ``tp`` (int, float, bool, str, Literal, Optional).
+
+    Floats must be finite: an ``inf`` or ``nan`` rate or coefficient is never meant.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        _check(value in args, name, f"one of {list(args)}", value)
+    elif tp is bool:
+        _check(isinstance(value, bool), name, "a boolean", value)
+    elif tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, "an integer", value)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        _check(ok, name, "a finite number", value)
+    elif tp is str:
+        _check(isinstance(value, str), name, "a string", value)
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Type-check every field of a config section against its annotation.
+
+    The CLI parser types its values, but ``RunConfig.from_dict`` (JSON) and direct construction do
+    not; a string where a number belongs must fail here, not deep inside training.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_type(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
 
 
 @dataclass
@@ -65,8 +102,10 @@ class ModelConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
 
     def __post_init__(self) -> None:
+        _check_fields(self, "model")
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_experts", "d_expert", "d_ff_dense"):
             _check(getattr(self, name) >= 1, f"model.{name}", ">= 1", getattr(self, name))
         _check(self.d_model % self.n_heads == 0, "model.d_model", f"a multiple of n_heads={self.n_heads}", self.d_model)
@@ -78,6 +117,8 @@ class ModelConfig:
         _check(self.route_scale > 0, "model.route_scale", "> 0", self.route_scale)
         _check(self.n_group >= 1 and self.num_experts % self.n_group == 0, "model.n_group", f">= 1 and divide num_experts={self.num_experts}", self.n_group)
         _check(1 <= self.topk_group <= self.n_group, "model.topk_group", f"in [1, n_group={self.n_group}]", self.topk_group)
+        routable = self.topk_group * (self.num_experts // self.n_group)
+        _check(self.top_k <= routable, "model.top_k", f"<= topk_group * num_experts / n_group = {routable} (group-limited routing)", self.top_k)
         _check(self.routing in ("topk", "expert_choice"), "model.routing", "'topk' or 'expert_choice'", self.routing)
         _check(self.expert_choice_capacity > 0, "model.expert_choice_capacity", "> 0", self.expert_choice_capacity)
         _check(self.rope_theta > 0, "model.rope_theta", "> 0", self.rope_theta)
@@ -105,6 +146,7 @@ class BalanceConfig:
     seq_aux_coeff: float = 1e-4
 
     def __post_init__(self) -> None:
+        _check_fields(self, "balance")
         _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
         _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
         _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
@@ -130,6 +172,8 @@ class DataConfig:
     cache_dir: str | None = None  # default: $MOEBALANCE_CACHE or ~/.cache/moebalance
 
     def __post_init__(self) -> None:
+        _check_fields(self, "data")
+        _check(self.path is None or self.path.strip() != "", "data.path", "a non-empty path or None (built-in corpus)", self.path)
         _check(257 <= self.vocab_size <= 65535, "data.vocab_size", "in [257, 65535] (uint16 token ids)", self.vocab_size)
         _check(0 < self.val_fraction < 0.5, "data.val_fraction", "in (0, 0.5)", self.val_fraction)
         _check(self.max_files >= 0, "data.max_files", ">= 0", self.max_files)
@@ -159,8 +203,12 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = 0  # torch intra-op threads, 0: leave torch's default
     tensorboard: bool = True
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: only the final one)
+    keep_checkpoints: int = 3  # how many periodic checkpoints to keep
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # non-finite loss/logits/gradients: skip the step or stop
 
     def __post_init__(self) -> None:
+        _check_fields(self, "train")
         for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every"):
             _check(getattr(self, name) >= 1, f"train.{name}", ">= 1", getattr(self, name))
         _check(self.lr > 0, "train.lr", "> 0", self.lr)
@@ -173,6 +221,20 @@ class TrainConfig:
         _check(self.eval_tokens >= 0, "train.eval_tokens", ">= 0", self.eval_tokens)
         _check(self.dtype in ("float32", "bfloat16"), "train.dtype", "'float32' or 'bfloat16'", self.dtype)
         _check(self.threads >= 0, "train.threads", ">= 0", self.threads)
+        _check(0 <= self.seed < 2**63, "train.seed", "in [0, 2**63)", self.seed)
+        _check(_is_device(self.device), "train.device", "a torch device such as 'cpu', 'cuda' or 'cuda:1'", self.device)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)", self.checkpoint_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+
+
+def _is_device(name: str) -> bool:
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 @dataclass

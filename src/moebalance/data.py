@@ -3,7 +3,8 @@
 The built-in corpus is the Python standard library of the interpreter that runs the job (every
 ``*.py`` under the stdlib directory, without ``site-packages`` and test folders): real text that is
 on every machine, so nothing is downloaded. Files are taken in sorted order and split into train
-and validation *by file* (a file's split depends only on a hash of its relative path). A byte-level
+and validation *by file* (a file's split depends only on a hash of its relative path; a corpus of
+one file is split by lines, its last lines held out). A byte-level
 BPE (Hugging Face ``tokenizers``) is trained on the training split, and both splits are stored as
 ``uint16`` token arrays read back as numpy memmaps, in a cache directory keyed by the corpus
 fingerprint (hash of the file list and sizes), the vocabulary size and the split.
@@ -28,7 +29,7 @@ from moebalance.config import DataConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TokenData", "batch_at", "eval_batches", "prepare_data", "sample_batch"]
+__all__ = ["TokenData", "batch_at", "check_data", "eval_batches", "prepare_data", "sample_batch"]
 
 EOT = "<|endoftext|>"
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
@@ -118,6 +119,23 @@ def split_files(rels: list[str], val_fraction: float) -> tuple[list[str], list[s
     return train, val
 
 
+def split_lines(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
+    """Split one text at the line boundary nearest ``1 - val_fraction`` of its characters.
+
+    Returns ``([train_text], [val_text])``; each side keeps at least one line when the text has two.
+
+    Raises:
+        ValueError: the text has fewer than 2 non-empty lines (nothing to hold out).
+    """
+    lines = text.splitlines(keepends=True)
+    if sum(1 for line in lines if line.strip()) < 2:
+        raise ValueError("a single-file corpus needs at least 2 non-empty lines to split train/validation")
+    ends = np.cumsum([len(line) for line in lines])
+    cut = int(np.searchsorted(ends, (1 - val_fraction) * ends[-1])) + 1
+    cut = min(max(cut, 1), len(lines) - 1)
+    return ["".join(lines[:cut])], ["".join(lines[cut:])]
+
+
 def fingerprint_files(root: Path, rels: list[str]) -> str:
     """SHA-256 (first 16 hex digits) of the relative paths and byte sizes of the files."""
     h = hashlib.sha256()
@@ -168,9 +186,11 @@ def _encode(tok, texts: list[str]) -> np.ndarray:
 
 
 def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> TokenData:
-    train_rels, val_rels = split_files(rels, cfg.val_fraction)
-    if not val_rels:
-        raise ValueError(f"data.path {source!r}: need at least 2 files (or one long file) to split train/validation")
+    if sum((root / rel).stat().st_size for rel in rels) == 0:
+        raise ValueError(f"data.path {source!r}: the corpus is empty ({len(rels)} files, 0 bytes)")
+    # Several files are split by file; a single file by lines (its last lines are the validation part).
+    single = len(rels) == 1
+    train_rels, val_rels = (rels, []) if single else split_files(rels, cfg.val_fraction)
     fp = fingerprint_files(root, rels)
     key = f"{fp}-bpe{cfg.vocab_size}-val{cfg.val_fraction:g}-v{_CACHE_VERSION}"
     cache = cache_root(cfg) / key
@@ -180,6 +200,13 @@ def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> 
         val_texts, skipped_val = _read_texts(root, val_rels)
         if skipped_train + skipped_val:
             log.warning("skipped %d non-UTF-8 files of %s", skipped_train + skipped_val, source)
+        if not train_texts and not val_texts:
+            raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
+        if single:
+            try:
+                train_texts, val_texts = split_lines(train_texts[0], cfg.val_fraction)
+            except ValueError as exc:
+                raise ValueError(f"data.path {source!r}: {exc}") from None
         if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
             raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
         log.info("training a %d-token BPE on %d files (cached in %s)", cfg.vocab_size, len(train_texts), cache)
@@ -270,6 +297,28 @@ def prepare_data(cfg: DataConfig) -> TokenData:
         return _prepare_bin(cfg, path)
     root, rels = text_corpus_files(path, cfg.max_files)
     return _prepare_text(cfg, root, rels, str(path))
+
+
+def check_data(data: TokenData, seq_len: int) -> None:
+    """Check prepared tokens before training starts, so a bad corpus fails at once, not at step 1.
+
+    Raises:
+        ValueError: a split shorter than one training window (``seq_len + 2`` tokens for the
+            training split, ``seq_len + 1`` for validation), or a token id ``>= data.vocab_size``
+            (the embedding would index out of range or, worse, a wrong row).
+    """
+    if len(data.train) < seq_len + 2:
+        raise ValueError(
+            f"{data.source}: the training split has {len(data.train)} tokens, fewer than train.seq_len+2={seq_len + 2}"
+        )
+    if len(data.val) < seq_len + 1:
+        raise ValueError(
+            f"{data.source}: the validation split has {len(data.val)} tokens, fewer than train.seq_len+1={seq_len + 1}"
+        )
+    for name, split in (("training", data.train), ("validation", data.val)):
+        top = int(split.max())
+        if top >= data.vocab_size:
+            raise ValueError(f"{data.source}: {name} split holds token id {top}, beyond the vocabulary of {data.vocab_size}")
 
 
 def batch_at(data: np.ndarray, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moebalance.config import BalanceConfig, ModelConfig
 from moebalance.experts import GroupedExperts, SwiGLU
@@ -109,6 +110,11 @@ class MoETransformer(nn.Module):
     Args:
         cfg: :class:`~moebalance.config.ModelConfig`.
         balance: only ``balance.bias_mode`` is read here (multiplicative bias starts at 1).
+
+    With ``cfg.activation_checkpointing`` each block's activations are recomputed in the backward
+    pass (``torch.utils.checkpoint``, non-reentrant) instead of stored. The recomputed router
+    forward routes the same tokens again; the router does not count them a second time (see
+    ``routing._in_backward_recompute``), so the step's load is the same with or without it.
     """
 
     def __init__(self, cfg: ModelConfig, balance: BalanceConfig | None = None) -> None:
@@ -167,8 +173,12 @@ class MoETransformer(nn.Module):
         x = self.embed(tokens_BS)
         cos, sin = self.rope_cos[:S], self.rope_sin[:S]
         routing: list[RouterOutput] = []
+        recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, r = block(x, cos, sin, mask_BS)
+            if recompute:
+                x, r = checkpoint(block, x, cos, sin, mask_BS, use_reentrant=False)
+            else:
+                x, r = block(x, cos, sin, mask_BS)
             if r is not None:
                 routing.append(r)
         logits = self.lm_head(self.norm(x))

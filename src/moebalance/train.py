@@ -9,7 +9,9 @@ Output directory:
     metrics.jsonl   one record per step (loss, MaxVio_batch per layer, loads, bias range, lr, tokens/s)
                     and one per evaluation (val loss, perplexity, MaxVio_global per layer, loads)
     tb/             TensorBoard event files
-    checkpoint.pt   final model (expert biases included), optimizer and scheduler state
+    checkpoints/    resumable checkpoints every ``train.checkpoint_every`` steps (the last
+                    ``train.keep_checkpoints`` kept); ``train(..., resume=True)`` continues from them
+    checkpoint.pt   final training state (model with expert biases, optimizer, scheduler, RNG, stats)
     summary.json    the final numbers (see :func:`train`)
 """
 
@@ -19,6 +21,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +30,13 @@ from typing import Any
 import torch
 
 from moebalance.balancing import Balancing
-from moebalance.checkpoint import save_checkpoint
+from moebalance.checkpoint import CheckpointDir, save_checkpoint
 from moebalance.config import RunConfig
-from moebalance.data import TokenData, eval_batches, prepare_data, sample_batch
+from moebalance.data import TokenData, check_data, eval_batches, prepare_data, sample_batch
+from moebalance.guards import NonFiniteError, nonfinite_reason
 from moebalance.metrics import max_violation
 from moebalance.model import MoETransformer
+from moebalance.resume import capture_state, continue_metrics, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -128,15 +133,28 @@ def _autocast(cfg: RunConfig):
 
 
 class _Logger:
-    """JSONL + TensorBoard sink."""
+    """JSONL + TensorBoard sink.
 
-    def __init__(self, out_dir: Path, tensorboard: bool) -> None:
-        self.jsonl = open(out_dir / "metrics.jsonl", "w")
+    ``resume_step``: continue a run resumed after that step: keep ``metrics.jsonl`` up to it and
+    hide TensorBoard events of later steps (``purge_step``), which the resumed run logs again.
+    """
+
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None = None) -> None:
+        if resume_step is not None:
+            continue_metrics(out_dir / "metrics.jsonl", resume_step)
+        self.jsonl = open(out_dir / "metrics.jsonl", "w" if resume_step is None else "a")
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tb"))
+            purge = None if resume_step is None else resume_step + 1
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
+
+    def sync(self) -> None:
+        """Make the records so far durable (before a checkpoint that refers to them)."""
+        os.fsync(self.jsonl.fileno())
+        if self.tb is not None:
+            self.tb.flush()
 
     def record(self, rec: dict[str, Any], scalars: dict[str, float], step: int) -> None:
         self.jsonl.write(json.dumps(rec) + "\n")
@@ -157,6 +175,7 @@ def train(
     data: TokenData | None = None,
     progress: bool = True,
     desc: str | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train the MoE LM of ``cfg`` and write its outputs into ``out_dir``.
 
@@ -169,6 +188,14 @@ def train(
         data: already prepared tokens (else prepared from ``cfg.data``).
         progress: show a tqdm progress bar.
         desc: label of the progress bar.
+        resume: continue from the newest good checkpoint in ``out_dir/checkpoints`` (bit-identical
+            on CPU to a run that was never stopped; see :mod:`moebalance.resume`).
+
+    Raises:
+        ValueError: bad data (see :func:`~moebalance.data.check_data`); on resume, no usable
+            checkpoint or one made with another config or other data.
+        FileNotFoundError: on resume, no checkpoint in ``out_dir/checkpoints``.
+        NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``.
     """
     from tqdm.auto import tqdm
 
@@ -179,7 +206,7 @@ def train(
     data = data if data is not None else prepare_data(cfg.data)
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    check_data(data, cfg.train.seq_len)
 
     torch.manual_seed(cfg.train.seed)
     device = torch.device(cfg.train.device)
@@ -191,18 +218,48 @@ def train(
 
     balancing = Balancing.from_config(cfg.balance)
 
-    logger = _Logger(out, cfg.train.tensorboard)
+    ckpts = CheckpointDir(out / "checkpoints", cfg.train.keep_checkpoints)
+    objects = dict(model=model, optimizer=optimizer, scheduler=scheduler, data_gen=data_gen)
+    start_step, stats = 0, {"skipped": 0, "maxvio_history": [], "last_eval": None, "train_time": 0.0}
+    if resume:
+        ckpt_path, state = ckpts.load_latest()
+        start_step, stats = restore_state(
+            state, **objects, config=cfg.to_dict(), data_fingerprint=data.fingerprint, source=str(ckpt_path)
+        )
+        log.info("resumed from %s after step %d", ckpt_path, start_step)
+    # Written only now: a refused resume must leave the run's config.json as it was.
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+
+    def state_now(steps_done: int) -> dict[str, Any]:
+        run_stats = {"skipped": skipped, "maxvio_history": maxvio_history, "last_eval": last_eval, "train_time": train_time}
+        return capture_state(
+            **objects, config=cfg.to_dict(), data_fingerprint=data.fingerprint, step=steps_done, stats=run_stats
+        )
+
+    logger = _Logger(out, cfg.train.tensorboard, start_step if resume else None)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
-    maxvio_history: list[float] = []
-    skipped = 0
-    last_eval: dict[str, Any] | None = None
-    train_time = 0.0
-    bar = tqdm(range(cfg.train.max_steps), desc=desc or cfg.balance.strategy, disable=not progress, dynamic_ncols=True)
+    maxvio_history: list[float] = stats["maxvio_history"]
+    skipped: int = stats["skipped"]
+    last_eval: dict[str, Any] | None = stats["last_eval"]
+    train_time: float = stats["train_time"]
+    bar = tqdm(
+        range(start_step, cfg.train.max_steps),
+        initial=start_step,
+        total=cfg.train.max_steps,
+        desc=desc or cfg.balance.strategy,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     model.train()
     try:
         for step in bar:
+            # Periodic checkpoint of the state after `step` iterations, taken at the top of the loop
+            # so that a skipped step cannot jump over it.
+            if cfg.train.checkpoint_every and step > start_step and step % cfg.train.checkpoint_every == 0:
+                logger.sync()
+                ckpts.save(step, state_now(step))
             t0 = time.perf_counter()
-            lm_sum, finite = 0.0, True
+            lm_sum, reason = 0.0, None
             parts_sum: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
@@ -213,23 +270,27 @@ def train(
                 loss = res.loss if extra is None else res.loss + extra
                 for k, v in parts.items():
                     parts_sum[k] = parts_sum.get(k, 0.0) + v
-                if not torch.isfinite(loss):
-                    finite = False
+                reason = nonfinite_reason(loss, res.routing)
+                if reason is not None:
                     break
                 (loss / cfg.train.grad_accum).backward()
                 lm_sum += res.loss.item()
-            if not finite:
-                # Skip the whole step: no weight update, and the bias learns nothing from it.
+            if reason is None:
+                # max_norm=inf measures without scaling (the clip coefficient clamps to exactly 1).
+                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+                if not math.isfinite(grad_norm):
+                    reason = f"gradient norm is {grad_norm}"
+            if reason is not None:
+                # Skip the whole step: no weight update, and neither the bias nor the load
+                # counters take anything from it (its counts, all micro-batches, are dropped).
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 balancing.discard_step(model)
-                log.warning("step %d: non-finite loss, step skipped", step)
+                if cfg.train.on_nonfinite == "stop":
+                    raise NonFiniteError(f"step {step + 1}: {reason} (train.on_nonfinite=stop)")
+                log.warning("step %d: %s; step skipped", step + 1, reason)
                 continue
-            grad_norm = (
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip).item()
-                if cfg.train.grad_clip > 0
-                else float("nan")
-            )
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -287,16 +348,10 @@ def train(
     if last_eval is None:
         last_eval = evaluate(model, data, cfg, max_tokens=0)
     steps_done = cfg.train.max_steps - skipped
-    save_checkpoint(
-        out / "checkpoint.pt",
-        {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "config": cfg.to_dict(),
-            "step": cfg.train.max_steps,
-        },
-    )
+    final_state = state_now(cfg.train.max_steps)
+    if cfg.train.checkpoint_every:
+        ckpts.save(cfg.train.max_steps, final_state)
+    save_checkpoint(out / "checkpoint.pt", final_state)
     tail = maxvio_history[-max(1, len(maxvio_history) // 10) :] if maxvio_history else [float("nan")]
     result = TrainResult(
         val_loss=last_eval["val_loss"],

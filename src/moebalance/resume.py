@@ -1,0 +1,191 @@
+"""Training state for exact resume: what a checkpoint holds and how a run picks it back up.
+
+A run stopped after step ``k`` and resumed from its checkpoint of step ``k`` continues
+bit-identically on CPU: the checkpoint holds everything the next step reads.
+
+* the model ``state_dict`` (the Loss-Free expert biases are persistent buffers, so included) and
+  each router's load counter (zero between steps, saved anyway so nothing is assumed);
+* the optimizer and LR-scheduler state;
+* every RNG state: torch CPU (and CUDA when initialised), Python ``random``, NumPy, and the data
+  generator, whose state *is* the data position (batches are random windows drawn from it);
+* the step and the running statistics the final summary needs (MaxVio_batch history, skipped
+  steps, last evaluation, training time);
+* the config and the data fingerprint, checked on resume (resuming on other data or another model
+  would be a silent wrong result).
+
+The trainer calls :func:`capture_state` / :func:`restore_state`; :func:`continue_metrics` cuts
+``metrics.jsonl`` back to the checkpoint's step so the resumed run appends the same records an
+uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from moebalance.checkpoint import atomic_write_bytes
+
+__all__ = ["RESUMABLE_KEYS", "capture_state", "continue_metrics", "restore_state"]
+
+STATE_VERSION = 1
+
+# Config keys a resumed run may change: they decide how long the run goes on and what it logs or
+# saves, not what one training step computes (``train.max_steps`` does move the cosine schedule:
+# extending a run is a deliberate choice, not bit-identical to a longer run from scratch).
+RESUMABLE_KEYS = frozenset(
+    {
+        "train.max_steps",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "train.eval_every",
+        "train.eval_tokens",
+        "train.log_every",
+        "train.threads",
+        "train.tensorboard",
+        "train.device",
+        "train.on_nonfinite",
+        "data.cache_dir",
+    }
+)
+
+
+def _rng_states(data_gen: torch.Generator) -> dict[str, Any]:
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "data": data_gen.get_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def capture_state(
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data_gen: torch.Generator,
+    config: dict[str, Any],
+    data_fingerprint: str,
+    step: int,
+    stats: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything needed to continue a run after ``step`` completed loop iterations.
+
+    Args:
+        model: the model (its routers' ``load_counts`` are saved besides the ``state_dict``).
+        optimizer, scheduler: their ``state_dict`` is saved.
+        data_gen: the generator that draws the training batches.
+        config: ``RunConfig.to_dict()`` of the run.
+        data_fingerprint: ``TokenData.fingerprint``.
+        step: loop iterations done (optimizer steps plus skipped steps).
+        stats: running statistics (``skipped``, ``maxvio_history``, ``last_eval``, ``train_time``).
+
+    Returns:
+        a dict for :func:`~moebalance.checkpoint.save_checkpoint` (tensors are copied to CPU).
+    """
+    from moebalance.balancing import find_routers
+
+    return {
+        "version": STATE_VERSION,
+        "step": step,
+        "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+        "load_counts": [r.load_counts.detach().cpu().clone() for r in find_routers(model)],
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_states(data_gen),
+        "config": config,
+        "data_fingerprint": data_fingerprint,
+        "stats": dict(stats),
+    }
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two ``RunConfig.to_dict()`` results."""
+    keys = []
+    for section in sorted(set(saved) | set(current)):
+        a, b = saved.get(section, {}), current.get(section, {})
+        for name in sorted(set(a) | set(b)):
+            if a.get(name) != b.get(name):
+                keys.append(f"{section}.{name}")
+    return keys
+
+
+def restore_state(
+    state: dict[str, Any],
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data_gen: torch.Generator,
+    config: dict[str, Any],
+    data_fingerprint: str,
+    source: str = "checkpoint",
+) -> tuple[int, dict[str, Any]]:
+    """Load a :func:`capture_state` dict into freshly built training objects.
+
+    Returns:
+        ``(step, stats)``: loop iterations already done and the running statistics.
+
+    Raises:
+        ValueError: the checkpoint is of another format version, was made on other data, or with a
+            config that differs in a key outside :data:`RESUMABLE_KEYS` (the message lists them).
+    """
+    from moebalance.balancing import find_routers
+
+    if state.get("version") != STATE_VERSION or "rng" not in state:
+        raise ValueError(f"{source} is not a resumable training state (version {state.get('version')!r})")
+    if state["data_fingerprint"] != data_fingerprint:
+        raise ValueError(
+            f"{source} was made on data with fingerprint {state['data_fingerprint']}, "
+            f"but this run's data has {data_fingerprint}: resume on the same data"
+        )
+    changed = [k for k in config_differences(state["config"], config) if k not in RESUMABLE_KEYS]
+    if changed:
+        raise ValueError(f"{source} was made with a different config in {changed}; only {sorted(RESUMABLE_KEYS)} may change on resume")
+    model.load_state_dict(state["model"])
+    routers = find_routers(model)
+    with torch.no_grad():
+        for router, counts in zip(routers, state["load_counts"], strict=True):
+            router.load_counts.copy_(counts)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    data_gen.set_state(rng["data"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return int(state["step"]), dict(state["stats"])
+
+
+def continue_metrics(path: str | Path, step: int) -> int:
+    """Cut a run's ``metrics.jsonl`` back to the records of steps ``<= step`` (atomically).
+
+    Records of the steps after the checkpoint are dropped (the resumed run writes them again), and
+    so is a torn last line left by a killed process.
+
+    Returns:
+        the number of records kept.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
+    return len(kept)

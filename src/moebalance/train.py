@@ -8,7 +8,8 @@ Output directory:
     config.json     the full run config
     metrics.jsonl   one record per step (loss, MaxVio_batch per layer, loads, bias range, lr, tokens/s)
                     and one per evaluation (val loss, perplexity, MaxVio_global per layer, loads)
-    tb/             TensorBoard event files
+    tb/             TensorBoard event files: the scalars above (and bias range per layer), and the
+                    expert-load heatmap of each evaluation as an image
     checkpoint.pt   final model (expert biases included), optimizer and scheduler state
     summary.json    the final numbers (see :func:`train`)
 """
@@ -32,6 +33,7 @@ from moebalance.config import RunConfig
 from moebalance.data import TokenData, eval_batches, prepare_data, sample_batch
 from moebalance.metrics import max_violation
 from moebalance.model import MoETransformer
+from moebalance.reporting import load_heatmap_image
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,11 @@ class _Logger:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, image_HWC, step: int) -> None:
+        """An RGB ``[H, W, 3]`` uint8 image (TensorBoard only)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image_HWC, step, dataformats="HWC")
 
     def close(self) -> None:
         self.jsonl.close()
@@ -265,6 +272,8 @@ def train(
             }
             scalars.update({f"train/{k}": rec[k] for k in parts_sum})
             scalars.update({f"maxvio_batch/layer{i}": v for i, v in enumerate(rec["maxvio_batch_per_layer"])})
+            span_L = biases.max(-1).values - biases.min(-1).values
+            scalars.update({f"bias_range/layer{i}": v for i, v in enumerate(span_L.tolist())})
             logger.record(rec, scalars, step + 1)
             if (step + 1) % cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
@@ -280,6 +289,9 @@ def train(
                 }
                 escalars.update({f"maxvio_global/layer{i}": v for i, v in enumerate(last_eval["maxvio_global_per_layer"])})
                 logger.record(erec, escalars, step + 1)
+                if logger.tb is not None:
+                    heatmap = load_heatmap_image(last_eval["loads"], f"step {step + 1}: load / mean load")
+                    logger.image("val/expert_load", heatmap, step + 1)
     finally:
         bar.close()
         logger.close()

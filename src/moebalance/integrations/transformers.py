@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -182,6 +182,8 @@ class LossFreeBalancing:
         router_names: their qualified names in the model.
         balancer: the :class:`~moebalance.LossFreeBalancer` whose ``bias_delta`` is applied.
         last_loads: ``[L, E]`` float32 loads of the last :meth:`step` (``None`` before it).
+        update_biases: when False, :meth:`step` still reads, all-reduces and reports the loads but
+            leaves the biases alone (to monitor a baseline, e.g. one trained with the auxiliary loss).
     """
 
     def __init__(
@@ -197,6 +199,7 @@ class LossFreeBalancing:
         self.balancer = balancer
         self.all_reduce = all_reduce
         self.last_loads: torch.Tensor | None = None
+        self.update_biases = True
 
     @property
     def num_layers(self) -> int:
@@ -234,9 +237,10 @@ class LossFreeBalancing:
         self.reset_loads()
         if self.all_reduce is not None:
             self.all_reduce(loads_LE)
-        delta_LE = self.balancer.bias_delta(loads_LE)
-        for bias, delta_E in zip(self.bias_tensors(), delta_LE):
-            bias += delta_E.to(bias.device, bias.dtype)
+        if self.update_biases:
+            delta_LE = self.balancer.bias_delta(loads_LE)
+            for bias, delta_E in zip(self.bias_tensors(), delta_LE):
+                bias += delta_E.to(bias.device, bias.dtype)
         self.last_loads = loads_LE.cpu()
         return self.last_loads
 
@@ -263,6 +267,38 @@ class LossFreeBalancing:
         out = {"moe/bias_min": biases_LE.min().item(), "moe/bias_max": biases_LE.max().item()}
         out.update({f"moe/bias_range_layer{i}": v for i, v in enumerate(span_L.tolist())})
         return out
+
+    @torch.no_grad()
+    def validation_loads(self, batches: Iterable[torch.Tensor]) -> torch.Tensor:
+        """Tokens per expert over held-out data, for MaxVio_global (arXiv 2408.15664 §4.1).
+
+        Runs the model in eval mode on each ``[B, S]`` batch of input ids (no bias update, the
+        training counters untouched) and restores its mode.
+
+        Returns:
+            ``[L, E]`` float32 loads; ``max_violation`` of it is MaxVio_global per layer.
+        """
+        loads = [torch.zeros(r.num_experts) for r in self.routers]
+
+        def hook(i):
+            def count(module, args, output):
+                index_TK = output[2]
+                loads[i] += count_tokens_per_expert(index_TK.reshape(-1, index_TK.shape[-1]), len(loads[i])).cpu()
+
+            return count
+
+        handles = [r.register_forward_hook(hook(i)) for i, r in enumerate(self.routers)]
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        try:
+            for input_ids in batches:
+                self.model(input_ids=input_ids.to(device))
+        finally:
+            self.model.train(was_training)
+            for h in handles:
+                h.remove()
+        return torch.stack(loads)
 
     def callback(self) -> LossFreeBalancingCallback:
         """A new :class:`LossFreeBalancingCallback` driving this handle."""

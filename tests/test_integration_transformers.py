@@ -273,3 +273,46 @@ def test_trainer_updates_once_per_optimizer_step(tmp_path):
     n_LE = handle.biases() / u
     torch.testing.assert_close(n_LE, n_LE.round(), atol=1e-4, rtol=0)
     assert n_LE.abs().max() <= steps + 1e-4
+
+
+def test_activation_checkpointing_counts_once():
+    model = _model("mixtral")
+    model.gradient_checkpointing_enable()
+    handle = apply_loss_free_balancing(model)
+    model.train()
+    x = _tokens()
+    model(x, labels=x).loss.backward()  # the backward recomputes every layer's forward
+    assert handle.pending_loads().sum(-1).tolist() == [2 * x.numel()] * 2
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same weights on every rank
+        model = _model("olmoe")
+        handle = apply_loss_free_balancing(model, update_rate=0.01)  # all_reduce="auto"
+        model.train()
+        model(_tokens(seed=10 + rank))  # each rank sees other tokens
+        local = handle.pending_loads()
+        loads = handle.step()
+        torch.save({"local": local, "loads": loads, "biases": handle.biases()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_loads_are_summed_and_biases_agree(tmp_path):
+    world = 2
+    _model("olmoe")  # import the lazy modeling module once, before forking
+    # fork: the workers inherit the imported transformers instead of importing it again.
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="fork"
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    total = results[0]["local"] + results[1]["local"]
+    assert not torch.equal(results[0]["local"], results[1]["local"])
+    for res in results:
+        torch.testing.assert_close(res["loads"], total)
+        torch.testing.assert_close(res["biases"], 0.01 * torch.sign(total.mean(-1, keepdim=True) - total))

@@ -1,4 +1,4 @@
-"""Command line: ``moebalance train``, ``compare``, ``sweep GRID`` and ``leakage``.
+"""Command line: ``moebalance train``, ``compare``, ``sweep GRID``, ``leakage`` and ``plot RUN_DIR...``.
 
 Any config key can be overridden as ``section.field=value`` after the options, e.g.
 ``moebalance train --preset smoke train.max_steps=50 balance.strategy=aux_loss``.
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_leak.add_argument("--checkpoint", default=None, help="checkpoint.pt of a trained run (default: the seeded initial model)")
     p_leak.add_argument("--position", type=int, default=None, help="last unchanged position p (default: seq_len/2 - 1)")
     p_leak.add_argument("--trials", type=int, default=4, help="perturbed sequences averaged (default 4)")
+    p_plot = sub.add_parser("plot", help="redraw the report plots of finished runs (no training)")
+    p_plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare folders holding runs")
+    p_plot.add_argument("--out", default="runs/plots", help="output folder (default runs/plots)")
     return parser
 
 
@@ -96,8 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "plot":  # no config: it reads finished runs
+        from moebalance.reporting import plot_runs
+
+        try:
+            for path in plot_runs(args.run_dirs, args.out):
+                print(path)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"moebalance: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    args.overrides = list(args.overrides) + extra
     try:
         cfg = _config(args)
     except (ValueError, FileNotFoundError) as exc:

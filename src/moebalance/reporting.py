@@ -9,14 +9,20 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moebalance.checkpoint import atomic_write_bytes
 
+if TYPE_CHECKING:
+    import numpy as np
+
 __all__ = [
+    "find_run_dirs",
+    "load_heatmap_image",
     "load_metrics",
     "plot_loads",
     "plot_maxvio_batch",
+    "plot_runs",
     "plot_tradeoff",
     "plot_val_loss",
     "write_json",
@@ -110,22 +116,12 @@ def plot_val_loss(runs: dict[str, str | Path], path: str | Path) -> None:
 
 def plot_loads(runs: dict[str, str | Path], path: str | Path) -> None:
     """Heatmaps of each expert's share of its layer's validation load at the last evaluation."""
-    import torch
-
-    from moebalance.metrics import load_share
-
     plt = _figure()
     names = list(runs)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3), squeeze=False)
     for ax, name in zip(axes[0], names):
         _, evals = load_metrics(runs[name])
-        share = load_share(torch.tensor(evals[-1]["loads"], dtype=torch.float64)).numpy()
-        num_experts = share.shape[1]
-        im = ax.imshow(share * num_experts, aspect="auto", cmap="viridis", vmin=0)
-        ax.set_title(f"{name}: load / mean load")
-        ax.set_xlabel("expert")
-        ax.set_ylabel("MoE layer")
-        fig.colorbar(im, ax=ax)
+        _draw_load_heatmap(ax, fig, evals[-1]["loads"], f"{name}: load / mean load")
     _save(fig, path)
     plt.close(fig)
 
@@ -150,3 +146,103 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: str | Path, high
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
+
+
+def _draw_load_heatmap(ax, fig, loads_LE, title: str):
+    """Draw ``load / mean load`` per (layer, expert) on ``ax``; 1.0 is a perfectly balanced expert."""
+    import torch
+
+    from moebalance.metrics import load_share
+
+    share = load_share(torch.as_tensor(loads_LE, dtype=torch.float64)).numpy()
+    num_layers, num_experts = share.shape
+    im = ax.imshow(share * num_experts, aspect="auto", cmap="viridis", vmin=0)
+    ax.set_yticks(range(num_layers))
+    if num_experts <= 32:
+        ax.set_xticks(range(num_experts))
+    ax.set_title(title)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    fig.colorbar(im, ax=ax)
+
+
+def load_heatmap_image(loads_LE, title: str = "load / mean load") -> np.ndarray:
+    """The expert-load heatmap of one evaluation as an RGB image, for TensorBoard's ``add_image``.
+
+    Args:
+        loads_LE: ``[L, E]`` tokens per expert of each MoE layer (tensor or nested lists).
+        title: figure title.
+
+    Returns:
+        ``[H, W, 3]`` uint8 numpy array (use ``dataformats="HWC"``).
+    """
+    import numpy as np
+
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5, 3))
+    _draw_load_heatmap(ax, fig, loads_LE, title)
+    fig.tight_layout()
+    fig.canvas.draw()
+    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return image
+
+
+def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
+    """Runs named by ``paths``: a folder with a ``metrics.jsonl`` is one run; a folder without one
+    (a ``compare`` output) contributes its sub-folders that have one. Runs are named by their folder
+    name, prefixed by the parent's name where two would clash.
+
+    Raises:
+        FileNotFoundError: a path is not a folder, or holds no run.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"{str(p)!r} is not a folder")
+        if (p / "metrics.jsonl").exists():
+            found.append(p)
+            continue
+        subs = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").exists())
+        if not subs:
+            raise FileNotFoundError(f"{str(p)!r} holds no metrics.jsonl (neither a run nor a compare folder)")
+        found.extend(subs)
+    names = [d.name for d in found]
+    runs: dict[str, Path] = {}
+    for d in found:
+        name = d.name if names.count(d.name) == 1 else f"{d.parent.name}/{d.name}"
+        if name in runs:
+            name = str(d)
+        runs[name] = d
+    return runs
+
+
+def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Redraw the report plots of finished runs (``moebalance plot``), without training.
+
+    Writes ``maxvio_batch.png``, ``val_loss.png`` and ``expert_load.png`` (the last evaluation's
+    load of each run that has one) into ``out_dir``.
+
+    Returns:
+        The written files.
+
+    Raises:
+        FileNotFoundError: see :func:`find_run_dirs`.
+        ValueError: no run has any training record.
+    """
+    runs = find_run_dirs(paths)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = {name: load_metrics(d) for name, d in runs.items()}
+    with_train = {n: runs[n] for n, (tr, _) in records.items() if tr}
+    with_eval = {n: runs[n] for n, (_, ev) in records.items() if ev}
+    if not with_train:
+        raise ValueError("none of the runs has a training record in metrics.jsonl")
+    written = [out / "maxvio_batch.png"]
+    plot_maxvio_batch(with_train, written[-1])
+    if with_eval:
+        written.append(out / "val_loss.png")
+        plot_val_loss(with_eval, written[-1])
+        written.append(out / "expert_load.png")
+        plot_loads(with_eval, written[-1])
+    return written

@@ -8,7 +8,8 @@ Output directory:
     config.json     the full run config
     metrics.jsonl   one record per step (loss, MaxVio_batch per layer, loads, bias range, lr, tokens/s)
                     and one per evaluation (val loss, perplexity, MaxVio_global per layer, loads)
-    tb/             TensorBoard event files
+    tb/             TensorBoard event files: the scalars above (and bias range per layer), and the
+                    expert-load heatmap of each evaluation as an image
     checkpoints/    resumable checkpoints every ``train.checkpoint_every`` steps (the last
                     ``train.keep_checkpoints`` kept); ``train(..., resume=True)`` continues from them
     checkpoint.pt   final training state (model with expert biases, optimizer, scheduler, RNG, stats)
@@ -36,6 +37,7 @@ from moebalance.data import TokenData, check_data, eval_batches, prepare_data, s
 from moebalance.guards import NonFiniteError, nonfinite_reason
 from moebalance.metrics import max_violation
 from moebalance.model import MoETransformer
+from moebalance.reporting import load_heatmap_image
 from moebalance.resume import capture_state, continue_metrics, restore_state
 
 log = logging.getLogger(__name__)
@@ -162,6 +164,11 @@ class _Logger:
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
+
+    def image(self, tag: str, image_HWC, step: int) -> None:
+        """An RGB ``[H, W, 3]`` uint8 image (TensorBoard only)."""
+        if self.tb is not None:
+            self.tb.add_image(tag, image_HWC, step, dataformats="HWC")
 
     def close(self) -> None:
         self.jsonl.close()
@@ -326,6 +333,8 @@ def train(
             }
             scalars.update({f"train/{k}": rec[k] for k in parts_sum})
             scalars.update({f"maxvio_batch/layer{i}": v for i, v in enumerate(rec["maxvio_batch_per_layer"])})
+            span_L = biases.max(-1).values - biases.min(-1).values
+            scalars.update({f"bias_range/layer{i}": v for i, v in enumerate(span_L.tolist())})
             logger.record(rec, scalars, step + 1)
             if (step + 1) % cfg.train.log_every == 0:
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
@@ -341,6 +350,9 @@ def train(
                 }
                 escalars.update({f"maxvio_global/layer{i}": v for i, v in enumerate(last_eval["maxvio_global_per_layer"])})
                 logger.record(erec, escalars, step + 1)
+                if logger.tb is not None:
+                    heatmap = load_heatmap_image(last_eval["loads"], f"step {step + 1}: load / mean load")
+                    logger.image("val/expert_load", heatmap, step + 1)
     finally:
         bar.close()
         logger.close()

@@ -1,0 +1,319 @@
+"""Loss-Free Balancing on Hugging Face transformers MoE models (tiny random configs, offline)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from moebalance.integrations.transformers import (  # noqa: E402
+    SUPPORTED_ROUTERS,
+    TINY_FAMILIES,
+    apply_loss_free_balancing,
+    tiny_moe_config,
+)
+from moebalance.metrics import max_violation  # noqa: E402
+
+VOCAB = 128
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: extra intra-op threads only add contention on a busy 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(family: str, **kw) -> nn.Module:
+    return transformers.AutoModelForCausalLM.from_config(tiny_moe_config(family, vocab_size=VOCAB, **kw))
+
+
+def _tokens(batch: int = 2, seq: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zero_bias_is_bit_identical(family, dtype):
+    model = _model(family).to(dtype)
+    ref = copy.deepcopy(model)
+    handle = apply_loss_free_balancing(model)
+    assert handle.num_layers == 2
+    x = _tokens()
+    model.train(), ref.train()
+    out, out_ref = model(x, labels=x), ref(x, labels=x)
+    assert torch.equal(out.logits, out_ref.logits)
+    out.loss.backward(), out_ref.loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, p_ref.grad), name
+    # Training forwards count K * T per layer; the biases stay float32 after the bf16 cast.
+    assert handle.pending_loads().sum(-1).tolist() == [2 * x.numel()] * 2
+    assert all(b.dtype == torch.float32 for b in handle.bias_tensors())
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_bias_selects_but_gates_stay_unbiased(family):
+    model = _model(family)
+    handle = apply_loss_free_balancing(model)
+    router = handle.routers[0]
+    router.expert_bias[5] = 10.0  # far above any softmax score: expert 5 always chosen
+    h_TD = torch.randn(12, router.hidden_dim)
+    logits_TE, weights_TK, index_TK = router(h_TD)
+    assert (index_TK == 5).any(-1).all()
+    probs_TE = torch.softmax(logits_TE.float(), dim=-1)
+    expected = probs_TE.gather(1, index_TK)
+    if family == "mixtral" or router.norm_topk_prob:
+        expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights_TK.float(), expected)
+
+
+def test_deepseek_adopts_its_own_bias():
+    model = _model("deepseek_v3")
+    handle = apply_loss_free_balancing(model)
+    assert handle.bias_tensors()[0] is model.model.layers[0].mlp.gate.e_score_correction_bias
+    assert not hasattr(model.model.layers[0].mlp.gate, "expert_bias")
+
+
+def test_unsupported_model_names_supported_classes():
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4
+    )
+    with pytest.raises(ValueError, match="Mixtral.*Qwen2-MoE.*Qwen3-MoE.*OLMoE.*DeepSeek-V3"):
+        apply_loss_free_balancing(transformers.LlamaForCausalLM(cfg))
+
+    class OldBlock(nn.Module):  # transformers 4.x: routing inside the block, gate is a Linear
+        def __init__(self):
+            super().__init__()
+            self.gate = nn.Linear(8, 4, bias=False)
+
+    with pytest.raises(ValueError, match="4.x"):
+        apply_loss_free_balancing(nn.Sequential(OldBlock()))
+
+
+def test_refuses_router_that_routes_differently():
+    class MixtralTopKRouter(nn.Module):  # same name, but forgets to renormalise the top-K
+        def __init__(self):
+            super().__init__()
+            self.top_k, self.num_experts, self.hidden_dim = 2, 4, 8
+            self.weight = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, hidden_states):
+            logits = nn.functional.linear(hidden_states.reshape(-1, 8), self.weight)
+            values, index = torch.softmax(logits.float(), -1).topk(2, dim=-1)
+            return logits, values, index
+
+    with pytest.raises(RuntimeError, match="differently"):
+        apply_loss_free_balancing(nn.Sequential(MixtralTopKRouter()))
+    assert set(SUPPORTED_ROUTERS) >= {"MixtralTopKRouter", "DeepseekV3TopkRouter"}
+
+
+def test_step_applies_algorithm_1_with_all_reduce():
+    model = _model("qwen3_moe")
+    seen = []
+
+    def fake_all_reduce(loads_LE):  # stands in for the DDP sum: doubles every count
+        seen.append(loads_LE.shape)
+        loads_LE.mul_(2)
+
+    handle = apply_loss_free_balancing(model, update_rate=0.01, all_reduce=fake_all_reduce)
+    model.train()
+    x = _tokens()
+    model(x)
+    model(x)  # two micro-batches of one step
+    local = handle.pending_loads()
+    loads = handle.step()
+    assert seen == [torch.Size([2, 8])]
+    torch.testing.assert_close(loads, 2 * local)
+    expected = 0.01 * torch.sign(local.mean(-1, keepdim=True) - local)
+    torch.testing.assert_close(handle.biases(), expected)
+    assert handle.pending_loads().sum() == 0
+    model.eval()
+    model(x)  # eval forwards count nothing
+    assert handle.pending_loads().sum() == 0
+
+
+def test_bias_update_survives_bf16_cast():
+    model = _model("mixtral")
+    handle = apply_loss_free_balancing(model, update_rate=1e-3)
+    with torch.no_grad():
+        handle.bias_tensors()[0].fill_(1.0)
+    model.to(torch.bfloat16)
+    model.train()
+    model(_tokens())
+    handle.step()
+    assert handle.bias_tensors()[0].dtype == torch.float32
+    assert (handle.biases()[0] != 1.0).any()  # a 1e-3 step on 1.0 would vanish in bf16
+
+
+def test_disable_aux_loss():
+    model = _model("mixtral")
+    model.config.output_router_logits = True
+    apply_loss_free_balancing(model)
+    assert model.router_aux_loss_coef == 0.0
+    assert model.config.router_aux_loss_coef == 0.0
+    assert model.config.output_router_logits is False
+    kept = _model("olmoe")
+    apply_loss_free_balancing(kept, disable_aux_loss=False)
+    assert kept.router_aux_loss_coef > 0
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+def test_biases_survive_save_and_load(tmp_path, family):
+    model = _model(family)
+    handle = apply_loss_free_balancing(model)
+    with torch.no_grad():
+        for b in handle.bias_tensors():
+            b.uniform_(-0.05, 0.05)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    if family == "deepseek_v3":  # unpatched transformers loads the bias under its own name
+        torch.testing.assert_close(reloaded.model.layers[1].mlp.gate.e_score_correction_bias, handle.biases()[1])
+    handle2 = apply_loss_free_balancing(reloaded)  # reads the biases from model.name_or_path
+    assert torch.equal(handle2.biases(), handle.biases())
+    model.eval(), reloaded.eval()
+    x = _tokens()
+    assert torch.equal(model(x).logits, reloaded(x).logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# With transformers.Trainer
+# ---------------------------------------------------------------------------------------------
+
+
+def _skewed_model(seed: int = 0, skew: float = 0.4) -> nn.Module:
+    """Qwen3-MoE whose routers prefer experts 0 and 1 for every token (MaxVio_batch near 3)."""
+    torch.manual_seed(seed)
+    model = _model("qwen3_moe")
+    u = torch.randn(model.config.hidden_size)
+    u /= u.norm()
+    with torch.no_grad():
+        model.model.embed_tokens.weight += 0.1 * u  # a direction every hidden state shares
+        for layer in model.model.layers:
+            layer.mlp.gate.weight[:2] += skew * u
+    return model
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int = 32):
+        self.x = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(3))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i]}
+
+
+def _trainer(model, out_dir, steps: int, accum: int = 1, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(out_dir),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        gradient_accumulation_steps=accum,
+        learning_rate=1e-4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        **kw,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=_Windows(64), eval_dataset=_Windows(8))
+
+
+@pytest.mark.slow
+def test_trainer_reduces_maxvio_and_eval_does_not_update(tmp_path):
+    steps = 12
+    model = _skewed_model(skew=0.25)
+    handle = apply_loss_free_balancing(model, update_rate=0.01)
+    trainer = _trainer(model, tmp_path, steps)
+    handle.attach(trainer)
+    trainer.train()
+    vio = [rec["moe/maxvio_batch"] for rec in trainer.state.log_history if "moe/maxvio_batch" in rec]
+    assert len(vio) == steps
+    assert vio[0] > 2.5  # experts 0 and 1 take (nearly) every token
+    assert sum(vio[-4:]) / 4 < 0.6 * vio[0]
+    assert "moe/bias_range_layer1" in trainer.state.log_history[-2]
+
+    before = handle.biases()
+    trainer.evaluate()
+    assert torch.equal(handle.biases(), before)
+    assert handle.pending_loads().sum() == 0
+
+    # The biases did it, not the few small weight updates: with them zeroed the skew is back.
+    with torch.no_grad():
+        for b in handle.bias_tensors():
+            b.zero_()
+    model.train()
+    model(_Windows(4)[:]["input_ids"])
+    assert max_violation(handle.pending_loads()).mean() > 2.5
+
+
+@pytest.mark.slow
+def test_trainer_updates_once_per_optimizer_step(tmp_path):
+    steps, accum, u = 3, 2, 0.01
+    model = _model("olmoe")
+    handle = apply_loss_free_balancing(model, update_rate=u)
+    calls = []
+    original = handle.step
+    handle.step = lambda: calls.append(1) or original()
+    trainer = _trainer(model, tmp_path, steps, accum=accum)
+    trainer.add_callback(handle.callback())  # after the reporters: still balances
+    trainer.train()
+    assert len(calls) == steps
+    # Each step's load is the whole global batch: accum micro-batches of 4 x 32 tokens, K=2.
+    assert handle.last_loads.sum(-1).tolist() == [2 * accum * 4 * 32] * 2
+    # Sign updates: every bias is a multiple of u, at most `steps` of them.
+    n_LE = handle.biases() / u
+    torch.testing.assert_close(n_LE, n_LE.round(), atol=1e-4, rtol=0)
+    assert n_LE.abs().max() <= steps + 1e-4
+
+
+def test_activation_checkpointing_counts_once():
+    model = _model("mixtral")
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()  # the first name is the newer one (5.x deprecates the second)
+    handle = apply_loss_free_balancing(model)
+    model.train()
+    x = _tokens()
+    model(x, labels=x).loss.backward()  # the backward recomputes every layer's forward
+    assert handle.pending_loads().sum(-1).tolist() == [2 * x.numel()] * 2
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # same weights on every rank
+        model = _model("olmoe")
+        handle = apply_loss_free_balancing(model, update_rate=0.01)  # all_reduce="auto"
+        model.train()
+        model(_tokens(seed=10 + rank))  # each rank sees other tokens
+        local = handle.pending_loads()
+        loads = handle.step()
+        torch.save({"local": local, "loads": loads, "biases": handle.biases()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_loads_are_summed_and_biases_agree(tmp_path):
+    world = 2
+    _model("olmoe")  # import the lazy modeling module once, before forking
+    # fork: the workers inherit the imported transformers instead of importing it again.
+    torch.multiprocessing.start_processes(
+        _ddp_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, start_method="fork"
+    )
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    total = results[0]["local"] + results[1]["local"]
+    assert not torch.equal(results[0]["local"], results[1]["local"])
+    for res in results:
+        torch.testing.assert_close(res["loads"], total)
+        torch.testing.assert_close(res["biases"], 0.01 * torch.sign(total.mean(-1, keepdim=True) - total))

@@ -99,6 +99,8 @@ class ModelConfig:
     # batch; Zhou et al. 2022). Expert choice takes ceil(capacity * K * T / E) tokens per expert.
     routing: Literal["topk", "expert_choice"] = "topk"
     expert_choice_capacity: float = 1.0
+    capacity_factor: float | None = None  # None: dropless; > 0: GShard/Switch capacity with token dropping
+    drop_policy: Literal["position", "score"] = "position"  # which pairs an over-full expert keeps
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -121,6 +123,9 @@ class ModelConfig:
         _check(self.top_k <= routable, "model.top_k", f"<= topk_group * num_experts / n_group = {routable} (group-limited routing)", self.top_k)
         _check(self.routing in ("topk", "expert_choice"), "model.routing", "'topk' or 'expert_choice'", self.routing)
         _check(self.expert_choice_capacity > 0, "model.expert_choice_capacity", "> 0", self.expert_choice_capacity)
+        _check(self.capacity_factor is None or self.capacity_factor > 0, "model.capacity_factor", "> 0 or None (dropless)", self.capacity_factor)
+        _check(self.capacity_factor is None or self.routing == "topk", "model.capacity_factor", "None with model.routing='expert_choice' (it has expert_choice_capacity)", self.capacity_factor)
+        _check(self.drop_policy in ("position", "score"), "model.drop_policy", "'position' or 'score'", self.drop_policy)
         _check(self.rope_theta > 0, "model.rope_theta", "> 0", self.rope_theta)
         _check(self.init_std > 0, "model.init_std", "> 0", self.init_std)
 

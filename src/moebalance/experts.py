@@ -1,25 +1,52 @@
-"""Routed experts with stacked weights and a sort-by-expert (dropless) dispatch.
+"""Routed experts with stacked weights and a sort-by-expert dispatch (dropless or with capacity).
 
 Shape legend: T tokens, D model dim, F expert hidden dim, E experts, K experts per token,
-N = T*K routed (token, slot) pairs.
+N routed (token, slot) pairs that are computed (``T*K`` when dropless, fewer when a capacity
+drops some).
 
 Dispatch follows the permute -> grouped compute -> unpermute pattern of torchtitan and megablocks:
-the ``N`` pairs are sorted (stably) by expert, each expert's rows are contiguous, one grouped
+the ``T*K`` pairs are sorted (stably) by expert, each expert's rows are contiguous, one grouped
 matrix multiply (``torch.nn.functional.grouped_mm`` where present) or a loop over contiguous
 slices runs all experts, and the results are scattered back with ``index_add``. Memory is linear
 in ``T*K*D``: there is no ``[T, E, D]`` tensor and no padding to the largest expert.
+
+Which kernel runs (see :func:`expert_compute_plan`; measured in ``benchmarks/run.py``, results
+in ``docs/benchmarks.md``):
+
+* CUDA: ``grouped_mm`` in bfloat16 (float32 operands fall back to the loop, as the CUDA kernel
+  takes bfloat16 only).
+* CPU, float32: ``grouped_mm``. On the CPU build it is itself a loop of ``mm`` over the groups,
+  but its backward skips the per-expert autograd nodes of a Python loop (whose cost grows with E).
+* CPU, bfloat16 (weights in bf16 or bf16 autocast) on a CPU without native bf16 matrix
+  instructions (no AVX512-BF16 / AMX): the operands are cast to float32 and the experts run in
+  float32. Without those instructions oneDNN emulates bf16 GEMMs 5-15x slower than float32 (and
+  5x slower again for some transposed layouts); the float32 GEMM of bf16-rounded inputs is also
+  at least as accurate. The output is float32 and the layer casts it back to its input's dtype.
+* Anything else (float64, strides not 16-byte aligned, ``use_grouped_mm=False``): the loop.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Dispatch", "GroupedExperts", "SwiGLU", "combine", "permute"]
+DropPolicy = Literal["position", "score"]
+
+__all__ = [
+    "Dispatch",
+    "DropPolicy",
+    "GroupedExperts",
+    "SwiGLU",
+    "combine",
+    "expert_capacity",
+    "expert_compute_plan",
+    "permute",
+]
 
 
 class SwiGLU(nn.Module):
@@ -42,44 +69,109 @@ class SwiGLU(nn.Module):
 
 @dataclass
 class Dispatch:
-    """Where each routed pair went.
+    """Where each computed pair went.
 
     Attributes:
         token_ids: ``[N]`` int64 source token of each expert-sorted row.
         gates: ``[N]`` float32 gate value of each expert-sorted row.
-        counts: ``[E]`` int64 rows per expert (the dropless ``tokens_per_expert``).
+        counts: ``[E]`` int64 rows per expert that are computed (after any capacity drop).
+        dropped: 0-dim int64, (token, slot) pairs of real (unmasked) tokens dropped by the
+            capacity; 0 when dropless; ``None`` when the dispatch was not built by
+            :func:`permute` (expert-choice routing).
     """
 
     token_ids: torch.Tensor
     gates: torch.Tensor
     counts: torch.Tensor
+    dropped: torch.Tensor | None = None
+
+
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Rows one expert may take: ``ceil(capacity_factor * T * K / E)`` (GShard §2.2, Switch §2.1).
+
+    Raises:
+        ValueError: ``capacity_factor <= 0``.
+    """
+    if not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 
 def permute(
-    x_TD: torch.Tensor, indices_TK: torch.Tensor, gates_TK: torch.Tensor, num_experts: int
+    x_TD: torch.Tensor,
+    indices_TK: torch.Tensor,
+    gates_TK: torch.Tensor,
+    num_experts: int,
+    capacity: int | None = None,
+    drop_policy: DropPolicy = "position",
+    mask_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Dispatch]:
-    """Gather token rows in expert order.
+    """Gather token rows in expert order, dropping the pairs beyond an expert's capacity.
 
     Args:
         x_TD: ``[T, D]`` tokens. indices_TK: ``[T, K]`` int64 expert ids. gates_TK: ``[T, K]`` gates.
         num_experts: ``E``.
+        capacity: rows each expert may take (see :func:`expert_capacity`); ``None``: dropless.
+        drop_policy: which pairs an over-full expert keeps: ``"position"`` the earliest tokens
+            (GShard/Switch: tokens are served in order), ``"score"`` the largest gate values
+            (Megatron-Core's ``probs`` policy). Only used with a capacity.
+        mask_T: optional ``[T]`` bool, ``False`` for padding. Padding pairs are served last and
+            are not counted as dropped.
 
     Returns:
-        ``x_ND`` ``[T*K, D]`` rows sorted by expert (stable: token order kept inside an expert),
-        and the :class:`Dispatch` needed to combine the results.
+        ``x_ND`` ``[N, D]`` rows sorted by expert (dropless and ``"position"``: token order kept
+        inside an expert; ``"score"``: best gate first), and the :class:`Dispatch` needed to
+        combine the results.
+
+    Raises:
+        ValueError: ``capacity < 0`` or an unknown ``drop_policy``.
     """
-    top_k = indices_TK.shape[1]
+    num_tokens, top_k = indices_TK.shape
     flat_experts = indices_TK.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    token_ids = order // top_k
+    flat_gates = gates_TK.reshape(-1)
     counts = torch.bincount(flat_experts, minlength=num_experts)
-    return x_TD[token_ids], Dispatch(token_ids, gates_TK.reshape(-1)[order], counts)
+    if capacity is None:
+        order = torch.argsort(flat_experts, stable=True)
+        dropped = counts.new_zeros(())
+        token_ids = order // top_k
+        return x_TD[token_ids], Dispatch(token_ids, flat_gates[order], counts, dropped)
+
+    if capacity < 0:
+        raise ValueError(f"capacity must be >= 0, got {capacity}")
+    if drop_policy not in ("position", "score"):
+        raise ValueError(f"drop_policy must be 'position' or 'score', got {drop_policy!r}")
+    pad_N = None if mask_T is None else ~mask_T.reshape(-1, 1).expand(num_tokens, top_k).reshape(-1)
+    if drop_policy == "score":
+        # Best gate first; padding last. The stable sort by expert below keeps this order.
+        priority = flat_gates.detach().float()
+        if pad_N is not None:
+            priority = priority.masked_fill(pad_N, float("-inf"))
+        pre = torch.argsort(priority, descending=True, stable=True)
+    else:
+        # Token order; padding after every real token of the same expert.
+        pre = torch.arange(flat_experts.numel(), device=flat_experts.device)
+        if pad_N is not None:
+            pre = torch.argsort(pad_N.to(torch.uint8), stable=True)
+    order = pre[torch.argsort(flat_experts[pre], stable=True)]
+    # Rank of each sorted row inside its expert: row index minus the expert's first row.
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=order.device) - starts[flat_experts[order]]
+    keep = rank < capacity
+    if pad_N is None:
+        dropped = (~keep).sum()
+    else:
+        dropped = (~keep & ~pad_N[order]).sum()
+    order = order[keep]
+    token_ids = order // top_k
+    kept_counts = counts.clamp(max=capacity)
+    return x_TD[token_ids], Dispatch(token_ids, flat_gates[order], kept_counts, dropped)
 
 
 def combine(y_ND: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Tensor:
     """Weight expert outputs by their gates and sum them back per token.
 
-    ``h_t = sum_i g_{i,t} FFN_i(u_t)`` (arXiv 2408.15664 eq. 1, without the residual).
+    ``h_t = sum_i g_{i,t} FFN_i(u_t)`` (arXiv 2408.15664 eq. 1, without the residual). A token
+    whose pairs were all dropped gets 0.
 
     Returns:
         ``[T, D]`` in ``y_ND``'s dtype.
@@ -89,14 +181,56 @@ def combine(y_ND: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Te
     return out.index_add_(0, dispatch.token_ids, weighted)
 
 
-def _grouped_mm_usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """``grouped_mm`` needs float32/bfloat16 operands whose strides are 16-byte multiples."""
-    if not hasattr(F, "grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
-        return False
-    if x.device.type == "cuda" and x.dtype != torch.bfloat16:
-        return False
-    align = 16 // x.element_size()
-    return all(w.dtype == x.dtype and w.shape[-1] % align == 0 and w.shape[-2] % align == 0 for w in weights)
+def _cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 matrices in hardware."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def _aligned(dtype: torch.dtype, *dims: int) -> bool:
+    """``grouped_mm`` wants every stride a multiple of 16 bytes."""
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    return all(d % align == 0 for d in dims)
+
+
+def expert_compute_plan(
+    device: torch.device, dtype: torch.dtype, d_model: int, d_ff: int, use_grouped_mm: bool = True
+) -> tuple[str, torch.dtype]:
+    """The kernel and compute dtype the experts use for operands of ``dtype`` on ``device``.
+
+    The rules and the measurements behind them are in this module's docstring.
+
+    Returns:
+        ``(kernel, compute_dtype)`` with kernel ``"grouped_mm"`` or ``"loop"``.
+    """
+    compute = dtype
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_has_native_bf16():
+        compute = torch.float32
+    usable = (
+        use_grouped_mm
+        and hasattr(F, "grouped_mm")
+        and compute in ((torch.bfloat16,) if device.type == "cuda" else (torch.float32, torch.bfloat16))
+        and device.type in ("cpu", "cuda")
+        and _aligned(compute, d_model, d_ff)
+    )
+    return ("grouped_mm" if usable else "loop"), compute
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity whose backward hands on a dense gradient.
+
+    ``grouped_mm``'s backward rejects a stride-0 gradient (the one ``out.sum().backward()``
+    produces); this makes every gradient that reaches it a real tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.contiguous()
 
 
 class GroupedExperts(nn.Module):
@@ -108,7 +242,8 @@ class GroupedExperts(nn.Module):
     Args:
         num_experts: ``E``. d_model: ``D``. d_ff: ``F`` (hidden size of one expert).
         use_grouped_mm: use ``torch.nn.functional.grouped_mm`` where the dtype and shapes allow
-            it; otherwise (or when ``False``) loop over experts' contiguous slices.
+            it (see :func:`expert_compute_plan`); otherwise (or when ``False``) loop over the
+            experts' contiguous slices.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, use_grouped_mm: bool = True) -> None:
@@ -126,29 +261,40 @@ class GroupedExperts(nn.Module):
             bound = 1.0 / math.sqrt(w.shape[-1])
             nn.init.uniform_(w, -bound, bound)
 
+    def plan(self, x: torch.Tensor) -> tuple[str, torch.dtype]:
+        """``(kernel, compute_dtype)`` for input ``x`` under the current autocast state."""
+        dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        elif self.w1.dtype != dtype:
+            dtype = torch.promote_types(dtype, self.w1.dtype)
+        d_ff, d_model = self.w1.shape[1:]
+        return expert_compute_plan(x.device, dtype, d_model, d_ff, self.use_grouped_mm)
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Run each expert on its contiguous rows.
 
         Args:
-            x_ND: ``[N, D]`` rows sorted by expert. counts_E: ``[E]`` rows per expert.
+            x_ND: ``[N, D]`` rows sorted by expert. counts_E: ``[E]`` rows per expert
+                (``sum(counts_E) == N``).
 
         Returns:
-            ``[N, D]``.
+            ``[N, D]`` in the compute dtype of :meth:`plan` (float32 for bf16 on a CPU without
+            native bf16; the autocast dtype under autocast; else the promoted input dtype).
         """
-        w1, w3, w2 = self.w1, self.w3, self.w2
-        if torch.is_autocast_enabled(x_ND.device.type):
-            dtype = torch.get_autocast_dtype(x_ND.device.type)
-            x_ND, w1, w3, w2 = (t.to(dtype) for t in (x_ND, w1, w3, w2))
-        if self.use_grouped_mm and x_ND.shape[0] > 0 and _grouped_mm_usable(x_ND, w1, w2):
-            offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-            h = F.silu(F.grouped_mm(x_ND, w1.transpose(1, 2), offs=offs))
-            h = h * F.grouped_mm(x_ND, w3.transpose(1, 2), offs=offs)
-            return F.grouped_mm(h, w2.transpose(1, 2), offs=offs)
-        out = x_ND.new_empty(x_ND.shape[0], w2.shape[1])
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n:
-                rows = x_ND[start : start + n]
-                out[start : start + n] = (F.silu(rows @ w1[e].T) * (rows @ w3[e].T)) @ w2[e].T
-                start += n
-        return out
+        kernel, compute = self.plan(x_ND)
+        # Under autocast these casts are the ones autocast would make for a linear layer.
+        x_ND, w1, w3, w2 = (t.to(compute) for t in (x_ND, self.w1, self.w3, self.w2))
+        with torch.autocast(x_ND.device.type, enabled=False):
+            if kernel == "grouped_mm" and x_ND.shape[0] > 0:
+                offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+                h = F.silu(F.grouped_mm(x_ND, w1.transpose(1, 2), offs=offs))
+                h = h * F.grouped_mm(x_ND, w3.transpose(1, 2), offs=offs)
+                return _DenseGrad.apply(F.grouped_mm(h, w2.transpose(1, 2), offs=offs))
+            # split/unbind: one autograd node each, not one per expert (indexing w1[e] would add
+            # a full [E, F, D] zero gradient per expert in the backward).
+            outs = [
+                F.linear(F.silu(F.linear(rows, a)) * F.linear(rows, b), c)
+                for rows, a, b, c in zip(x_ND.split(counts_E.tolist()), w1.unbind(0), w3.unbind(0), w2.unbind(0))
+            ]
+            return torch.cat(outs) if outs else x_ND.new_empty(0, w2.shape[1])

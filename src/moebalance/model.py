@@ -78,6 +78,8 @@ class Block(nn.Module):
                 topk_group=cfg.topk_group,
                 routing=cfg.routing,
                 expert_choice_capacity=cfg.expert_choice_capacity,
+                capacity_factor=cfg.capacity_factor,
+                drop_policy=cfg.drop_policy,
             )
 
     def forward(self, x, cos, sin, mask=None) -> tuple[torch.Tensor, RouterOutput | None]:

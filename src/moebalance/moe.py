@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moebalance.experts import Dispatch, GroupedExperts, SwiGLU, combine, permute
+from moebalance.experts import Dispatch, DropPolicy, GroupedExperts, SwiGLU, combine, expert_capacity, permute
 from moebalance.routing import BiasMode, ExpertChoiceOutput, ExpertChoiceRouter, RouterOutput, ScoreFunc, TopKRouter
 
 __all__ = ["MoELayer", "MoEOutput"]
@@ -24,14 +24,19 @@ class MoEOutput:
     Attributes:
         output: same shape as the input (``[T, D]`` or ``[B, S, D]``).
         routing: the router's :class:`~moebalance.routing.RouterOutput` (for losses and metrics).
+        dropped_tokens: 0-dim int64, (token, slot) pairs of real tokens dropped by the capacity
+            factor in this call (always 0 when dropless). ``routing.tokens_per_expert`` counts
+            the load *before* dropping: it is what the router asked for, and what the Loss-Free
+            bias update balances.
     """
 
     output: torch.Tensor
     routing: RouterOutput
+    dropped_tokens: torch.Tensor | None = None
 
 
 class MoELayer(nn.Module):
-    """Dropless MoE feed-forward layer with a Loss-Free Balancing router.
+    """MoE feed-forward layer (dropless by default) with a Loss-Free Balancing router.
 
     Args:
         d_model: ``D``.
@@ -46,6 +51,11 @@ class MoELayer(nn.Module):
         routing: ``"topk"`` (token choice) or ``"expert_choice"``
             (:class:`~moebalance.routing.ExpertChoiceRouter`, which ignores ``bias_mode`` and groups).
         expert_choice_capacity: capacity factor of expert-choice routing.
+        capacity_factor: ``None`` (default): dropless. A float ``> 0``: each expert takes at most
+            ``ceil(capacity_factor * T * K / E)`` (token, slot) pairs per call (GShard/Switch);
+            the rest are dropped (they add nothing to the output; the residual carries the token).
+        drop_policy: which pairs an over-full expert keeps, ``"position"`` (earliest tokens,
+            GShard/Switch) or ``"score"`` (largest gates); see :func:`~moebalance.experts.permute`.
 
     Raises:
         ValueError: a field outside its range (the message names it).
@@ -67,8 +77,18 @@ class MoELayer(nn.Module):
         use_grouped_mm: bool = True,
         routing: str = "topk",
         expert_choice_capacity: float = 1.0,
+        capacity_factor: float | None = None,
+        drop_policy: DropPolicy = "position",
     ) -> None:
         super().__init__()
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        if drop_policy not in ("position", "score"):
+            raise ValueError(f"drop_policy must be 'position' or 'score', got {drop_policy!r}")
+        if capacity_factor is not None and routing == "expert_choice":
+            raise ValueError("capacity_factor applies to routing='topk'; expert choice has expert_choice_capacity")
+        self.capacity_factor = capacity_factor
+        self.drop_policy = drop_policy
         if d_ff < 1:
             raise ValueError(f"d_ff must be >= 1, got {d_ff}")
         if num_shared_experts < 0:
@@ -103,9 +123,17 @@ class MoELayer(nn.Module):
             dispatch = Dispatch(routing.indices.reshape(-1), routing.gates.reshape(-1), routing.tokens_per_expert)
             x_ND = x_TD[dispatch.token_ids]
         else:
-            x_ND, dispatch = permute(x_TD, routing.indices, routing.gates, self.router.num_experts)
+            num_experts = self.router.num_experts
+            capacity = None
+            if self.capacity_factor is not None:
+                capacity = expert_capacity(x_TD.shape[0], self.router.top_k, num_experts, self.capacity_factor)
+            x_ND, dispatch = permute(
+                x_TD, routing.indices, routing.gates, num_experts, capacity, self.drop_policy, routing.mask
+            )
         y_ND = self.experts(x_ND, dispatch.counts)
         out_TD = combine(y_ND, dispatch, x_TD.shape[0])
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        return MoEOutput(output=out_TD.to(x.dtype).view_as(x), routing=routing)
+        if dispatch.dropped is not None:
+            routing.dropped_tokens = dispatch.dropped  # so the metrics of a whole model see it
+        return MoEOutput(output=out_TD.to(x.dtype).view_as(x), routing=routing, dropped_tokens=dispatch.dropped)

@@ -56,6 +56,9 @@ class RouterOutput:
         seq_len: length ``S`` of the sequences when the input was ``[B, S, D]`` (``None`` for a
             flat ``[T, D]`` input); the sequence-wise auxiliary loss needs it.
         mask: ``[T]`` bool, ``True`` for real tokens, or ``None`` when every token counts.
+        dropped_tokens: 0-dim int64 (token, slot) pairs of real tokens that the MoE layer's
+            capacity factor dropped after routing; ``None`` until a :class:`~moebalance.moe.MoELayer`
+            dispatched them. ``tokens_per_expert`` counts the load before dropping.
     """
 
     gates: torch.Tensor
@@ -65,6 +68,7 @@ class RouterOutput:
     tokens_per_expert: torch.Tensor
     seq_len: int | None = None
     mask: torch.Tensor | None = None
+    dropped_tokens: torch.Tensor | None = None
 
 
 def count_tokens_per_expert(

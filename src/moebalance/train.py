@@ -266,7 +266,7 @@ def train(
                 logger.sync()
                 ckpts.save(step, state_now(step))
             t0 = time.perf_counter()
-            lm_sum, reason = 0.0, None
+            lm_sum, reason, dropped = 0.0, None, 0
             parts_sum: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
@@ -282,6 +282,7 @@ def train(
                     break
                 (loss / cfg.train.grad_accum).backward()
                 lm_sum += res.loss.item()
+                dropped += sum(int(r.dropped_tokens) for r in res.routing if r.dropped_tokens is not None)
             if reason is None:
                 # max_norm=inf measures without scaling (the clip coefficient clamps to exactly 1).
                 max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
@@ -322,6 +323,8 @@ def train(
                 "bias_min": biases.min().item(),
                 "bias_max": biases.max().item(),
                 "tokens_per_s": tokens_per_step / dt,
+                # Capacity factor: share of the step's (token, slot) pairs dropped, over all MoE layers.
+                "dropped_frac": dropped / max(1.0, loads_LE.sum().item()),
             }
             scalars = {
                 "train/loss": rec["loss"],
@@ -330,6 +333,7 @@ def train(
                 "train/bias_min": rec["bias_min"],
                 "train/bias_max": rec["bias_max"],
                 "train/tokens_per_s": rec["tokens_per_s"],
+                "train/dropped_frac": rec["dropped_frac"],
             }
             scalars.update({f"train/{k}": rec[k] for k in parts_sum})
             scalars.update({f"maxvio_batch/layer{i}": v for i, v in enumerate(rec["maxvio_batch_per_layer"])})

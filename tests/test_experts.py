@@ -1,0 +1,172 @@
+"""Dispatch, capacity dropping, kernel choice, mixed precision and gradients of the experts."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moebalance import MoELayer
+from moebalance import experts as ex
+from moebalance.config import ModelConfig
+from moebalance.experts import GroupedExperts, combine, expert_capacity, expert_compute_plan, permute
+from moebalance.model import MoETransformer
+
+
+def _kept_pairs(indices_TK, gates_TK, capacity, policy, mask_T=None):
+    """Reference: serve each expert's pairs one by one in policy order, keep the first `capacity`."""
+    T, K = indices_TK.shape
+    pairs = [(t, k) for t in range(T) for k in range(K)]
+    pad = (lambda t: False) if mask_T is None else (lambda t: not bool(mask_T[t]))
+    if policy == "score":
+        pairs.sort(key=lambda p: (pad(p[0]), -gates_TK[p].item()))
+    else:
+        pairs.sort(key=lambda p: (pad(p[0]), p[0] * K + p[1]))
+    taken, kept, dropped = {}, set(), 0
+    for t, k in pairs:
+        e = int(indices_TK[t, k])
+        if taken.get(e, 0) < capacity:
+            taken[e] = taken.get(e, 0) + 1
+            kept.add((t, k))
+        elif not pad(t):
+            dropped += 1
+    return kept, dropped
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+@pytest.mark.parametrize("T,E,K,capacity", [(12, 4, 2, 3), (20, 3, 1, 4), (7, 6, 3, 0), (9, 4, 2, 100)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_capacity_keeps_the_policy_pairs(policy, T, E, K, capacity, masked):
+    gen = torch.Generator().manual_seed(T * E + K)
+    scores = torch.rand(T, E, generator=gen)
+    scores[:, 0] += 0.5  # expert 0 over-full
+    gates, indices = scores.topk(K, dim=-1)
+    mask = torch.rand(T, generator=gen) > 0.3 if masked else None
+    x = torch.arange(T, dtype=torch.float64)[:, None].expand(T, 2)
+    x_ND, d = permute(x, indices, gates, E, capacity, policy, mask)
+    kept, dropped = _kept_pairs(indices, gates, capacity, policy, mask)
+    got = {(int(t), k) for t, g in zip(d.token_ids, d.gates) for k in range(K) if gates[t, k] == g}
+    assert got == kept
+    assert int(d.dropped) == dropped
+    assert d.counts.sum().item() == x_ND.shape[0] == len(kept)
+    assert int(d.counts.max()) <= capacity
+    # rows are grouped by expert in expert order
+    experts_N = torch.cat([torch.full((int(c),), e) for e, c in enumerate(d.counts)])
+    for t, g, e in zip(d.token_ids, d.gates, experts_N):
+        assert ((indices[t] == e) & (gates[t] == g)).any()
+    assert torch.equal(x_ND[:, 0].long(), d.token_ids)
+
+
+def test_dropless_permute_is_stable_and_combine_inverts_it():
+    indices = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2]])
+    gates = torch.rand(4, 2)
+    x = torch.randn(4, 3)
+    x_ND, d = permute(x, indices, gates, 3)
+    assert d.token_ids.tolist() == [0, 1, 3, 1, 2, 0, 2, 3]  # expert 0, 1, 2; token order inside
+    assert d.counts.tolist() == [3, 2, 3] and int(d.dropped) == 0
+    out = combine(x_ND, d, 4)
+    torch.testing.assert_close(out, x * gates.sum(1, keepdim=True))
+
+
+def test_expert_capacity():
+    assert expert_capacity(100, 2, 8, 1.0) == 25
+    assert expert_capacity(100, 2, 8, 1.25) == 32  # ceil(31.25)
+    with pytest.raises(ValueError, match="capacity_factor"):
+        expert_capacity(100, 2, 8, 0.0)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
+def test_layer_with_capacity_matches_reference_and_counts_drops(policy):
+    torch.manual_seed(3)
+    T, D, Fh, E, K = 24, 8, 16, 4, 2
+    layer = MoELayer(D, Fh, E, K, capacity_factor=0.75, drop_policy=policy).double()
+    layer.router.expert_bias[1] = 5.0  # expert 1 over-full
+    x = torch.randn(T, D, dtype=torch.float64)
+    out = layer(x)
+    r = out.routing
+    kept, dropped = _kept_pairs(r.indices, r.gates, expert_capacity(T, K, E, 0.75), policy)
+    assert dropped > 0 and int(out.dropped_tokens) == dropped == int(r.dropped_tokens)
+    assert int(r.tokens_per_expert.sum()) == T * K  # the load before dropping
+    e = layer.experts
+    ref = torch.zeros_like(x)
+    for t, k in kept:
+        i, u = r.indices[t, k], x[t]
+        ref[t] += r.gates[t, k] * (e.w2[i] @ (F.silu(e.w1[i] @ u) * (e.w3[i] @ u)))
+    torch.testing.assert_close(out.output, ref)
+
+
+def test_capacity_validation():
+    with pytest.raises(ValueError, match="capacity_factor"):
+        MoELayer(8, 8, 4, 2, capacity_factor=0.0)
+    with pytest.raises(ValueError, match="drop_policy"):
+        MoELayer(8, 8, 4, 2, capacity_factor=1.0, drop_policy="random")
+    with pytest.raises(ValueError, match="model.capacity_factor"):
+        ModelConfig(capacity_factor=-1.0)
+    with pytest.raises(ValueError, match="model.drop_policy"):
+        ModelConfig(drop_policy="random")
+
+
+def test_model_reports_dropped_tokens():
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, num_experts=4, top_k=2, d_expert=16, capacity_factor=0.5)
+    out = MoETransformer(cfg)(torch.randint(0, 64, (2, 16)))
+    assert all(int(r.dropped_tokens) >= 2 * 16 * 2 // 2 for r in out.routing)  # half the pairs at least
+    dropless = MoETransformer(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, num_experts=4, d_expert=16))
+    assert all(int(r.dropped_tokens) == 0 for r in dropless(torch.randint(0, 64, (2, 16))).routing)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_stride0_gradient_reaches_the_experts(dtype, use_grouped_mm):
+    """``grouped_mm``'s backward rejects the stride-0 gradient of ``out.sum()``; the experts must not."""
+    experts = GroupedExperts(4, 16, 32, use_grouped_mm).to(dtype)
+    counts = torch.tensor([3, 0, 5, 2])
+    x = torch.randn(10, 16, dtype=dtype, requires_grad=True)
+    experts(x, counts).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad.float()).all()
+    assert experts.w2.grad[1].abs().sum() == 0  # the empty expert gets no gradient
+    assert experts.w2.grad[0].abs().sum() > 0
+
+
+def test_compute_plan_rules(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert expert_compute_plan(cpu, torch.float32, 64, 128) == ("grouped_mm", torch.float32)
+    assert expert_compute_plan(cpu, torch.float32, 64, 128, use_grouped_mm=False) == ("loop", torch.float32)
+    assert expert_compute_plan(cpu, torch.float64, 64, 128) == ("loop", torch.float64)
+    assert expert_compute_plan(cpu, torch.float32, 64, 6)[0] == "loop"  # 24-byte rows: unaligned
+    assert expert_compute_plan(cuda, torch.bfloat16, 64, 128) == ("grouped_mm", torch.bfloat16)
+    assert expert_compute_plan(cuda, torch.float32, 64, 128) == ("loop", torch.float32)
+    monkeypatch.setattr(ex, "_cpu_has_native_bf16", lambda: False)
+    assert expert_compute_plan(cpu, torch.bfloat16, 64, 128) == ("grouped_mm", torch.float32)
+    monkeypatch.setattr(ex, "_cpu_has_native_bf16", lambda: True)
+    assert expert_compute_plan(cpu, torch.bfloat16, 64, 128) == ("grouped_mm", torch.bfloat16)
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_bf16_autocast(native_bf16, monkeypatch):
+    monkeypatch.setattr(ex, "_cpu_has_native_bf16", lambda: native_bf16)
+    torch.manual_seed(0)
+    layer = MoELayer(16, 32, 8, 2, num_shared_experts=1)
+    layer.router.expert_bias.copy_(torch.randn(8) * 0.1)
+    layer.train()
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    ref = layer(x).output
+    layer.router.load_counts.zero_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    r = out.routing
+    for t in (r.logits, r.scores, r.gates, layer.router.expert_bias, layer.router.load_counts):
+        assert t.dtype == torch.float32
+    assert layer.router.load_counts.sum().item() == 2 * 12 * 2
+    assert out.output.dtype == torch.float32 and out.output.shape == x.shape
+    torch.testing.assert_close(out.output, ref, rtol=0.05, atol=0.02)
+    out.output.sum().backward()  # stride-0 gradient under autocast too
+    assert torch.isfinite(x.grad).all() and layer.experts.w1.grad.dtype == torch.float32
+
+
+def test_bf16_weights_grouped_and_loop_agree():
+    torch.manual_seed(2)
+    a = MoELayer(16, 32, 4, 2).to(torch.bfloat16)
+    b = MoELayer(16, 32, 4, 2, use_grouped_mm=False).to(torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(10, 16, dtype=torch.bfloat16)
+    ya, yb = a(x).output, b(x).output
+    assert ya.dtype == torch.bfloat16
+    torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)

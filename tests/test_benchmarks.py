@@ -1,0 +1,59 @@
+"""The benchmark script runs end to end on tiny shapes (a smoke test: nothing here is timed)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_run_module():
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "benchmarks" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_tables_and_json(tmp_path):
+    bench = _load_run_module()
+    args = bench.parse_args(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
+    args.experts, args.scaling_experts, args.peer_dtypes = [4], [4, 8], ["float32"]
+    args.tokens, args.bias_calls = 32, 2
+    res = bench.run(args)
+    saved = json.loads((tmp_path / "bench_cpu.json").read_text())
+    md = (tmp_path / "bench_cpu.md").read_text()
+    for section, title in [("kernels", "Expert kernel"), ("ceiling", "1. Ceiling"), ("imbalance", "2. Imbalance"),
+                           ("peers", "3. Peers"), ("balancing", "4. The price"), ("scaling", "5. Scaling")]:
+        assert section in saved and title in md
+    assert len(res["ceiling"]) == 2  # float32 and bfloat16
+    assert res["imbalance"][0]["maxvio"] > 0.3 and res["ceiling"][0]["maxvio"] == 0
+    peer = res["peers"][0]
+    assert peer["max_abs_diff_vs_mixtral"] < 1e-5  # same weights, same routing, same outputs
+    assert all(math.isfinite(v) and v > 0 for k, v in peer.items() if k.startswith(("ms_", "speedup_", "bytes_")))
+    b = res["balancing"]
+    assert b["bias_update_us_64x256"] > 0 and b["tokens_per_s"] > 0
+
+
+def test_peer_blocks_match_our_layer():
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import peers
+
+    ours = peers.ours_like_mixtral(16, 32, 4, 2)
+    x = torch.randn(1, 6, 16)
+    for impl in peers.MIXTRAL_IMPLEMENTATIONS:
+        torch.testing.assert_close(peers.mixtral_block(ours, impl)(x), ours(x).output, rtol=1e-5, atol=1e-6)
+    qwen = peers.ours_like_qwen2(16, 32, 4, 2)
+    block = peers.qwen2_block(qwen)
+    torch.nn.init.constant_(block.shared_expert_gate.weight, 0.0)  # sigmoid(0) = 1/2 on the shared expert
+    routed_only = qwen(x).output - qwen.shared_experts(x)
+    torch.testing.assert_close(block(x), routed_only + 0.5 * qwen.shared_experts(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="implementation"):
+        peers.mixtral_block(ours, "sdpa")

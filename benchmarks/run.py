@@ -13,18 +13,20 @@ Sections (see docs/benchmarks.md for the results and how to read them):
   1 ceiling    our layer (uniform routing) against dense SwiGLU GEMMs of the same active FLOPs
   2 imbalance  the same with skewed routing, beside a padded batched-matmul layer
   3 peers      our full layer against transformers' Mixtral (eager / batched_mm / grouped_mm) and
-               Qwen2-MoE blocks with the same weights; also memory per token (section 6)
+               Qwen2-MoE blocks with the same weights
+  6 memory     memory per token of one forward of the same blocks
   4 balancing  a training step of the small LM with loss_free / none / aux_loss, the bias update
                alone (64 layers x 256 experts), and training tokens/s against the dense ceiling
   5 scaling    time per token as E grows at fixed active FLOPs
 
 On CUDA the same script runs unchanged (``--device cuda``, the default when a GPU is present):
-times are synchronised and memory is ``torch.cuda.max_memory_allocated``. On CPU, memory is the
-bytes the forward keeps for backward (saved tensors plus output, distinct storages), measured with
-``torch.autograd.graph.saved_tensors_hooks``: CPU has no allocator peak counter.
+times are synchronised and memory is the peak of ``torch.cuda.max_memory_allocated`` over one
+forward. On CPU, which has no allocator peak counter, memory is the bytes one forward keeps for
+its backward (saved tensors plus output, distinct storages, parameters excluded), measured with
+``torch.autograd.graph.saved_tensors_hooks``.
 
-Writes ``<out-dir>/bench_<device>.json`` (every raw median, settings, machine) and
-``<out-dir>/bench_<device>.md`` (the tables).
+Writes ``<out-dir>/bench_<tag>.json`` (every raw median, settings, machine) and
+``<out-dir>/bench_<tag>.md`` (the tables); the tag defaults to the device type.
 """
 
 from __future__ import annotations
@@ -103,13 +105,16 @@ def fwd_bwd(module: torch.nn.Module, forward: Callable[[], torch.Tensor], grad: 
     return run
 
 
-def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes kept alive by one forward for its backward: saved tensors plus the output (distinct storages)."""
+def saved_bytes(module: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """Bytes one forward keeps alive for its backward, parameters excluded: the saved tensors plus
+    the output, each distinct storage counted once (a cast copy of a weight counts: it is extra)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in params:
+            storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -119,16 +124,19 @@ def saved_bytes(forward: Callable[[], torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def peak_bytes(device: torch.device, forward: Callable[[], torch.Tensor], grad: torch.Tensor) -> int:
-    """CUDA: peak allocated bytes above the starting point over forward+backward; CPU: :func:`saved_bytes`."""
+def forward_memory(device: torch.device, module: torch.nn.Module, forward: Callable[[], torch.Tensor]) -> int:
+    """CUDA: peak bytes allocated during one forward above the starting point (activations and
+    transients); CPU, which has no allocator peak counter: :func:`saved_bytes`."""
     if device.type != "cuda":
-        return saved_bytes(forward)
+        return saved_bytes(module, forward)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    forward().backward(grad)
+    out = forward()
     torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - base
+    peak = torch.cuda.max_memory_allocated(device) - base
+    del out
+    return peak
 
 
 # ---------------------------------------------------------------- routed-layer pieces
@@ -228,7 +236,7 @@ def bench_routed(args, timer: Timer, device: torch.device, skewed: bool) -> list
                 loads = torch.bincount(idx.reshape(-1), minlength=E)
                 row = {
                     "dtype": dtype_name, "T": T, "D": D, "F": Fh, "E": E, "K": K,
-                    "kernel": "/".join(map(str, expert_compute_plan(device, dtype, D, Fh))),
+                    "kernel": "/".join(str(v).replace("torch.", "") for v in expert_compute_plan(device, dtype, D, Fh)),
                     "maxvio": round(max_violation(loads).item(), 3),
                     **{f"ms_{k}": v * 1e3 for k, v in t.items()},
                     "ours_over_ceiling": t["dense"] / t["ours"],
@@ -240,6 +248,21 @@ def bench_routed(args, timer: Timer, device: torch.device, skewed: bool) -> list
                 rows.append(row)
                 print(f"  {'skewed' if skewed else 'uniform'} {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
+
+
+def _native_dtype(forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``forward`` run as if the CPU had native bf16 GEMMs (so the experts compute in bf16)."""
+    from moebalance import experts
+
+    def run() -> torch.Tensor:
+        saved = experts._cpu_has_native_bf16
+        experts._cpu_has_native_bf16 = lambda: True
+        try:
+            return forward()
+        finally:
+            experts._cpu_has_native_bf16 = saved
+
+    return run
 
 
 def bench_kernels(args, timer: Timer, device: torch.device) -> list[dict]:
@@ -259,61 +282,89 @@ def bench_kernels(args, timer: Timer, device: torch.device) -> list[dict]:
                 idx = uniform_routing(T, E, K, device)
                 gates = torch.softmax(torch.randn(T, K, device=device), -1).requires_grad_()
                 g = torch.randn(T, D, device=device, dtype=dtype)
-                t = timer.compare({
+                fns = {
                     "grouped_mm": fwd_bwd(a, lambda: ours_fixed(a, x, idx, gates), g),
                     "loop": fwd_bwd(b, lambda: ours_fixed(b, x, idx, gates), g),
-                })
+                }
+                if expert_compute_plan(device, dtype, D, Fh)[1] != dtype:
+                    # What the float32 compute saves: the same layer made to run bf16 GEMMs natively.
+                    fns["grouped_mm_native_dtype"] = fwd_bwd(a, _native_dtype(lambda: ours_fixed(a, x, idx, gates)), g)
+                t = timer.compare(fns)
                 row = {"dtype": dtype_name, "E": E, "K": K, "rows_per_expert": T * K // E,
                        "compute_dtype": str(expert_compute_plan(device, dtype, D, Fh)[1]).replace("torch.", ""),
                        **{f"ms_{k}": v * 1e3 for k, v in t.items()}, "loop_over_grouped": t["loop"] / t["grouped_mm"]}
+                if "grouped_mm_native_dtype" in t:
+                    row["native_over_grouped"] = t["grouped_mm_native_dtype"] / t["grouped_mm"]
                 rows.append(row)
                 print(f"  kernels {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
 
 
+def _peer_blocks(args, device: torch.device, dtype: torch.dtype, E: int, K: int, x: torch.Tensor):
+    """Our layer and the transformers blocks with the same weights: ``{name: (module, forward)}``, skipped."""
+    T, D, Fh = args.tokens, args.d_model, args.d_ff
+    torch.manual_seed(0)
+    mix = peers.ours_like_mixtral(D, Fh, E, K)
+    qwen = peers.ours_like_qwen2(D, Fh, E, K)
+    blocks = {"ours": (mix, lambda m=mix: m(x).output)}
+    skipped = {}
+    for impl in args.mixtral_impls:
+        # batched_mm gathers one [2F, D] and one [D, F] weight matrix per (token, slot) pair.
+        gathered = T * K * 3 * Fh * D * torch.empty((), dtype=dtype).element_size()
+        if impl == "batched_mm" and gathered > args.max_gather_gb * 2**30:
+            skipped[f"mixtral_{impl}"] = f"would gather {gathered / 2**30:.1f} GiB of expert weights"
+            continue
+        blk = peers.mixtral_block(mix, impl)
+        blocks[f"mixtral_{impl}"] = (blk, lambda m=blk: m(x))
+    blocks["ours_shared"] = (qwen, lambda m=qwen: m(x).output)
+    blk = peers.qwen2_block(qwen, "grouped_mm")
+    blocks["qwen2_grouped_mm"] = (blk, lambda m=blk: m(x))
+    for m, _ in blocks.values():
+        m.to(device, dtype)
+    return blocks, skipped
+
+
 def bench_peers(args, timer: Timer, device: torch.device) -> list[dict]:
-    """Section 3 (time) and 6 (memory): full blocks, router included, same weights and inputs."""
+    """Section 3: full blocks, router included, same weights and inputs."""
     rows = []
     for dtype_name in args.peer_dtypes:
         dtype = DTYPES[dtype_name]
         for E in args.experts:
             for K in args.topk:
-                torch.manual_seed(0)
                 T, D, Fh = args.tokens, args.d_model, args.d_ff
                 x = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
                 g = torch.randn(1, T, D, device=device, dtype=dtype)
-                mix = peers.ours_like_mixtral(D, Fh, E, K)
-                qwen = peers.ours_like_qwen2(D, Fh, E, K)
-                blocks = {"ours": (mix, lambda m=mix: m(x).output)}
-                skipped = {}
-                for impl in args.mixtral_impls:
-                    # batched_mm gathers one [2F, D] and one [D, F] weight matrix per (token, slot) pair.
-                    gathered = T * K * 3 * Fh * D * torch.empty((), dtype=dtype).element_size()
-                    if impl == "batched_mm" and gathered > args.max_gather_gb * 2**30:
-                        skipped[f"mixtral_{impl}"] = f"would gather {gathered / 2**30:.1f} GiB of expert weights"
-                        continue
-                    blk = peers.mixtral_block(mix, impl)
-                    blocks[f"mixtral_{impl}"] = (blk, lambda m=blk: m(x))
-                blocks["ours_shared"] = (qwen, lambda m=qwen: m(x).output)
-                blk = peers.qwen2_block(qwen, "grouped_mm")
-                blocks["qwen2_grouped_mm"] = (blk, lambda m=blk: m(x))
-                for m, _ in blocks.values():
-                    m.to(device, dtype)
+                blocks, skipped = _peer_blocks(args, device, dtype, E, K, x)
                 with torch.no_grad():  # same weights: Mixtral outputs must match ours
                     ref = blocks["ours"][1]()
                     err = {n: (f() - ref).abs().max().item() for n, (_, f) in blocks.items() if n.startswith("mixtral")}
                 t = timer.compare({n: fwd_bwd(m, f, g) for n, (m, f) in blocks.items()})
-                mem = {n: peak_bytes(device, f, g) / T for n, (m, f) in blocks.items()}
                 row = {"dtype": dtype_name, "T": T, "D": D, "F": Fh, "E": E, "K": K, "skipped": skipped,
                        "max_abs_diff_vs_mixtral": max(err.values()) if err else None,
-                       **{f"ms_{n}": v * 1e3 for n, v in t.items()},
-                       **{f"bytes_per_token_{n}": v for n, v in mem.items()}}
+                       **{f"ms_{n}": v * 1e3 for n, v in t.items()}}
                 for n in t:
                     if n.startswith("mixtral"):
                         row[f"speedup_vs_{n}"] = t[n] / t["ours"]
                 row["speedup_vs_qwen2_grouped_mm"] = t["qwen2_grouped_mm"] / t["ours_shared"]
                 rows.append(row)
                 print(f"  peers {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
+    return rows
+
+
+def bench_memory(args, timer: Timer, device: torch.device) -> list[dict]:
+    """Section 6: memory per token of one forward of each block of section 3 (see :func:`forward_memory`)."""
+    rows = []
+    for dtype_name in args.peer_dtypes:
+        dtype = DTYPES[dtype_name]
+        for E in args.experts:
+            for K in args.topk:
+                T = args.tokens
+                x = torch.randn(1, T, args.d_model, device=device, dtype=dtype, requires_grad=True)
+                blocks, skipped = _peer_blocks(args, device, dtype, E, K, x)
+                mem = {n: forward_memory(device, m, f) / T for n, (m, f) in blocks.items()}
+                row = {"dtype": dtype_name, "E": E, "K": K, "skipped": skipped, **{f"bytes_per_token_{n}": v for n, v in mem.items()}}
+                rows.append(row)
+                print(f"  memory {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
 
 
@@ -364,14 +415,12 @@ def bench_balancing(args, timer: Timer, device: torch.device) -> dict:
     fns = {}
     for strategy in ("none", "loss_free", "aux_loss"):
         torch.manual_seed(0)
-        model = MoETransformer(cfg).to(device)
-        if dtype != torch.float32 and device.type == "cuda":
-            model = model.to(dtype)
+        model = MoETransformer(cfg).to(device)  # float32 weights; bf16 runs under autocast, as train.py does
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         bal = Balancing(strategy)
 
         def step(model=model, opt=opt, bal=bal) -> None:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16 and device.type != "cuda"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 out = model(x, y)
             extra, _ = bal.loss(out.routing)
             loss = out.loss if extra is None else out.loss + extra
@@ -391,14 +440,19 @@ def bench_balancing(args, timer: Timer, device: torch.device) -> dict:
     lf = LossFreeBalancer(1e-3)
     upd = [timer.once(lambda: lf.step(routers)) for _ in range(args.bias_calls)]
 
-    # Dense ceiling of the machine: fwd+bwd of a [B*S, D] x [D, 4D] GEMM pair in the run's dtype.
+    # Dense ceiling of the machine: fwd+bwd of a [B*S, D] x [D, 4D] GEMM pair, autocast as the model.
     n, D = B * S, cfg.d_model
     a = torch.randn(n, D, device=device, requires_grad=True)
     w = torch.randn(4 * D, D, device=device, requires_grad=True)
     v = torch.randn(D, 4 * D, device=device, requires_grad=True)
     gd = torch.randn(n, D, device=device)
     gemm_module = torch.nn.ParameterList([w, v])
-    gemm = timer.compare({"gemm": fwd_bwd(gemm_module, lambda: F.linear(F.linear(a, w), v), gd)})["gemm"]
+
+    def gemm_pair() -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            return F.linear(F.linear(a, w), v).float()
+
+    gemm = timer.compare({"gemm": fwd_bwd(gemm_module, gemm_pair, gd)})["gemm"]
     gemm_flops = 2 * n * D * 4 * D * 2 * 3  # two GEMMs, forward + two backward products each
     flops_tok = model_flops_per_token(cfg, S)
     res = {
@@ -448,7 +502,9 @@ def to_markdown(res: dict) -> str:
         out.append("\n### Expert kernel: grouped_mm against the per-expert loop (uniform routing)\n\n")
         out.append(_table(res["kernels"], [("dtype", "dtype", ""), ("compute_dtype", "computed in", ""), ("E", "E", ""), ("K", "K", ""),
                                             ("rows_per_expert", "rows/expert", ""), ("ms_grouped_mm", "grouped_mm ms", ".1f"),
-                                            ("ms_loop", "loop ms", ".1f"), ("loop_over_grouped", "loop / grouped", ".2f")]))
+                                            ("ms_loop", "loop ms", ".1f"), ("loop_over_grouped", "loop / grouped", ".2f"),
+                                            ("ms_grouped_mm_native_dtype", "grouped_mm in native bf16 ms", ".1f"),
+                                            ("native_over_grouped", "native bf16 / ours", ".2f")]))
     if "ceiling" in res:
         out.append("\n### 1. Ceiling: our layer against dense GEMMs of the same active FLOPs (uniform routing)\n\n")
         out.append(_table(res["ceiling"], [("dtype", "dtype", ""), ("kernel", "kernel/compute", ""), ("E", "E", ""), ("K", "K", ""),
@@ -467,9 +523,10 @@ def to_markdown(res: dict) -> str:
         cols += [("ms_ours_shared", "ours+shared ms", ".1f"), ("speedup_vs_qwen2_grouped_mm", "vs Qwen2-MoE grouped_mm", ".2f"),
                  ("max_abs_diff_vs_mixtral", "max abs diff vs Mixtral", ".1e")]
         out.append(_table(res["peers"], cols))
-        mem_kind = "peak allocated bytes" if m["device"] == "cuda" else "bytes kept for backward"
-        out.append(f"\n### 6. Memory per token ({mem_kind}, KiB per token)\n\n")
-        mrows = [{**r, **{k: v / 1024 for k, v in r.items() if k.startswith("bytes_per_token_")}} for r in res["peers"]]
+    if "memory" in res:
+        mem_kind = "peak bytes allocated in one forward" if m["device"] == "cuda" else "bytes one forward keeps for backward, parameters excluded"
+        out.append(f"\n### 6. Memory per token ({mem_kind}; KiB per token)\n\n")
+        mrows = [{**r, **{k: v / 1024 for k, v in r.items() if k.startswith("bytes_per_token_")}} for r in res["memory"]]
         cols = [("dtype", "dtype", ""), ("E", "E", ""), ("K", "K", ""), ("bytes_per_token_ours", "ours", ".1f")]
         cols += [(f"bytes_per_token_mixtral_{i}", f"Mixtral {i}", ".1f") for i in s["mixtral_impls"]]
         cols += [("bytes_per_token_ours_shared", "ours+shared", ".1f"), ("bytes_per_token_qwen2_grouped_mm", "Qwen2-MoE", ".1f")]
@@ -493,7 +550,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="kernels,ceiling,imbalance,peers,balancing,scaling")
+    p.add_argument("--sections", default="kernels,ceiling,imbalance,peers,memory,balancing,scaling")
+    p.add_argument("--tag", default=None, help="output name: bench_<tag>.json/.md (default: the device type)")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--d-model", type=int, default=512)
     p.add_argument("--d-ff", type=int, default=1024)
@@ -560,6 +618,7 @@ def run(args: argparse.Namespace) -> dict:
         "ceiling": lambda: bench_routed(args, timer, device, skewed=False),
         "imbalance": lambda: bench_routed(args, timer, device, skewed=True),
         "peers": lambda: bench_peers(args, timer, device),
+        "memory": lambda: bench_memory(args, timer, device),
         "balancing": lambda: bench_balancing(args, timer, device),
         "scaling": lambda: bench_scaling(args, timer, device),
     }
@@ -575,9 +634,10 @@ def run(args: argparse.Namespace) -> dict:
     res["seconds"]["total"] = time.perf_counter() - t_start
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"bench_{device.type}.json").write_text(json.dumps(res, indent=2, default=str))
-    (out / f"bench_{device.type}.md").write_text(to_markdown(res))
-    print(f"wrote {out / f'bench_{device.type}.json'} and .md ({res['seconds']['total']:.0f} s)")
+    name = f"bench_{args.tag or device.type}"
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
+    (out / f"{name}.md").write_text(to_markdown(res))
+    print(f"wrote {out / name}.json and .md ({res['seconds']['total']:.0f} s)")
     return res
 
 

@@ -27,13 +27,15 @@ def test_quick_benchmark_writes_tables_and_json(tmp_path):
     saved = json.loads((tmp_path / "bench_cpu.json").read_text())
     md = (tmp_path / "bench_cpu.md").read_text()
     for section, title in [("kernels", "Expert kernel"), ("ceiling", "1. Ceiling"), ("imbalance", "2. Imbalance"),
-                           ("peers", "3. Peers"), ("balancing", "4. The price"), ("scaling", "5. Scaling")]:
+                           ("peers", "3. Peers"), ("memory", "6. Memory"), ("balancing", "4. The price"), ("scaling", "5. Scaling")]:
         assert section in saved and title in md
     assert len(res["ceiling"]) == 2  # float32 and bfloat16
     assert res["imbalance"][0]["maxvio"] > 0.3 and res["ceiling"][0]["maxvio"] == 0
     peer = res["peers"][0]
     assert peer["max_abs_diff_vs_mixtral"] < 1e-5  # same weights, same routing, same outputs
-    assert all(math.isfinite(v) and v > 0 for k, v in peer.items() if k.startswith(("ms_", "speedup_", "bytes_")))
+    assert all(math.isfinite(v) and v > 0 for k, v in peer.items() if k.startswith(("ms_", "speedup_")))
+    mem = res["memory"][0]
+    assert 0 < mem["bytes_per_token_ours"] < mem["bytes_per_token_ours_shared"]  # the shared expert keeps more
     b = res["balancing"]
     assert b["bias_update_us_64x256"] > 0 and b["tokens_per_s"] > 0
 

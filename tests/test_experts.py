@@ -170,3 +170,39 @@ def test_bf16_weights_grouped_and_loop_agree():
     ya, yb = a(x).output, b(x).output
     assert ya.dtype == torch.bfloat16
     torch.testing.assert_close(ya, yb, rtol=2e-2, atol=2e-2)
+
+
+def _saved_bytes(fn):
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+@pytest.mark.parametrize("use_grouped_mm", [True, False])
+def test_bf16_weights_computed_in_float32_keep_bf16_memory_and_exact_gradients(use_grouped_mm, monkeypatch):
+    monkeypatch.setattr(ex, "_cpu_has_native_bf16", lambda: False)
+    torch.manual_seed(4)
+    E, D, Fh = 8, 16, 32
+    low = GroupedExperts(E, D, Fh, use_grouped_mm).to(torch.bfloat16)
+    ref = GroupedExperts(E, D, Fh, use_grouped_mm)
+    ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    counts = torch.tensor([4, 0, 6, 2, 3, 1, 0, 4])
+    x = torch.randn(20, D).to(torch.bfloat16)
+    x_low, x_ref = x.clone().requires_grad_(), x.float().requires_grad_()
+    g = torch.randn(20, D)
+    y_low, saved = _saved_bytes(lambda: low(x_low, counts))
+    weights_fp32 = 3 * E * Fh * D * 4
+    assert saved < weights_fp32  # no float32 copy of the expert weights is held for backward
+    y_ref = ref(x_ref, counts)
+    torch.testing.assert_close(y_low, y_ref)  # same float32 compute
+    (y_low * g).sum().backward()
+    (y_ref * g).sum().backward()
+    torch.testing.assert_close(x_low.grad, x_ref.grad.to(torch.bfloat16))
+    for a, b in zip(low.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad.to(torch.bfloat16))

@@ -27,6 +27,7 @@ in ``docs/benchmarks.md``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -233,6 +234,39 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+@contextlib.contextmanager
+def _recast_on_backward(copies: list[tuple[torch.Tensor, torch.Tensor]]):
+    """Keep the narrow source instead of a widened copy among the tensors saved for backward.
+
+    When bf16 operands are computed in float32 (see :func:`expert_compute_plan`), the GEMMs save
+    their float32 operands for the backward, which would hold a float32 copy of every expert
+    weight (``O(E*F*D)``) and of the input rows. Saving the bf16 source and casting it again in the
+    backward costs one memory-bound pass and keeps the saved memory at the bf16 size.
+
+    Args:
+        copies: ``(wide_copy, narrow_source)`` pairs; the copy is ``narrow_source.to(wide)``.
+    """
+    if not copies:
+        yield
+        return
+    by_storage = {c.untyped_storage().data_ptr(): (c, s) for c, s in copies}
+
+    def pack(t: torch.Tensor):
+        entry = by_storage.get(t.untyped_storage().data_ptr())
+        if entry is None or t.dtype != entry[0].dtype:
+            return t
+        return entry[1], t.dtype, t.size(), t.stride(), t.storage_offset()
+
+    def unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        source, dtype, size, stride, offset = packed
+        return source.to(dtype).as_strided(size, stride, offset)
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
 class GroupedExperts(nn.Module):
     """``E`` SwiGLU experts with weights stacked as 3-D parameters.
 
@@ -284,8 +318,10 @@ class GroupedExperts(nn.Module):
         """
         kernel, compute = self.plan(x_ND)
         # Under autocast these casts are the ones autocast would make for a linear layer.
-        x_ND, w1, w3, w2 = (t.to(compute) for t in (x_ND, self.w1, self.w3, self.w2))
-        with torch.autocast(x_ND.device.type, enabled=False):
+        sources = (x_ND, self.w1, self.w3, self.w2)
+        x_ND, w1, w3, w2 = (t.to(compute) for t in sources)
+        upcast = [(c, s) for c, s in zip((x_ND, w1, w3, w2), sources) if c.dtype.itemsize > s.dtype.itemsize]
+        with torch.autocast(x_ND.device.type, enabled=False), _recast_on_backward(upcast):
             if kernel == "grouped_mm" and x_ND.shape[0] > 0:
                 offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
                 h = F.silu(F.grouped_mm(x_ND, w1.transpose(1, 2), offs=offs))

@@ -198,7 +198,7 @@ def test_bf16_weights_computed_in_float32_keep_bf16_memory_and_exact_gradients(u
     g = torch.randn(20, D)
     y_low, saved = _saved_bytes(lambda: low(x_low, counts))
     weights_fp32 = 3 * E * Fh * D * 4
-    assert saved < weights_fp32  # no float32 copy of the expert weights is held for backward
+    assert 0 < saved < weights_fp32  # outer hooks still see the saves; no float32 weight copy is held
     y_ref = ref(x_ref, counts)
     torch.testing.assert_close(y_low, y_ref)  # same float32 compute
     (y_low * g).sum().backward()

@@ -249,19 +249,30 @@ def _recast_on_backward(copies: list[tuple[torch.Tensor, torch.Tensor]]):
     if not copies:
         yield
         return
-    by_storage = {c.untyped_storage().data_ptr(): (c, s) for c, s in copies}
+    # Only contiguous pairs: then a view of the copy (size, stride, offset) is the same view of
+    # the source, and the backward recasts just that view (a per-expert slice, not all E experts).
+    by_storage = {
+        c.untyped_storage().data_ptr(): (c, s)
+        for c, s in copies
+        if c.is_contiguous() and s.is_contiguous() and c.storage_offset() == 0 and s.storage_offset() == 0
+    }
+    # Compose with hooks already active (e.g. save_on_cpu, or a memory probe): ours are innermost,
+    # so the outer ones see what we save instead of nothing.
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", lambda _: None)(False)
+    outer_pack, outer_unpack = top if top is not None else (lambda t: t, lambda t: t)
 
     def pack(t: torch.Tensor):
         entry = by_storage.get(t.untyped_storage().data_ptr())
         if entry is None or t.dtype != entry[0].dtype:
-            return t
-        return entry[1], t.dtype, t.size(), t.stride(), t.storage_offset()
+            return False, outer_pack(t)
+        return True, (outer_pack(entry[1]), t.dtype, t.size(), t.stride(), t.storage_offset())
 
     def unpack(packed):
-        if isinstance(packed, torch.Tensor):
-            return packed
-        source, dtype, size, stride, offset = packed
-        return source.to(dtype).as_strided(size, stride, offset)
+        recast, payload = packed
+        if not recast:
+            return outer_unpack(payload)
+        source, dtype, size, stride, offset = payload
+        return outer_unpack(source).as_strided(size, stride, offset).to(dtype)
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         yield

@@ -37,6 +37,8 @@ BAD = [
     ("balance.seq_aux_coeff=-1", ">= 0"),
     ("model.routing=hash", "one of ['topk', 'expert_choice']"),
     ("model.expert_choice_capacity=0", "> 0"),
+    ("model.capacity_factor=0", "> 0 or None (dropless)"),
+    ("model.drop_policy=random", "one of ['position', 'score']"),
     ("balance.bias_update_rate=0", "> 0"),
     ("balance.bias_update_rate=inf", "a finite number"),
     ("balance.bias_update=raw", "one of ['sign', 'error']"),

@@ -10,3 +10,13 @@ os.environ.setdefault("MOEBALANCE_CACHE", os.path.join(os.path.dirname(__file__)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def dist_job(tmp_path_factory):
+    """Folder with the results of the one shared 2-rank gloo job (see distributed_helpers.py)."""
+    from distributed_helpers import run_shared_job
+
+    out = tmp_path_factory.mktemp("dist_job")
+    run_shared_job(str(out))
+    return out

@@ -73,6 +73,7 @@ BAD = [
     ("train.checkpoint_every=-1", ">= 0"),
     ("train.keep_checkpoints=0", ">= 1"),
     ("train.on_nonfinite=ignore", "one of ['skip', 'stop']"),
+    ("train.expert_parallel=maybe", "a boolean"),
 ]
 
 

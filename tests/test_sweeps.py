@@ -48,6 +48,9 @@ def test_sweep_writes_reports_and_resumes(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert list(saved["runs"]) == list(two_runs) and not any(r["resumed"] for r in saved["runs"].values())
     assert {"val_ppl", "maxvio_global", "maxvio_batch_last", "balance"} <= set(saved["runs"]["loss_free"])
+    # The expert-parallel replay of each run's recorded loads (moebalance.ep_replay).
+    assert set(saved["ep_replay"]["runs"]) == set(two_runs)
+    assert "Expert-parallel cost: a replay of the measured loads" in (tmp_path / "sweep.md").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")

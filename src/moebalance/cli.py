@@ -1,4 +1,6 @@
-"""Command line: ``moebalance train``, ``compare``, ``sweep GRID``, ``leakage`` and ``plot RUN_DIR...``.
+"""Command line: ``moebalance train`` (``--nproc N`` runs it under torchrun), ``compare``,
+``sweep GRID``, ``leakage``, ``plot RUN_DIR...`` and ``replay RUN_DIR...`` (expert-parallel cost of
+finished runs' loads).
 
 Any config key can be overridden as ``section.field=value`` after the options, e.g.
 ``moebalance train --preset smoke train.max_steps=50 balance.strategy=aux_loss``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -59,6 +62,18 @@ def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moebalance",
@@ -72,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help="continue the run in DIR from its newest good checkpoint (needs train.checkpoint_every > 0)",
+    )
+    p_train.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine: runs the same command under torchrun (default 1)",
     )
     p_cmp = sub.add_parser("compare", help="Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
@@ -88,7 +109,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot = sub.add_parser("plot", help="redraw the report plots of finished runs (no training)")
     p_plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare folders holding runs")
     p_plot.add_argument("--out", default="runs/plots", help="output folder (default runs/plots)")
+    p_rep = sub.add_parser("replay", help="replay finished runs' expert loads onto expert-parallel ranks")
+    p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders holding a metrics.jsonl")
+    p_rep.add_argument("--ranks", default="2,4,8,16,64,256", help="comma-separated EP rank counts")
     return parser
+
+
+def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from moebalance.ep_replay import replay_markdown, replay_runs
+
+    try:
+        ranks = tuple(int(r) for r in args.ranks.split(","))
+    except ValueError:
+        parser.error(f"--ranks must be comma-separated integers, got {args.ranks!r}")
+    if any(r < 1 for r in ranks):
+        parser.error(f"--ranks must be >= 1, got {args.ranks!r}")
+    try:
+        replay = replay_runs({Path(d).name or d: d for d in args.run_dirs}, ranks)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"moebalance: error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(replay_markdown(replay)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "replay":
+        return _replay(parser, args)
     if args.command == "plot":  # no config: it reads finished runs
         from moebalance.reporting import plot_runs
 
@@ -118,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
+    if getattr(args, "nproc", 1) != 1 and "WORLD_SIZE" not in os.environ:
+        from moebalance.distributed import launch
+
+        if args.nproc < 1:
+            parser.error(f"--nproc must be >= 1, got {args.nproc}")
+        # Same arguments minus --nproc; torchrun starts the workers and sets RANK / WORLD_SIZE.
+        return launch(args.nproc, _without_nproc(sys.argv[1:] if argv is None else list(argv)))
     resume = getattr(args, "resume", None)
     default_out = {"train": "runs/train", "compare": "runs/compare", "leakage": "runs/leakage"}
     out = resume or args.out or default_out.get(args.command) or f"runs/sweep/{args.grid}"
@@ -126,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             from moebalance.train import train
 
             result = train(cfg, out, progress=not args.no_progress, resume=bool(resume))
+            if int(os.environ.get("RANK", "0")) != 0:
+                return 0
             print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
         elif args.command == "compare":
             from moebalance.experiments import compare

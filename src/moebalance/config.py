@@ -211,6 +211,9 @@ class TrainConfig:
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: only the final one)
     keep_checkpoints: int = 3  # how many periodic checkpoints to keep
     on_nonfinite: Literal["skip", "stop"] = "skip"  # non-finite loss/logits/gradients: skip the step or stop
+    # Under torchrun: shard the routed experts over all ranks (expert parallelism, see
+    # moebalance.expert_parallel); model.num_experts must be a multiple of the number of ranks.
+    expert_parallel: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")

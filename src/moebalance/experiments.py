@@ -9,6 +9,7 @@ from typing import Any
 
 from moebalance.config import RunConfig
 from moebalance.data import prepare_data
+from moebalance.ep_replay import replay_markdown, replay_runs
 from moebalance.reporting import plot_loads, plot_maxvio_batch, plot_val_loss, write_json, write_text
 from moebalance.train import train
 
@@ -87,6 +88,7 @@ def compare(base: RunConfig, out_dir: str | Path, progress: bool = True, command
         "config": base.to_dict(),
         "command": command or " ".join(["moebalance"] + sys.argv[1:]),
         "runs": results,
+        "ep_replay": replay_runs(run_dirs),
     }
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_compare_markdown(report))
@@ -122,6 +124,8 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {name}: " + ", ".join(f"{v:.3f}" for v in r["maxvio_global_per_layer"]))
     if "loss_free" in runs and "aux_loss" in runs:
         lines += ["", _verdict(runs["loss_free"], runs["aux_loss"])]
+    if "ep_replay" in report:
+        lines += [""] + replay_markdown(report["ep_replay"])
     lines += [
         "",
         "![MaxVio_batch during training](maxvio_batch.png)",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.config import RunConfig, apply_overrides
+from moebalance.ep_replay import replay_markdown, replay_runs
 from moebalance.experiments import REPORT_FIELDS
 from moebalance.reporting import (
     plot_loads,
@@ -111,7 +112,7 @@ def sweep(
 
     Returns:
         the ``sweep.json`` content: ``{"grid", "command", "config", "data", "corpus_fingerprint",
-        "runs": {name: record}}``; each record has ``compare``'s fields plus ``overrides`` and
+        "runs": {name: record}, "ep_replay"}`` (``ep_replay``: see :func:`~moebalance.ep_replay.replay_runs`); each record has ``compare``'s fields plus ``overrides`` and
         ``resumed`` (read back from an earlier sweep).
     """
     from moebalance.data import prepare_data
@@ -155,6 +156,7 @@ def sweep(
         "data": data.describe(),
         "config": base.to_dict(),
         "runs": records,
+        "ep_replay": replay_runs(run_dirs),
     }
     write_json(out / "sweep.json", report)
     write_text(out / "sweep.md", render_sweep_markdown(report))
@@ -189,6 +191,8 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
             "Expert choice is balanced by construction and not causal: its validation perplexity is "
             "measured with routing that sees later tokens of the batch (`moebalance leakage`).",
         ]
+    if "ep_replay" in report:
+        lines += [""] + replay_markdown(report["ep_replay"])
     lines += [
         "",
         "![validation perplexity against MaxVio_global](tradeoff.png)",

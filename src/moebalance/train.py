@@ -14,6 +14,12 @@ Output directory:
                     ``train.keep_checkpoints`` kept); ``train(..., resume=True)`` continues from them
     checkpoint.pt   final training state (model with expert biases, optimizer, scheduler, RNG, stats)
     summary.json    the final numbers (see :func:`train`)
+    bias_checksums.json  distributed runs only: SHA-256 of every rank's final biases
+
+Under ``torchrun`` (or ``moebalance train --nproc N``) the loop runs data-parallel through the
+hooks of :mod:`moebalance.distributed`: each rank trains on its share of the global batch, the
+loads are all-reduced before the bias update, evaluation covers the validation set across ranks,
+and rank 0 alone writes files. ``train.batch_size`` is per rank.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from typing import Any
 
 import torch
 
+from moebalance import distributed
 from moebalance.balancing import Balancing
 from moebalance.checkpoint import CheckpointDir, save_checkpoint
 from moebalance.config import RunConfig
@@ -94,10 +101,18 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, data: TokenData, cfg: RunConfig, max_tokens: int | None = None) -> dict[str, Any]:
+def evaluate(
+    model: MoETransformer,
+    data: TokenData,
+    cfg: RunConfig,
+    max_tokens: int | None = None,
+    ctx: distributed.DistContext | None = None,
+) -> dict[str, Any]:
     """Validation loss, perplexity and global expert loads over the validation split.
 
     ``max_tokens`` (default ``cfg.train.eval_tokens``; 0 = the whole split) bounds the tokens read.
+    With several ranks (``ctx``), each evaluates its rows of every batch and the sums are
+    all-reduced, so every rank returns the numbers of the whole split (MaxVio_global included).
 
     Returns:
         dict with ``val_loss`` (nats/token), ``val_ppl``, ``loads`` ``[L, E]`` (list of lists),
@@ -105,18 +120,26 @@ def evaluate(model: MoETransformer, data: TokenData, cfg: RunConfig, max_tokens:
     """
     was_training = model.training
     model.eval()
+    ctx = ctx or distributed.DistContext(device=cfg.train.device)
     total_loss, total_tokens = 0.0, 0
     loads_LE = None
     max_tokens = cfg.train.eval_tokens if max_tokens is None else max_tokens
-    for x, y in eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, max_tokens):
+    batches = eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, max_tokens)
+    for x, y in distributed.iter_rank_batches(batches, ctx):
         x, y = x.to(cfg.train.device), y.to(cfg.train.device)
         with _autocast(cfg):
-            out = model(x, y)
-        total_loss += out.loss.item() * y.numel()
-        total_tokens += y.numel()
+            # A rank with no rows still runs the forward: expert parallelism exchanges tokens.
+            out = model(x, y if y.numel() else None)
+        if y.numel():
+            total_loss += out.loss.item() * y.numel()
+            total_tokens += y.numel()
         step_loads = torch.stack([r.tokens_per_expert for r in out.routing])
         loads_LE = step_loads if loads_LE is None else loads_LE + step_loads
     model.train(was_training)
+    sums = torch.tensor([total_loss, total_tokens], dtype=torch.float64, device=cfg.train.device)
+    distributed.all_reduce_sum_(sums)
+    distributed.all_reduce_sum_(loads_LE)
+    total_loss, total_tokens = sums[0].item(), int(sums[1].item())
     val_loss = total_loss / total_tokens
     vio = max_violation(loads_LE)
     return {
@@ -139,13 +162,17 @@ class _Logger:
 
     ``resume_step``: continue a run resumed after that step: keep ``metrics.jsonl`` up to it and
     hide TensorBoard events of later steps (``purge_step``), which the resumed run logs again.
+    ``enabled=False`` (ranks other than 0) writes nothing.
     """
 
-    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None = None) -> None:
+    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None = None, enabled: bool = True) -> None:
+        self.jsonl = None
+        self.tb = None
+        if not enabled:
+            return
         if resume_step is not None:
             continue_metrics(out_dir / "metrics.jsonl", resume_step)
         self.jsonl = open(out_dir / "metrics.jsonl", "w" if resume_step is None else "a")
-        self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -154,11 +181,15 @@ class _Logger:
 
     def sync(self) -> None:
         """Make the records so far durable (before a checkpoint that refers to them)."""
+        if self.jsonl is None:
+            return
         os.fsync(self.jsonl.fileno())
         if self.tb is not None:
             self.tb.flush()
 
     def record(self, rec: dict[str, Any], scalars: dict[str, float], step: int) -> None:
+        if self.jsonl is None:  # not rank 0
+            return
         self.jsonl.write(json.dumps(rec) + "\n")
         self.jsonl.flush()
         if self.tb is not None:
@@ -171,7 +202,8 @@ class _Logger:
             self.tb.add_image(tag, image_HWC, step, dataformats="HWC")
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -210,20 +242,32 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    data = data if data is not None else prepare_data(cfg.data)
+    dist_ctx = distributed.init_distributed(cfg.train.device)  # one-process context without torchrun
+    data = data if data is not None else distributed.main_first(dist_ctx, lambda: prepare_data(cfg.data))
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
+    cfg.train.device = dist_ctx.device  # cuda:<LOCAL_RANK> on a CUDA job
     check_data(data, cfg.train.seq_len)
+    expert_parallel = cfg.train.expert_parallel and dist_ctx.enabled
+    if expert_parallel and (resume or cfg.train.checkpoint_every):
+        # Resumable checkpoints hold one model and one optimizer state; sharded experts are not in them.
+        raise ValueError("train.checkpoint_every and resume are not supported with train.expert_parallel yet")
 
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # same seed on every rank: identical initial weights
     device = torch.device(cfg.train.device)
     model = MoETransformer(cfg.model, cfg.balance).to(device)
+    if expert_parallel:
+        from moebalance.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model)
+    train_model = distributed.wrap_data_parallel(model, dist_ctx)  # the model itself for one process
     routers = model.routers
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.train.lr)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)
 
-    balancing = Balancing.from_config(cfg.balance)
+    # The bias update uses the global batch's load: all-reduced over the ranks before the update.
+    balancing = Balancing.from_config(cfg.balance, all_reduce=dist_ctx.loads_all_reduce())
 
     ckpts = CheckpointDir(out / "checkpoints", cfg.train.keep_checkpoints)
     objects = dict(model=model, optimizer=optimizer, scheduler=scheduler, data_gen=data_gen)
@@ -235,7 +279,8 @@ def train(
         )
         log.info("resumed from %s after step %d", ckpt_path, start_step)
     # Written only now: a refused resume must leave the run's config.json as it was.
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    if dist_ctx.is_main:
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
 
     def state_now(steps_done: int) -> dict[str, Any]:
         run_stats = {"skipped": skipped, "maxvio_history": maxvio_history, "last_eval": last_eval, "train_time": train_time}
@@ -243,8 +288,8 @@ def train(
             **objects, config=cfg.to_dict(), data_fingerprint=data.fingerprint, step=steps_done, stats=run_stats
         )
 
-    logger = _Logger(out, cfg.train.tensorboard, start_step if resume else None)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len
+    logger = _Logger(out, cfg.train.tensorboard, start_step if resume else None, enabled=dist_ctx.is_main)
+    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dist_ctx.world_size
     maxvio_history: list[float] = stats["maxvio_history"]
     skipped: int = stats["skipped"]
     last_eval: dict[str, Any] | None = stats["last_eval"]
@@ -254,7 +299,7 @@ def train(
         initial=start_step,
         total=cfg.train.max_steps,
         desc=desc or cfg.balance.strategy,
-        disable=not progress,
+        disable=not (progress and dist_ctx.is_main),
         dynamic_ncols=True,
     )
     model.train()
@@ -264,29 +309,40 @@ def train(
             # so that a skipped step cannot jump over it.
             if cfg.train.checkpoint_every and step > start_step and step % cfg.train.checkpoint_every == 0:
                 logger.sync()
-                ckpts.save(step, state_now(step))
+                state = state_now(step)  # every rank holds the same state (data parallel only)
+                if dist_ctx.is_main:
+                    ckpts.save(step, state)
             t0 = time.perf_counter()
             lm_sum, reason, dropped = 0.0, None, 0
             parts_sum: dict[str, float] = {}
-            for _ in range(cfg.train.grad_accum):
-                x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
+            for micro in range(cfg.train.grad_accum):
+                if dist_ctx.enabled:  # this rank's slice of the global batch
+                    x, y = distributed.sample_local_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen, dist_ctx)
+                else:
+                    x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
                 x, y = x.to(device), y.to(device)
-                with _autocast(cfg):
-                    res = model(x, y)
-                extra, parts = balancing.loss(res.routing)
-                loss = res.loss if extra is None else res.loss + extra
-                for k, v in parts.items():
-                    parts_sum[k] = parts_sum.get(k, 0.0) + v
-                reason = nonfinite_reason(loss, res.routing)
-                if reason is not None:
-                    break
-                (loss / cfg.train.grad_accum).backward()
+                # DDP all-reduces gradients in the last micro-batch's backward only.
+                with distributed.no_sync(train_model, sync=micro == cfg.train.grad_accum - 1):
+                    with _autocast(cfg):
+                        res = train_model(x, y)
+                    extra, parts = balancing.loss(res.routing)
+                    loss = res.loss if extra is None else res.loss + extra
+                    for k, v in parts.items():
+                        parts_sum[k] = parts_sum.get(k, 0.0) + v
+                    reason = reason or nonfinite_reason(loss, res.routing)
+                    if reason is not None and not dist_ctx.enabled:
+                        break
+                    # Several ranks: the others wait in this backward's collectives; join them and
+                    # skip the step on every rank below.
+                    (loss / cfg.train.grad_accum).backward()
                 lm_sum += res.loss.item()
                 dropped += sum(int(r.dropped_tokens) for r in res.routing if r.dropped_tokens is not None)
+            reason = distributed.any_rank_reason(reason, dist_ctx)
             if reason is None:
                 # max_norm=inf measures without scaling (the clip coefficient clamps to exactly 1).
                 max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+                # The global norm (sharded experts included), the same on every rank.
+                grad_norm = distributed.clip_grad_norm_(model, max_norm, dist_ctx)
                 if not math.isfinite(grad_norm):
                     reason = f"gradient norm is {grad_norm}"
             if reason is not None:
@@ -310,6 +366,10 @@ def train(
             maxvio_history.append(vio_L.mean().item())
             biases = torch.stack([r.expert_bias for r in routers])
             n = cfg.train.grad_accum
+            # Logged losses are means over the global batch (over the ranks as well).
+            lm_sum, dropped, *part_sums = distributed.mean_over_ranks([lm_sum, dropped, *parts_sum.values()], dist_ctx)
+            parts_sum = dict(zip(parts_sum, part_sums))
+            dropped *= dist_ctx.world_size  # all ranks' dropped pairs, like the all-reduced loads
             rec = {
                 "kind": "train",
                 "step": step + 1,
@@ -345,7 +405,7 @@ def train(
             last_step = step + 1 == cfg.train.max_steps
             if (step + 1) % cfg.train.eval_every == 0 or last_step:
                 # The final evaluation reads the whole validation split: MaxVio_global (paper §4.1).
-                last_eval = evaluate(model, data, cfg, max_tokens=0 if last_step else None)
+                last_eval = evaluate(model, data, cfg, max_tokens=0 if last_step else None, ctx=dist_ctx)
                 erec = {"kind": "eval", "step": step + 1, **last_eval}
                 escalars = {
                     "val/loss": last_eval["val_loss"],
@@ -362,12 +422,19 @@ def train(
         logger.close()
 
     if last_eval is None:
-        last_eval = evaluate(model, data, cfg, max_tokens=0)
+        last_eval = evaluate(model, data, cfg, max_tokens=0, ctx=dist_ctx)
     steps_done = cfg.train.max_steps - skipped
     final_state = state_now(cfg.train.max_steps)
-    if cfg.train.checkpoint_every:
-        ckpts.save(cfg.train.max_steps, final_state)
-    save_checkpoint(out / "checkpoint.pt", final_state)
+    if expert_parallel:
+        # The full model, expert shards gathered (a collective); the optimizer state in the file
+        # is rank 0's, whose expert part covers rank 0's experts only.
+        final_state["model"] = {k: v.cpu() for k, v in distributed.full_state_dict(model, dist_ctx).items()}
+    if dist_ctx.enabled:
+        distributed.write_bias_checksums(model, out, dist_ctx)
+    if dist_ctx.is_main:
+        if cfg.train.checkpoint_every:
+            ckpts.save(cfg.train.max_steps, final_state)
+        save_checkpoint(out / "checkpoint.pt", final_state)
     tail = maxvio_history[-max(1, len(maxvio_history) // 10) :] if maxvio_history else [float("nan")]
     result = TrainResult(
         val_loss=last_eval["val_loss"],
@@ -382,5 +449,7 @@ def train(
         out_dir=str(out),
         extra={"final_loads": last_eval["loads"]},
     )
-    (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+    if dist_ctx.is_main:
+        (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+    distributed.shutdown(dist_ctx)
     return result

@@ -57,7 +57,7 @@ BAD = [
     ("train.max_steps=0", ">= 1"),
     ("train.lr=0", "> 0"),
     ("train.min_lr=1", "in [0, lr=0.0015]"),
-    ("train.warmup_steps=801", "in [0, max_steps=800]"),
+    ("train.warmup_steps=601", "in [0, max_steps=600]"),
     ("train.weight_decay=-0.1", ">= 0"),
     ("train.beta1=1", "in [0, 1)"),
     ("train.beta2=-0.1", "in [0, 1)"),

@@ -192,7 +192,7 @@ class TrainConfig:
     seq_len: int = 128
     batch_size: int = 8
     grad_accum: int = 1
-    max_steps: int = 800
+    max_steps: int = 600
     lr: float = 1.5e-3
     min_lr: float = 1.5e-4
     warmup_steps: int = 50
@@ -200,7 +200,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 200
+    eval_every: int = 150
     eval_tokens: int = 32768  # validation tokens of an intermediate evaluation (0: all); the final one reads all
     log_every: int = 10
     seed: int = 1234

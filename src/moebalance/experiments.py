@@ -27,6 +27,18 @@ REPORT_FIELDS = (
 )
 
 
+def report_context(data, base: RunConfig, run_dirs: dict[str, Path], command: str | None) -> dict[str, Any]:
+    """What every multi-run report states besides its runs: the data (fingerprint), the base config,
+    the command that produced it, and the expert-parallel replay of the runs' measured loads."""
+    return {
+        "corpus_fingerprint": data.fingerprint,
+        "data": data.describe(),
+        "config": base.to_dict(),
+        "command": command or " ".join(["moebalance"] + sys.argv[1:]),
+        "ep_replay": replay_runs(run_dirs),
+    }
+
+
 def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
     """The two runs of the paper's main comparison (arXiv 2408.15664 Table 2), from one base config.
 
@@ -82,14 +94,7 @@ def compare(base: RunConfig, out_dir: str | Path, progress: bool = True, command
     plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
     plot_val_loss(run_dirs, out / "val_loss.png")
     plot_loads(run_dirs, out / "expert_load.png")
-    report = {
-        "corpus_fingerprint": data.fingerprint,
-        "data": data.describe(),
-        "config": base.to_dict(),
-        "command": command or " ".join(["moebalance"] + sys.argv[1:]),
-        "runs": results,
-        "ep_replay": replay_runs(run_dirs),
-    }
+    report = report_context(data, base, run_dirs, command) | {"runs": results}
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_compare_markdown(report))
     return report

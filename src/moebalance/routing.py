@@ -250,8 +250,7 @@ class TopKRouter(nn.Module):
                 gates_TK = gates_TK * self.route_scale
         with torch.no_grad():
             tokens_per_expert = count_tokens_per_expert(indices_TK, self.num_experts, flat_mask)
-            if self.training and not _in_backward_recompute():
-                self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+        self._count_load(tokens_per_expert)
         return RouterOutput(
             gates=gates_TK,
             indices=indices_TK,
@@ -261,6 +260,13 @@ class TopKRouter(nn.Module):
             seq_len=seq_len,
             mask=flat_mask,
         )
+
+    @torch.no_grad()
+    def _count_load(self, tokens_per_expert: torch.Tensor) -> None:
+        """Add a forward's load to ``load_counts``: in training mode only, and not during an
+        activation-checkpoint recomputation (the same tokens again)."""
+        if self.training and not _in_backward_recompute():
+            self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -439,9 +445,7 @@ class ExpertChoiceRouter(TopKRouter):
             if self.route_scale != 1.0:
                 gates_EC = gates_EC * self.route_scale
         tokens_per_expert = torch.full((self.num_experts,), capacity, dtype=torch.int64, device=x.device)
-        with torch.no_grad():
-            if self.training and not _in_backward_recompute():
-                self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+        self._count_load(tokens_per_expert)
         return ExpertChoiceOutput(
             gates=gates_EC,
             indices=token_ids_EC,

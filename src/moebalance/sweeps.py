@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from moebalance.config import RunConfig, apply_overrides
-from moebalance.ep_replay import replay_markdown, replay_runs
-from moebalance.experiments import REPORT_FIELDS
+from moebalance.ep_replay import replay_markdown
+from moebalance.experiments import REPORT_FIELDS, report_context
 from moebalance.reporting import (
     plot_loads,
     plot_maxvio_batch,
@@ -149,15 +148,7 @@ def sweep(
     plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
     plot_val_loss(run_dirs, out / "val_loss.png")
     plot_loads(run_dirs, out / "expert_load.png")
-    report = {
-        "grid": grid,
-        "command": command or " ".join(["moebalance"] + sys.argv[1:]),
-        "corpus_fingerprint": data.fingerprint,
-        "data": data.describe(),
-        "config": base.to_dict(),
-        "runs": records,
-        "ep_replay": replay_runs(run_dirs),
-    }
+    report = {"grid": grid} | report_context(data, base, run_dirs, command) | {"runs": records}
     write_json(out / "sweep.json", report)
     write_text(out / "sweep.md", render_sweep_markdown(report))
     return report

@@ -288,7 +288,7 @@ class Balancing:
             cfg.aux_loss_coeff,
             cfg.z_loss_coeff,
             all_reduce,
-            getattr(cfg, "seq_aux_coeff", 1e-4),
+            cfg.seq_aux_coeff,
         )
 
     def _aux_loss(self, routing: Sequence[RouterOutput]) -> torch.Tensor:

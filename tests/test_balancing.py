@@ -146,3 +146,14 @@ def test_z_loss_finite_for_huge_logits():
     expected = ((100 + torch.log1p(torch.exp(torch.tensor(-103.0)))) ** 2 + (200 + torch.log(torch.tensor(2.0))) ** 2) / 2
     assert torch.isfinite(z)
     torch.testing.assert_close(z, expected)
+
+
+def test_infinite_rates_and_mixed_expert_counts_rejected():
+    with pytest.raises(ValueError, match="update_rate"):
+        LossFreeBalancer(update_rate=float("inf"))
+    with pytest.raises(ValueError, match="coeff"):
+        AuxLossBalancer(coeff=float("inf"))
+    model = nn.Sequential(MoELayer(8, 16, 4, 2), MoELayer(8, 16, 6, 2))
+    with pytest.raises(ValueError, match="different num_experts"):
+        LossFreeBalancer().step(model)
+    LossFreeBalancer().step(model[1])  # one at a time works

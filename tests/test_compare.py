@@ -64,3 +64,12 @@ def test_cli_rejects_bad_key(tmp_path):
     )
     assert proc.returncode == 2
     assert "model.top_k must be in [1, num_experts=8]" in proc.stderr
+
+
+def test_compare_validates_both_runs_before_training():
+    from moebalance.config import apply_overrides, get_preset
+    from moebalance.experiments import compare_configs
+
+    base = apply_overrides(get_preset("smoke"), ["model.routing=expert_choice", "balance.strategy=none"])
+    with pytest.raises(ValueError, match="balance.strategy"):
+        compare_configs(base)

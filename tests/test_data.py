@@ -70,3 +70,12 @@ def test_batches():
     part = list(eval_batches(data, 8, 10, max_tokens=50))
     starts = torch.cat([b[0][:, 0] for b in part])
     assert len(starts) == 5 and starts[0] == 0 and starts[-1] == 980  # spread over the split
+
+
+def test_fingerprint_sees_contents(tmp_path):
+    from moebalance.data import fingerprint_files
+
+    (tmp_path / "a.txt").write_text("alpha")
+    before = fingerprint_files(tmp_path, ["a.txt"])
+    (tmp_path / "a.txt").write_text("omega")  # same name, same size
+    assert fingerprint_files(tmp_path, ["a.txt"]) != before

@@ -130,3 +130,17 @@ def test_on_nonfinite_stop_raises(tokens, tmp_path, monkeypatch):
 def test_on_nonfinite_is_validated():
     with pytest.raises(ValueError, match="train.on_nonfinite"):
         apply_overrides(get_preset("smoke"), ["train.on_nonfinite=ignore"])
+
+
+def test_a_run_whose_every_step_is_skipped_fails(tmp_path):
+    from moebalance.config import apply_overrides, get_preset
+    from moebalance.guards import NonFiniteError
+    from moebalance.train import train
+
+    cfg = apply_overrides(
+        get_preset("smoke"),
+        ["model.init_std=1e300", "train.max_steps=2", "train.warmup_steps=0", "train.tensorboard=false"],
+    )
+    with pytest.raises(NonFiniteError, match="nothing was trained"):
+        train(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "summary.json").exists()

@@ -31,3 +31,10 @@ def test_other_metrics():
     assert dead_experts(loads).tolist() == [1]
     assert load_share(loads).sum().item() == pytest.approx(1.0)
     assert coefficient_of_variation(loads).item() == pytest.approx(torch.tensor([2.0, 2, 0, 4]).std(unbiased=False).item() / 2)
+
+
+def test_maxvio_rejects_non_finite_loads():
+    with pytest.raises(ValueError, match="finite"):
+        max_violation(torch.tensor([1.0, float("nan"), 2.0]))
+    with pytest.raises(ValueError, match="finite"):
+        max_violation(torch.tensor([1.0, float("inf")]))

@@ -173,6 +173,8 @@ def test_resume_refuses_other_config_other_data_and_no_checkpoint(tokens, straig
         train(cfg, straight, progress=False, resume=True)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train(tiny_cfg(tokens), tmp_path / "empty", progress=False, resume=True)
+    with pytest.raises(ValueError, match="train.max_steps=2 is below step"):
+        train(tiny_cfg(tokens, "train.max_steps=2"), straight, progress=False, resume=True)
     assert (straight / "config.json").read_text() == saved_config  # a refused resume changes nothing
 
 

@@ -132,3 +132,22 @@ def test_group_limited_routing_masks_with_minus_inf():
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TopKRouter(8, **kwargs)
+
+
+@pytest.mark.parametrize("bad", [1.5, True])
+def test_top_k_must_be_an_integer(bad):
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        TopKRouter(8, 4, bad)
+
+
+def test_router_rejects_integer_input_and_bad_shapes():
+    router = TopKRouter(8, 4, 2)
+    with pytest.raises(ValueError, match="floating-point"):
+        router(torch.ones(3, 8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[T, d_model=8\]"):
+        router(torch.ones(2, 3, 4, 8))
+
+
+def test_infinite_scale_rejected():
+    with pytest.raises(ValueError, match="route_scale"):
+        TopKRouter(8, 4, 2, route_scale=float("inf"))

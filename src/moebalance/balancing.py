@@ -17,6 +17,7 @@ Nothing is stashed in global lists: losses are computed from the router outputs 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
@@ -74,6 +75,9 @@ def pop_expert_loads(routers: Sequence[TopKRouter]) -> torch.Tensor:
     """
     if not routers:
         raise ValueError("no TopKRouter found: the model has no MoE layer")
+    sizes = {r.load_counts.numel() for r in routers}
+    if len(sizes) > 1:
+        raise ValueError(f"routers have different num_experts {sorted(sizes)}; balance them one at a time (step(router))")
     with torch.no_grad():
         loads_LE = torch.stack([r.load_counts for r in routers]).clone()
         for r in routers:
@@ -109,8 +113,8 @@ class LossFreeBalancer:
         update: UpdateMode = "sign",
         all_reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
-        if not update_rate > 0:
-            raise ValueError(f"update_rate must be > 0, got {update_rate}")
+        if not 0 < update_rate < math.inf:
+            raise ValueError(f"update_rate must be > 0 and finite, got {update_rate}")
         if update not in ("sign", "error"):
             raise ValueError(f"update must be 'sign' or 'error', got {update!r}")
         self.update_rate = float(update_rate)
@@ -165,8 +169,8 @@ class AuxLossBalancer:
     """
 
     def __init__(self, coeff: float = 1e-3) -> None:
-        if not coeff >= 0:
-            raise ValueError(f"coeff must be >= 0, got {coeff}")
+        if not 0 <= coeff < math.inf:
+            raise ValueError(f"coeff must be >= 0 and finite, got {coeff}")
         self.coeff = float(coeff)
 
     def __call__(self, routing: RouterOutput | Iterable[RouterOutput]) -> torch.Tensor:

@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     resume = getattr(args, "resume", None)
     default_out = {"train": "runs/train", "compare": "runs/compare", "leakage": "runs/leakage"}
     out = resume or args.out or default_out.get(args.command) or f"runs/sweep/{args.grid}"
+    if Path(out).exists() and not Path(out).is_dir():
+        parser.error(f"--out {out!r} is a file; it must be a folder (it is created if missing)")
     try:
         if args.command == "train":
             from moebalance.train import train

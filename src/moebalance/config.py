@@ -228,21 +228,24 @@ class TrainConfig:
         _check(self.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
         _check(self.eval_tokens >= 0, "train.eval_tokens", ">= 0", self.eval_tokens)
         _check(self.dtype in ("float32", "bfloat16"), "train.dtype", "'float32' or 'bfloat16'", self.dtype)
-        _check(self.threads >= 0, "train.threads", ">= 0", self.threads)
+        _check(0 <= self.threads <= 1024, "train.threads", "in [0, 1024] (0: torch's default)", self.threads)
         _check(0 <= self.seed < 2**63, "train.seed", "in [0, 2**63)", self.seed)
-        _check(_is_device(self.device), "train.device", "a torch device such as 'cpu', 'cuda' or 'cuda:1'", self.device)
+        _check(_is_device(self.device), "train.device", "'cpu', or 'cuda'/'cuda:N' where torch sees that GPU", self.device)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)", self.checkpoint_every)
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
 
 
 def _is_device(name: str) -> bool:
+    """A CPU, or a CUDA device that this torch build can use (anything else fails later, deep in torch)."""
     import torch
 
     try:
-        torch.device(name)
+        device = torch.device(name)
     except (RuntimeError, ValueError):
         return False
-    return True
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
 
 
 @dataclass

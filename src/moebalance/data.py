@@ -33,7 +33,7 @@ __all__ = ["TokenData", "batch_at", "check_data", "eval_batches", "prepare_data"
 
 EOT = "<|endoftext|>"
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @dataclass
@@ -137,10 +137,16 @@ def split_lines(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
 
 
 def fingerprint_files(root: Path, rels: list[str]) -> str:
-    """SHA-256 (first 16 hex digits) of the relative paths and byte sizes of the files."""
+    """SHA-256 (first 16 hex digits) of the relative paths, byte sizes and contents of the files.
+
+    The contents count too: two corpora with the same names and sizes (or a file edited in place)
+    must not share a token cache or pass a resume's same-data check.
+    """
     h = hashlib.sha256()
     for rel in rels:
-        h.update(f"{rel}\0{(root / rel).stat().st_size}\n".encode())
+        data = (root / rel).read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(hashlib.sha256(data).digest())
     return h.hexdigest()[:16]
 
 

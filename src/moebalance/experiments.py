@@ -48,9 +48,10 @@ def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
     """
     runs = {}
     for strategy in ("loss_free", "aux_loss"):
-        cfg = copy.deepcopy(base)
-        cfg.balance.strategy = strategy
-        runs[strategy] = cfg
+        d = base.to_dict()
+        d["balance"]["strategy"] = strategy
+        # Rebuilt, so every check runs on the config each run really uses, before any training.
+        runs[strategy] = RunConfig.from_dict(d)
     return runs
 
 
@@ -84,7 +85,8 @@ def compare(base: RunConfig, out_dir: str | Path, progress: bool = True, command
     base.model.vocab_size = data.vocab_size
     results: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
-    for name, cfg in compare_configs(base).items():
+    configs = compare_configs(base)  # validates both before the first run starts
+    for name, cfg in configs.items():
         run_dirs[name] = out / name
         res = train(cfg, run_dirs[name], data=data, progress=progress, desc=name).to_dict()
         results[name] = {k: res[k] for k in REPORT_FIELDS} | {

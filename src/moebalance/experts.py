@@ -95,8 +95,8 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     Raises:
         ValueError: ``capacity_factor <= 0``.
     """
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    if not 0 < capacity_factor < math.inf:
+        raise ValueError(f"capacity_factor must be > 0 and finite, got {capacity_factor}")
     return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
 

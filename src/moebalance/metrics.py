@@ -20,6 +20,8 @@ def _as_float_loads(tokens_per_expert: torch.Tensor) -> torch.Tensor:
     if tokens_per_expert.shape[-1] < 1:
         raise ValueError("tokens_per_expert must have at least one expert")
     loads = tokens_per_expert.detach().double()
+    if not torch.isfinite(loads).all():
+        raise ValueError("tokens_per_expert must be finite (got NaN or inf)")
     if (loads < 0).any():
         raise ValueError("tokens_per_expert must be >= 0")
     return loads

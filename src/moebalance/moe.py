@@ -6,6 +6,7 @@ residual, which the Transformer block adds; shared experts as in DeepSeekMoE).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,8 +82,8 @@ class MoELayer(nn.Module):
         drop_policy: DropPolicy = "position",
     ) -> None:
         super().__init__()
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        if capacity_factor is not None and not 0 < capacity_factor < math.inf:
+            raise ValueError(f"capacity_factor must be > 0 and finite, or None (dropless), got {capacity_factor}")
         if drop_policy not in ("position", "score"):
             raise ValueError(f"drop_policy must be 'position' or 'score', got {drop_policy!r}")
         if capacity_factor is not None and routing == "expert_choice":

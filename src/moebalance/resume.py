@@ -150,6 +150,11 @@ def restore_state(
     changed = [k for k in config_differences(state["config"], config) if k not in RESUMABLE_KEYS]
     if changed:
         raise ValueError(f"{source} was made with a different config in {changed}; only {sorted(RESUMABLE_KEYS)} may change on resume")
+    if config["train"]["max_steps"] < int(state["step"]):
+        raise ValueError(
+            f"train.max_steps={config['train']['max_steps']} is below step {state['step']}, which {source} already "
+            "reached; a resumed run cannot go back (start a new run, or raise train.max_steps)"
+        )
     model.load_state_dict(state["model"])
     routers = find_routers(model)
     with torch.no_grad():

@@ -222,8 +222,10 @@ class TopKRouter(nn.Module):
             :class:`RouterOutput` over the ``T = B*S`` flattened tokens.
         """
         seq_len = x.shape[1] if x.dim() == 3 else None
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"router input last dim must be d_model={self.d_model}, got {x.shape[-1]}")
+        if not x.is_floating_point():
+            raise ValueError(f"router input must be a floating-point tensor, got {x.dtype}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ValueError(f"router input must be [T, d_model={self.d_model}] or [B, S, d_model], got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.d_model)
         flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool)
         if flat_mask is not None and flat_mask.numel() != x_TD.shape[0]:
@@ -297,14 +299,17 @@ def check_routing_args(
     topk_group: int,
 ) -> None:
     """Validate routing hyper-parameters; raise ``ValueError`` naming the field and its range."""
+    for name, value in (("num_experts", num_experts), ("top_k", top_k), ("n_group", n_group), ("topk_group", topk_group)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if num_experts < 1:
         raise ValueError(f"num_experts must be >= 1, got {num_experts}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
     if score_func not in ("sigmoid", "softmax"):
         raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
-    if not route_scale > 0:
-        raise ValueError(f"route_scale must be > 0, got {route_scale}")
+    if not 0 < route_scale < math.inf:
+        raise ValueError(f"route_scale must be > 0 and finite, got {route_scale}")
     if bias_mode not in ("additive", "multiplicative"):
         raise ValueError(f"bias_mode must be 'additive' or 'multiplicative', got {bias_mode!r}")
     if n_group < 1 or num_experts % n_group != 0:
@@ -346,8 +351,8 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int, capaci
     With ``capacity_factor = 1`` expert choice does the same expert computation as top-``K``
     token choice (``E * C = K * T`` pairs). Zhou et al. 2022 §3.1 write ``k = n * c / e``.
     """
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+    if not 0 < capacity_factor < math.inf:
+        raise ValueError(f"capacity_factor must be > 0 and finite, got {capacity_factor}")
     raw = round(capacity_factor * top_k * num_tokens / num_experts, 9)  # 16.0000001 is 16, not 17
     return min(num_tokens, math.ceil(raw))
 
@@ -411,8 +416,8 @@ class ExpertChoiceRouter(TopKRouter):
         capacity_factor: float = 1.0,
     ) -> None:
         super().__init__(d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale)
-        if not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0, got {capacity_factor}")
+        if not 0 < capacity_factor < math.inf:
+            raise ValueError(f"capacity_factor must be > 0 and finite, got {capacity_factor}")
         self.capacity_factor = float(capacity_factor)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> ExpertChoiceOutput:
@@ -425,8 +430,10 @@ class ExpertChoiceRouter(TopKRouter):
             :class:`ExpertChoiceOutput` (expert-major ``[E, C]`` token ids and gates).
         """
         seq_len = x.shape[1] if x.dim() == 3 else None
-        if x.shape[-1] != self.d_model:
-            raise ValueError(f"router input last dim must be d_model={self.d_model}, got {x.shape[-1]}")
+        if not x.is_floating_point():
+            raise ValueError(f"router input must be a floating-point tensor, got {x.dtype}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ValueError(f"router input must be [T, d_model={self.d_model}] or [B, S, d_model], got shape {tuple(x.shape)}")
         x_TD = x.reshape(-1, self.d_model)
         num_tokens = x_TD.shape[0]
         flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool)

@@ -234,7 +234,8 @@ def train(
         ValueError: bad data (see :func:`~moebalance.data.check_data`); on resume, no usable
             checkpoint or one made with another config or other data.
         FileNotFoundError: on resume, no checkpoint in ``out_dir/checkpoints``.
-        NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``.
+        NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``;
+            every step skipped; or a non-finite final validation loss.
     """
     from tqdm.auto import tqdm
 
@@ -424,6 +425,11 @@ def train(
     if last_eval is None:
         last_eval = evaluate(model, data, cfg, max_tokens=0, ctx=dist_ctx)
     steps_done = cfg.train.max_steps - skipped
+    # A run that learned nothing, or evaluates to NaN, must not end in a summary that looks like one.
+    if steps_done == 0:
+        raise NonFiniteError(f"all {cfg.train.max_steps} steps met a non-finite value and were skipped; nothing was trained")
+    if not math.isfinite(last_eval["val_loss"]):
+        raise NonFiniteError(f"the final validation loss is {last_eval['val_loss']}; no summary or final checkpoint written")
     final_state = state_now(cfg.train.max_steps)
     if expert_parallel:
         # The full model, expert shards gathered (a collective); the optimizer state in the file

@@ -7,7 +7,7 @@ and validation *by file* (a file's split depends only on a hash of its relative 
 one file is split by lines, its last lines held out). A byte-level
 BPE (Hugging Face ``tokenizers``) is trained on the training split, and both splits are stored as
 ``uint16`` token arrays read back as numpy memmaps, in a cache directory keyed by the corpus
-fingerprint (hash of the file list and sizes), the vocabulary size and the split.
+fingerprint (hash of the file list, sizes and contents), the vocabulary size and the split.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ class TokenData:
     Attributes:
         train, val: 1-D ``uint16`` arrays (numpy memmaps) of token ids.
         vocab_size: number of token ids the model must embed.
-        fingerprint: hex digest of the source (file list and sizes, or the ``.bin`` files).
+        fingerprint: hex digest of the source (file list, sizes and contents, or the ``.bin`` files).
         source: a human description of where the text came from.
         num_files: (train files, validation files) for text corpora, ``None`` for ``.bin`` data.
         tokenizer_path: the BPE ``tokenizer.json`` (``None`` for ``.bin`` data).

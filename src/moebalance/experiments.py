@@ -27,6 +27,17 @@ REPORT_FIELDS = (
 )
 
 
+# The figures every multi-run report draws (see compare / sweep), as markdown lines.
+RUN_PLOTS_MARKDOWN = [
+    "![MaxVio_batch during training](maxvio_batch.png)",
+    "",
+    "![validation loss](val_loss.png)",
+    "",
+    "![expert load at the end](expert_load.png)",
+    "",
+]
+
+
 def report_context(data, base: RunConfig, run_dirs: dict[str, Path], command: str | None) -> dict[str, Any]:
     """What every multi-run report states besides its runs: the data (fingerprint), the base config,
     the command that produced it, and the expert-parallel replay of the runs' measured loads."""
@@ -133,14 +144,7 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
         lines += ["", _verdict(runs["loss_free"], runs["aux_loss"])]
     if "ep_replay" in report:
         lines += [""] + replay_markdown(report["ep_replay"])
-    lines += [
-        "",
-        "![MaxVio_batch during training](maxvio_batch.png)",
-        "",
-        "![validation loss](val_loss.png)",
-        "",
-        "![expert load at the end](expert_load.png)",
-        "",
+    lines += [""] + RUN_PLOTS_MARKDOWN + [
         "TensorBoard: `tensorboard --logdir " + "` / `".join(f"{r['run_dir']}/tb" for r in runs.values()) + "` "
         "(relative to this folder).",
         "",

@@ -29,7 +29,7 @@ from typing import Any
 
 from moebalance.config import RunConfig, apply_overrides
 from moebalance.ep_replay import replay_markdown
-from moebalance.experiments import REPORT_FIELDS, report_context
+from moebalance.experiments import REPORT_FIELDS, RUN_PLOTS_MARKDOWN, report_context
 from moebalance.reporting import (
     plot_loads,
     plot_maxvio_batch,
@@ -188,11 +188,6 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
         "",
         "![validation perplexity against MaxVio_global](tradeoff.png)",
         "",
-        "![MaxVio_batch during training](maxvio_batch.png)",
-        "",
-        "![validation loss](val_loss.png)",
-        "",
-        "![expert load at the end](expert_load.png)",
-        "",
+        *RUN_PLOTS_MARKDOWN,
     ]
     return "\n".join(lines)

@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, r in report["runs"].items():
                 print(
                     f"{name:10s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}  "
-                    f"MaxVio_batch(last) {r['maxvio_batch_last']:.3f}"
+                    f"MaxVio_batch(last 10%) {r['maxvio_batch_last']:.3f}"
                 )
             print(f"report: {out}/report.md")
         elif args.command == "sweep":

@@ -91,7 +91,7 @@ def plot_maxvio_batch(runs: dict[str, str | Path], path: str | Path) -> None:
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over layers)")
     ax.set_yscale("log")
-    ax.set_title("Load balance during training")
+    ax.set_title(f"Load balance during training (moving average over {window} steps)")
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
@@ -119,9 +119,10 @@ def plot_loads(runs: dict[str, str | Path], path: str | Path) -> None:
     plt = _figure()
     names = list(runs)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3), squeeze=False)
+    final_loads = {name: load_metrics(runs[name])[1][-1]["loads"] for name in names}
+    vmax = max(float(_relative_load(loads).max()) for loads in final_loads.values())  # one scale for all panels
     for ax, name in zip(axes[0], names):
-        _, evals = load_metrics(runs[name])
-        _draw_load_heatmap(ax, fig, evals[-1]["loads"], f"{name}: load / mean load")
+        _draw_load_heatmap(ax, fig, final_loads[name], f"{name}: load / mean load", vmax=vmax)
     _save(fig, path)
     plt.close(fig)
 
@@ -148,18 +149,26 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: str | Path, high
     plt.close(fig)
 
 
-def _draw_load_heatmap(ax, fig, loads_LE, title: str):
-    """Draw ``load / mean load`` per (layer, expert) on ``ax``; 1.0 is a perfectly balanced expert."""
+def _relative_load(loads_LE) -> np.ndarray:
+    """``load / mean load`` per (layer, expert) as ``[L, E]`` float64; 1.0 is perfectly balanced."""
     import torch
 
     from moebalance.metrics import load_share
 
     share = load_share(torch.as_tensor(loads_LE, dtype=torch.float64)).numpy()
-    num_layers, num_experts = share.shape
-    im = ax.imshow(share * num_experts, aspect="auto", cmap="viridis", vmin=0)
+    return share * share.shape[1]
+
+
+def _draw_load_heatmap(ax, fig, loads_LE, title: str, vmax: float | None = None):
+    """Draw ``load / mean load`` per (layer, expert) on ``ax``; 1.0 is a perfectly balanced expert.
+
+    ``vmax`` fixes the top of the colour scale, so that panels drawn side by side compare."""
+    rel = _relative_load(loads_LE)
+    num_layers, num_experts = rel.shape
+    im = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
     ax.set_yticks(range(num_layers))
-    if num_experts <= 32:
-        ax.set_xticks(range(num_experts))
+    step = max(1, -(-num_experts // 8))  # at most 8 labelled experts: labels stay legible
+    ax.set_xticks(range(0, num_experts, step))
     ax.set_title(title)
     ax.set_xlabel("expert")
     ax.set_ylabel("MoE layer")

@@ -38,6 +38,19 @@ RUN_PLOTS_MARKDOWN = [
 ]
 
 
+def prepare_base(base: RunConfig):
+    """Tokens for a multi-run experiment, prepared once, and a copy of ``base`` whose
+    ``model.vocab_size`` is the tokenizer's (so every run's config states it).
+
+    Returns:
+        ``(data, base_copy)``.
+    """
+    data = prepare_data(base.data)
+    base = copy.deepcopy(base)
+    base.model.vocab_size = data.vocab_size
+    return data, base
+
+
 def report_context(data, base: RunConfig, run_dirs: dict[str, Path], command: str | None) -> dict[str, Any]:
     """What every multi-run report states besides its runs: the data (fingerprint), the base config,
     the command that produced it, and the expert-parallel replay of the runs' measured loads."""
@@ -91,9 +104,7 @@ def compare(base: RunConfig, out_dir: str | Path, progress: bool = True, command
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(base.data)
-    base = copy.deepcopy(base)
-    base.model.vocab_size = data.vocab_size
+    data, base = prepare_base(base)
     results: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     configs = compare_configs(base)  # validates both before the first run starts

@@ -22,14 +22,13 @@ Output folder: ``sweep.json`` (one record per run with the fields of ``compare``
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any
 
 from moebalance.config import RunConfig, apply_overrides
 from moebalance.ep_replay import replay_markdown
-from moebalance.experiments import REPORT_FIELDS, RUN_PLOTS_MARKDOWN, report_context
+from moebalance.experiments import REPORT_FIELDS, RUN_PLOTS_MARKDOWN, prepare_base, report_context
 from moebalance.reporting import (
     plot_loads,
     plot_maxvio_batch,
@@ -114,15 +113,12 @@ def sweep(
         "runs": {name: record}, "ep_replay"}`` (``ep_replay``: see :func:`~moebalance.ep_replay.replay_runs`); each record has ``compare``'s fields plus ``overrides`` and
         ``resumed`` (read back from an earlier sweep).
     """
-    from moebalance.data import prepare_data
     from moebalance.train import train
 
     runs = grid_runs(grid, base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = prepare_data(base.data)
-    base = copy.deepcopy(base)
-    base.model.vocab_size = data.vocab_size
+    data, base = prepare_base(base)
     records: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     for name, overrides in runs.items():

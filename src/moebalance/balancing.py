@@ -79,9 +79,9 @@ def pop_expert_loads(routers: Sequence[TopKRouter]) -> torch.Tensor:
     if len(sizes) > 1:
         raise ValueError(f"routers have different num_experts {sorted(sizes)}; balance them one at a time (step(router))")
     with torch.no_grad():
-        loads_LE = torch.stack([r.load_counts for r in routers]).clone()
-        for r in routers:
-            r.load_counts.zero_()
+        counts = [r.load_counts for r in routers]
+        loads_LE = torch.stack(counts)  # a new tensor: clearing the counters below leaves it intact
+        torch._foreach_zero_(counts)  # one fused call instead of L small ones
     return loads_LE
 
 
@@ -137,8 +137,10 @@ class LossFreeBalancer:
         if self.all_reduce is not None:
             self.all_reduce(loads_LE)
         delta_LE = self.bias_delta(loads_LE)
-        for router, delta_E in zip(routers, delta_LE):
-            router.expert_bias += delta_E.to(router.expert_bias.device)
+        biases = [r.expert_bias for r in routers]
+        # In place through one fused call: ``router.expert_bias += d`` per router would cost a
+        # Module.__setattr__ per layer, most of the update's time for many layers.
+        torch._foreach_add_(biases, list(delta_LE.to(biases[0].device).unbind(0)))
         return loads_LE
 
     def bias_delta(self, loads_LE: torch.Tensor) -> torch.Tensor:

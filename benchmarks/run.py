@@ -27,6 +27,14 @@ its backward (saved tensors plus output, distinct storages, parameters excluded)
 
 Writes ``<out-dir>/bench_<tag>.json`` (every raw median, settings, machine) and
 ``<out-dir>/bench_<tag>.md`` (the tables); the tag defaults to the device type.
+
+Allocator (CPU): by default (``--malloc reuse``) the script asks glibc to keep freed memory for
+reuse (``mallopt``: no ``mmap`` below 2 GiB, no trimming), as jemalloc or tcmalloc do and as
+PyTorch's CPU performance-tuning guide recommends. With glibc's defaults every tensor above 32 MiB
+(the ``[T*K, F]`` activations and ``[E, F, D]`` weight gradients here) is a fresh ``mmap`` whose
+pages the kernel faults in and zeroes on every step; on the 2-core machine of docs/benchmarks.md
+that cost 10-40 % of a forward+backward, more the more tensors a competitor allocates.
+``--malloc system`` measures glibc's defaults.
 """
 
 from __future__ import annotations
@@ -495,7 +503,7 @@ def to_markdown(res: dict) -> str:
     s = res["settings"]
     out = [
         f"Device: {m['device']} ({m['device_name']}), torch {m['torch']}, threads {m['threads']}, "
-        f"native bf16 GEMM: {m['native_bf16']}. Shapes: T={s['tokens']}, D={s['d_model']}, F={s['d_ff']}; "
+        f"native bf16 GEMM: {m['native_bf16']}, allocator: {m.get('malloc', 'system')}. Shapes: T={s['tokens']}, D={s['d_model']}, F={s['d_ff']}; "
         f"median of {s['repeats']} round-robin repeats after a warm-up; forward+backward.\n",
     ]
     if "kernels" in res:
@@ -565,6 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scaling-experts", default="8,16,32,64,128,256")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--malloc", choices=("reuse", "system"), default="reuse",
+                   help="CPU: keep freed memory for reuse (glibc mallopt; default) or glibc's defaults")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     a = p.parse_args(argv)
     if a.quick:
@@ -592,8 +602,34 @@ def main(argv: list[str] | None = None) -> dict:
     return run(parse_args(argv))
 
 
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
+
+
+def keep_freed_memory() -> str:
+    """Make glibc malloc keep freed memory for reuse instead of returning it to the OS.
+
+    Process-wide and irreversible: the benchmark's own process calls it, tests do not.
+
+    Returns:
+        what was set, for the report; ``"system"`` where the C library is not glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
+        return "system"
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    big = 2**31 - 1  # mallopt takes an int: at most 2 GiB
+    ok = [libc.mallopt(M_MMAP_THRESHOLD, big), libc.mallopt(M_TRIM_THRESHOLD, big), libc.mallopt(M_TOP_PAD, 256 << 20)]
+    if not all(ok):
+        return "system"
+    return "glibc mallopt: mmap threshold 2 GiB, trim threshold 2 GiB, top pad 256 MiB"
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the selected sections and write the JSON and markdown files; returns the results."""
+    malloc = keep_freed_memory() if args.malloc == "reuse" and args.device == "cpu" else "system"
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -610,6 +646,7 @@ def run(args: argparse.Namespace) -> dict:
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "malloc": malloc,
         },
         "settings": {k: v for k, v in vars(args).items()},
     }

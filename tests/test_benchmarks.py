@@ -20,7 +20,7 @@ def _load_run_module():
 @pytest.mark.slow
 def test_quick_benchmark_writes_tables_and_json(tmp_path):
     bench = _load_run_module()
-    args = bench.parse_args(["--quick", "--threads", "1", "--out-dir", str(tmp_path)])
+    args = bench.parse_args(["--quick", "--threads", "1", "--malloc", "system", "--out-dir", str(tmp_path)])
     args.experts, args.scaling_experts, args.peer_dtypes = [4], [4, 8], ["float32"]
     args.tokens, args.bias_calls = 32, 2
     res = bench.run(args)

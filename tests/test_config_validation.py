@@ -115,6 +115,8 @@ def test_every_field_rejects_a_wrong_type(key):
         ({"train": {"lr": float("nan")}}, r"train.lr must be a finite number"),
         ({"modle": {}}, r"unknown config sections: \['modle'\]"),
         ({"model": {"topk": 2}}, r"unknown config keys: \['model.topk'\]"),
+        ({"model": [1, 2]}, r"config section 'model' must be an object of fields, got list"),
+        ([{"model": {}}], r"must be a JSON object of sections, got list"),
     ],
 )
 def test_from_dict_types_and_unknown_keys(d, match):

@@ -95,6 +95,21 @@ def test_replay_runs_table_and_cli(tmp_path, capsys):
     assert main(["replay", str(tmp_path / "nothing-here")]) == 2
 
 
+@pytest.mark.parametrize(
+    "loads_per_step",
+    [
+        [[[4] * 16], [[4] * 8]],  # the expert count changes between steps
+        [[[4] * 16, [4] * 15]],  # ragged layers
+        [[4] * 16],  # a step's loads are not [layers][experts]
+        [[["x"] * 16]],
+    ],
+)
+def test_recorded_loads_of_the_wrong_shape_are_named(tmp_path, loads_per_step):
+    _fake_run(tmp_path / "run", loads_per_step)
+    with pytest.raises(ValueError, match=r"'loads' must be \[layers\]\[experts\]"):
+        replay_runs({"run": tmp_path / "run"}, (2,))
+
+
 def test_compare_report_includes_the_replay_table(tmp_path):
     _fake_run(tmp_path / "loss_free", [[[4] * 16]] * 2)
     run = {

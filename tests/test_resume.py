@@ -290,3 +290,14 @@ def test_cli_resume_rejects_changed_keys_and_preset(tokens, straight, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--resume", str(straight), "--preset", "smoke"])
     assert "--preset cannot be combined with --resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"model": 3}', '{"train": {"lr": "fast"}}'])
+def test_cli_resume_names_a_malformed_config_json(tmp_path, capsys, text):
+    from moebalance.cli import main
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert "config.json is not a moebalance run config" in err and "Traceback" not in err

@@ -50,7 +50,11 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     bad = [k for k in keys if k not in RESUMABLE_KEYS]
     if bad:
         raise ValueError(f"--resume: {bad} cannot change on resume; allowed: {sorted(RESUMABLE_KEYS)}")
-    return apply_overrides(RunConfig.from_dict(json.loads(config_path.read_text())), list(args.overrides))
+    try:
+        saved = RunConfig.from_dict(json.loads(config_path.read_text()))
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise ValueError(f"--resume {run_dir}: config.json is not a moebalance run config: {exc}") from exc
+    return apply_overrides(saved, list(args.overrides))
 
 
 def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:

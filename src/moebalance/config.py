@@ -281,6 +281,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config must be a JSON object of sections, got {type(d).__name__}")
         sections = {f.name: f.type for f in dataclasses.fields(cls)}
         unknown = set(d) - set(sections)
         if unknown:
@@ -290,6 +292,8 @@ class RunConfig:
 
 
 def _section_from_dict(section_cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"config section {prefix!r} must be an object of fields, got {type(d).__name__}")
     names = {f.name for f in dataclasses.fields(section_cls)}
     unknown = set(d) - names
     if unknown:

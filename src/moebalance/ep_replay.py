@@ -104,6 +104,14 @@ def replay_loads(loads_SLE: np.ndarray, num_ranks: int) -> ReplayResult:
     )
 
 
+def _shape(x: Any) -> tuple[int, ...] | None:
+    """Shape of a nested list of numbers; ``None`` when it is ragged or not numeric."""
+    try:
+        return np.asarray(x, dtype=np.float64).shape
+    except (ValueError, TypeError):
+        return None
+
+
 def _recorded_loads(run_dir: str | Path) -> np.ndarray:
     from moebalance.reporting import load_metrics
 
@@ -111,6 +119,12 @@ def _recorded_loads(run_dir: str | Path) -> np.ndarray:
     loads = [r["loads"] for r in train if "loads" in r]
     if not loads:
         raise ValueError(f"{run_dir}: metrics.jsonl has no per-step 'loads' to replay")
+    shapes = {_shape(x) for x in loads}
+    if len(shapes) != 1 or None in shapes or len(next(iter(shapes))) != 2:
+        raise ValueError(
+            f"{run_dir}: metrics.jsonl 'loads' must be [layers][experts] with the same shape in every step, "
+            f"got shapes {sorted(shapes, key=str)[:4]}"
+        )
     return np.asarray(loads, dtype=np.float64)
 
 

@@ -196,6 +196,12 @@ def padded_bmm(layer: MoELayer, x_TD: torch.Tensor, idx_TK: torch.Tensor, gates_
     return out.to(x_TD.dtype)
 
 
+def padded_peak_bytes(E: int, capacity: int, D: int, Fh: int) -> int:
+    """Rough peak of :func:`padded_bmm`'s forward+backward activations, float32: ``E*C`` rows of
+    the input and output (``2D``) and of about seven ``F``-wide tensors alive at once."""
+    return E * capacity * (2 * D + 7 * Fh) * 4
+
+
 class DenseSwiGLU(torch.nn.Module):
     """The ceiling: one SwiGLU over all ``N = T*K`` rows, i.e. the same GEMM FLOPs with no routing."""
 
@@ -238,10 +244,15 @@ def bench_routed(args, timer: Timer, device: torch.device, skewed: bool) -> list
                     "ours": fwd_bwd(layer, lambda: ours_fixed(layer, x, idx, gates), g),
                     "dense": fwd_bwd(dense, lambda: dense(x_dense), g_dense),
                 }
-                if skewed:
-                    fns["padded_bmm"] = fwd_bwd(layer, lambda: padded_bmm(layer, x, idx, gates), g)
-                t = timer.compare(fns)
                 loads = torch.bincount(idx.reshape(-1), minlength=E)
+                skipped = {}
+                if skewed:
+                    need = padded_peak_bytes(E, int(loads.max()), D, Fh)
+                    if need > args.max_padded_gb * 2**30:
+                        skipped["padded_bmm"] = f"needs about {need / 2**30:.0f} GiB of activations"
+                    else:
+                        fns["padded_bmm"] = fwd_bwd(layer, lambda: padded_bmm(layer, x, idx, gates), g)
+                t = timer.compare(fns)
                 row = {
                     "dtype": dtype_name, "T": T, "D": D, "F": Fh, "E": E, "K": K,
                     "kernel": "/".join(str(v).replace("torch.", "") for v in expert_compute_plan(device, dtype, D, Fh)),
@@ -251,8 +262,10 @@ def bench_routed(args, timer: Timer, device: torch.device, skewed: bool) -> list
                     "tokens_per_s_ours": T / t["ours"],
                 }
                 if skewed:
-                    row["padded_over_ours"] = t["padded_bmm"] / t["ours"]
                     row["padded_rows"] = int(loads.max()) * E
+                    row["skipped"] = skipped
+                    if "padded_bmm" in t:
+                        row["padded_over_ours"] = t["padded_bmm"] / t["ours"]
                 rows.append(row)
                 print(f"  {'skewed' if skewed else 'uniform'} {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
@@ -569,6 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peer-dtypes", default=None, help="dtypes of sections 2 and 3, imbalance and peers (default: --dtypes)")
     p.add_argument("--mixtral-impls", default=",".join(peers.MIXTRAL_IMPLEMENTATIONS))
     p.add_argument("--max-gather-gb", type=float, default=2.0, help="skip Mixtral batched_mm above this gathered-weight size")
+    p.add_argument("--max-padded-gb", type=float, default=12.0,
+                   help="skip the padded layer of section 2 when its activations would exceed this")
     p.add_argument("--lm-batch", type=int, default=16, help="sequences per training step in section 4")
     p.add_argument("--scaling-experts", default="8,16,32,64,128,256")
     p.add_argument("--repeats", type=int, default=5)

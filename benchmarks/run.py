@@ -434,13 +434,14 @@ def bench_balancing(args, timer: Timer, device: torch.device) -> dict:
     x, y = tokens[:, :-1], tokens[:, 1:]
     dtype = DTYPES[args.dtypes[0]]
     fns = {}
+    after_step_s: dict[str, list[float]] = {}  # the balancing call at the end of each step, timed inside it
     for strategy in ("none", "loss_free", "aux_loss"):
         torch.manual_seed(0)
         model = MoETransformer(cfg).to(device)  # float32 weights; bf16 runs under autocast, as train.py does
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         bal = Balancing(strategy)
 
-        def step(model=model, opt=opt, bal=bal) -> None:
+        def step(model=model, opt=opt, bal=bal, times=after_step_s.setdefault(strategy, [])) -> None:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 out = model(x, y)
             extra, _ = bal.loss(out.routing)
@@ -448,7 +449,7 @@ def bench_balancing(args, timer: Timer, device: torch.device) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            bal.after_step(model)
+            times.append(timer.once(lambda: bal.after_step(model)))
 
         fns[strategy] = step
     t = timer.compare(fns)
@@ -481,6 +482,8 @@ def bench_balancing(args, timer: Timer, device: torch.device) -> dict:
         **{f"ms_step_{k}": v * 1e3 for k, v in t.items()},
         "loss_free_over_none": t["loss_free"] / t["none"],
         "aux_loss_over_none": t["aux_loss"] / t["none"],
+        "bias_update_us_in_step": statistics.median(after_step_s["loss_free"]) * 1e6,
+        "bias_update_share_of_step": statistics.median(after_step_s["loss_free"]) / t["loss_free"],
         "bias_update_us_64x256": statistics.median(upd) * 1e6,
         "tokens_per_s": B * S / t["loss_free"],
         "model_tflops_per_token": flops_tok / 1e12,
@@ -557,6 +560,8 @@ def to_markdown(res: dict) -> str:
         out.append("\n### 4. The price of balancing: one training step of the small LM\n\n")
         out.append(_table([b], [("ms_step_none", "none ms", ".1f"), ("ms_step_loss_free", "loss_free ms", ".1f"), ("ms_step_aux_loss", "aux_loss ms", ".1f"),
                                 ("loss_free_over_none", "loss_free / none", ".3f"), ("aux_loss_over_none", "aux_loss / none", ".3f"),
+                                ("bias_update_us_in_step", "bias update in the step (µs)", ".0f"),
+                                ("bias_update_share_of_step", "its share of the step", ".2%"),
                                 ("bias_update_us_64x256", "bias update, 64x256 (µs)", ".0f")]))
         out.append("\nTraining throughput (loss_free): " + f"{b['tokens_per_s']:.0f} tokens/s, {b['model_tflops_per_token'] * 1e6:.2f} MFLOP/token, "
                    f"{b['fraction_of_dense_ceiling']:.2f} of the dense GEMM rate ({b['dense_gemm_gflops']:.1f} GFLOP/s).\n")

@@ -38,6 +38,7 @@ def test_quick_benchmark_writes_tables_and_json(tmp_path):
     assert 0 < mem["bytes_per_token_ours"] < mem["bytes_per_token_ours_shared"]  # the shared expert keeps more
     b = res["balancing"]
     assert b["bias_update_us_64x256"] > 0 and b["tokens_per_s"] > 0
+    assert 0 < b["bias_update_share_of_step"] < 1 and "its share of the step" in md
 
 
 def test_peer_blocks_match_our_layer():

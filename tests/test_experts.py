@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from moebalance import MoELayer
 from moebalance import experts as ex
 from moebalance.config import ModelConfig
-from moebalance.experts import GroupedExperts, combine, expert_capacity, expert_compute_plan, permute
+from moebalance.experts import GroupedExperts, SwiGLU, combine, expert_capacity, expert_compute_plan, permute
 from moebalance.model import MoETransformer
 
 
@@ -206,3 +206,33 @@ def test_bf16_weights_computed_in_float32_keep_bf16_memory_and_exact_gradients(u
     torch.testing.assert_close(x_low.grad, x_ref.grad.to(torch.bfloat16))
     for a, b in zip(low.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_swiglu_bf16_on_cpu_without_bf16_gemms_computes_in_float32(autocast, monkeypatch):
+    # Shared experts and dense layers follow the routed experts' plan: native bf16 GEMMs are
+    # emulated (and 20-30x slower) on such CPUs.
+    monkeypatch.setattr(ex, "_cpu_has_native_bf16", lambda: False)
+    torch.manual_seed(5)
+    D, Fh, N = 64, 128, 4  # few rows: float32 weight copies would outweigh all activations
+    ref = SwiGLU(D, Fh)
+    low = SwiGLU(D, Fh)
+    low.load_state_dict(ref.state_dict())
+    if not autocast:
+        low.to(torch.bfloat16)
+        ref.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
+    x = torch.randn(N, D).to(torch.bfloat16)
+    x_low, x_ref = x.clone().requires_grad_(), x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_low, saved = _saved_bytes(lambda: low(x_low))
+    assert y_low.dtype == torch.bfloat16
+    y_ref = ref(x_ref)
+    torch.testing.assert_close(y_low, y_ref.to(torch.bfloat16))  # float32 compute, rounded once
+    if not autocast:
+        assert saved < 3 * Fh * D * 4  # the bf16 weights are kept, not float32 copies
+    g = torch.randn(N, D)
+    (y_low.float() * g).sum().backward()
+    (y_ref.to(torch.bfloat16).float() * g).sum().backward()
+    torch.testing.assert_close(x_low.grad, x_ref.grad.to(torch.bfloat16))
+    for a, b in zip(low.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad.to(a.grad.dtype))

@@ -56,8 +56,15 @@ class SwiGLU(nn.Module):
     """Dense SwiGLU feed-forward ``w2(silu(w1 x) * w3 x)`` (Shazeer 2020), used for shared experts
     (DeepSeekMoE) and dense layers.
 
+    Computes in the dtype :func:`expert_compute_plan` picks, as the routed experts do: bf16 on a
+    CPU without native bf16 GEMMs runs in float32 and returns bf16 (native bf16 ``nn.Linear``
+    there was 18x slower than the whole routed layer in ``benchmarks/run.py``).
+
     Args:
         d_model: ``D``. d_ff: hidden size ``F``.
+
+    Shapes: ``[..., D]`` -> ``[..., D]``, in the autocast dtype under autocast, else the promoted
+    dtype of the input and the weights.
     """
 
     def __init__(self, d_model: int, d_ff: int) -> None:
@@ -67,7 +74,17 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        dtype = _operand_dtype(x, self.w1.weight)
+        d_ff, d_model = self.w1.weight.shape
+        _, compute = expert_compute_plan(x.device, dtype, d_model, d_ff, use_grouped_mm=False)
+        if compute == dtype:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        sources = (x, self.w1.weight, self.w3.weight, self.w2.weight)
+        xc, w1, w3, w2 = (t.to(compute) for t in sources)
+        upcast = [(c, t) for c, t in zip((xc, w1, w3, w2), sources) if c.dtype.itemsize > t.dtype.itemsize]
+        with torch.autocast(x.device.type, enabled=False), _recast_on_backward(upcast):
+            out = F.linear(F.silu(F.linear(xc, w1)) * F.linear(xc, w3), w2)
+        return out.to(dtype)
 
 
 @dataclass
@@ -182,6 +199,13 @@ def combine(y_ND: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Te
     weighted = y_ND * dispatch.gates.to(y_ND.dtype).unsqueeze(-1)
     out = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
     return out.index_add_(0, dispatch.token_ids, weighted)
+
+
+def _operand_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer's operands have: autocast's where it is on, else the promoted one."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return torch.promote_types(x.dtype, weight.dtype)
 
 
 def _cpu_has_native_bf16() -> bool:
@@ -310,11 +334,7 @@ class GroupedExperts(nn.Module):
 
     def plan(self, x: torch.Tensor) -> tuple[str, torch.dtype]:
         """``(kernel, compute_dtype)`` for input ``x`` under the current autocast state."""
-        dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
-        elif self.w1.dtype != dtype:
-            dtype = torch.promote_types(dtype, self.w1.dtype)
+        dtype = _operand_dtype(x, self.w1)
         d_ff, d_model = self.w1.shape[1:]
         return expert_compute_plan(x.device, dtype, d_model, d_ff, self.use_grouped_mm)
 

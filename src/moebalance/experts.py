@@ -20,8 +20,8 @@ in ``docs/benchmarks.md``):
 * CPU, bfloat16 (weights in bf16 or bf16 autocast) on a CPU without native bf16 matrix
   instructions (no AVX512-BF16 / AMX): the operands are cast to float32 and the experts run in
   float32. Without those instructions oneDNN emulates bf16 GEMMs: the layer run in native bf16
-  was 2-9x slower here (up to 15x in single-GEMM profiles, 5x slower again for some transposed
-  layouts); the float32 GEMM of bf16-rounded inputs is also at least as accurate. The output is
+  was 23-32x slower at the benchmark's default shape (2-9x at T=512); the float32 GEMM of
+  bf16-rounded inputs is also at least as accurate. The output is
   float32 and the layer casts it back to its input's dtype. The bf16 sources, not float32
   copies, are kept for the backward (:func:`_recast_on_backward`).
 * Anything else (float64, strides not 16-byte aligned, ``use_grouped_mm=False``): the loop.

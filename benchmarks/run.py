@@ -32,8 +32,9 @@ Allocator (CPU): by default (``--malloc reuse``) the script asks glibc to keep f
 reuse (``mallopt``: no ``mmap`` below 2 GiB, no trimming), as jemalloc or tcmalloc do and as
 PyTorch's CPU performance-tuning guide recommends. With glibc's defaults every tensor above 32 MiB
 (the ``[T*K, F]`` activations and ``[E, F, D]`` weight gradients here) is a fresh ``mmap`` whose
-pages the kernel faults in and zeroes on every step; on the 2-core machine of docs/benchmarks.md
-that cost 10-40 % of a forward+backward, more the more tensors a competitor allocates.
+pages the kernel faults in and zeroes on every step; in the two scaling runs of
+docs/benchmarks.md (separate runs, so only roughly) a forward+backward took 1.4-2.0x as long
+under glibc's defaults, more the more and larger tensors a competitor allocates.
 ``--malloc system`` measures glibc's defaults.
 """
 
@@ -584,7 +585,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", default="16,64")
     p.add_argument("--topk", default="2,6")
     p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--peer-dtypes", default=None, help="dtypes of sections 2 and 3, imbalance and peers (default: --dtypes)")
+    p.add_argument("--peer-dtypes", default=None, help="dtypes of sections 2, 3 and 6: imbalance, peers, memory (default: --dtypes)")
     p.add_argument("--mixtral-impls", default=",".join(peers.MIXTRAL_IMPLEMENTATIONS))
     p.add_argument("--max-gather-gb", type=float, default=2.0, help="skip Mixtral batched_mm above this gathered-weight size")
     p.add_argument("--max-padded-gb", type=float, default=12.0,

@@ -60,3 +60,15 @@ def test_peer_blocks_match_our_layer():
     torch.testing.assert_close(block(x), routed_only + 0.5 * qwen.shared_experts(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="implementation"):
         peers.mixtral_block(ours, "sdpa")
+
+
+def test_keep_freed_memory_sets_glibc_malloc_in_its_own_process():
+    # Process-wide and irreversible, so it runs in a child process.
+    import platform
+    import subprocess
+    import sys
+
+    code = "import sys; sys.path.insert(0, 'benchmarks'); import run; print(run.keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert out.strip().startswith("glibc mallopt: mmap threshold 2 GiB") if glibc else out.strip() == "system"

@@ -79,9 +79,7 @@ class SwiGLU(nn.Module):
         _, compute = expert_compute_plan(x.device, dtype, d_model, d_ff, use_grouped_mm=False)
         if compute == dtype:
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        sources = (x, self.w1.weight, self.w3.weight, self.w2.weight)
-        xc, w1, w3, w2 = (t.to(compute) for t in sources)
-        upcast = [(c, t) for c, t in zip((xc, w1, w3, w2), sources) if c.dtype.itemsize > t.dtype.itemsize]
+        (xc, w1, w3, w2), upcast = _cast_for_compute(compute, x, self.w1.weight, self.w3.weight, self.w2.weight)
         with torch.autocast(x.device.type, enabled=False), _recast_on_backward(upcast):
             out = F.linear(F.silu(F.linear(xc, w1)) * F.linear(xc, w3), w2)
         return out.to(dtype)
@@ -260,6 +258,15 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _cast_for_compute(
+    compute: torch.dtype, *sources: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``sources`` cast to ``compute``, and the ``(wide_copy, narrow_source)`` pairs among them
+    that :func:`_recast_on_backward` keeps narrow for the backward."""
+    casts = tuple(t.to(compute) for t in sources)
+    return casts, [(c, t) for c, t in zip(casts, sources) if c.dtype.itemsize > t.dtype.itemsize]
+
+
 @contextlib.contextmanager
 def _recast_on_backward(copies: list[tuple[torch.Tensor, torch.Tensor]]):
     """Keep the narrow source instead of a widened copy among the tensors saved for backward.
@@ -351,9 +358,7 @@ class GroupedExperts(nn.Module):
         """
         kernel, compute = self.plan(x_ND)
         # Under autocast these casts are the ones autocast would make for a linear layer.
-        sources = (x_ND, self.w1, self.w3, self.w2)
-        x_ND, w1, w3, w2 = (t.to(compute) for t in sources)
-        upcast = [(c, s) for c, s in zip((x_ND, w1, w3, w2), sources) if c.dtype.itemsize > s.dtype.itemsize]
+        (x_ND, w1, w3, w2), upcast = _cast_for_compute(compute, x_ND, self.w1, self.w3, self.w2)
         with torch.autocast(x_ND.device.type, enabled=False), _recast_on_backward(upcast):
             if kernel == "grouped_mm" and x_ND.shape[0] > 0:
                 offs = torch.cumsum(counts_E, 0, dtype=torch.int32)

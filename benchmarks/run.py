@@ -601,9 +601,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.quick:
         a.tokens, a.d_model, a.d_ff, a.repeats = 128, 32, 64, 1
         a.experts, a.topk, a.scaling_experts = "4,8", "2", "4,8,16"
-    a.experts = [int(v) for v in a.experts.split(",")]
-    a.topk = [int(v) for v in a.topk.split(",")]
-    a.scaling_experts = [int(v) for v in a.scaling_experts.split(",")]
+    def ints(flag: str, text: str) -> list[int]:
+        try:
+            values = [int(v) for v in text.split(",")]
+        except ValueError:
+            p.error(f"{flag} must be comma-separated integers >= 1, got {text!r}")
+        if min(values) < 1:
+            p.error(f"{flag} must be integers >= 1, got {text!r}")
+        return values
+
+    a.experts = ints("--experts", a.experts)
+    a.topk = ints("--topk", a.topk)
+    a.scaling_experts = ints("--scaling-experts", a.scaling_experts)
+    for flag in ("tokens", "d_model", "d_ff", "repeats", "lm_batch"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
+    if a.threads < 0:
+        p.error(f"--threads must be >= 0 (0: torch's default), got {a.threads}")
+    for flag in ("max_gather_gb", "max_padded_gb"):
+        if not 0 <= getattr(a, flag) < math.inf:
+            p.error(f"--{flag.replace('_', '-')} must be a finite number >= 0, got {getattr(a, flag)}")
+    if max(a.topk) > min(a.experts):
+        p.error(f"--topk {max(a.topk)} exceeds the smallest of --experts, {min(a.experts)}")
+    if a.topk[0] > min(a.scaling_experts):  # section 5 runs the first top-K
+        p.error(f"--topk {a.topk[0]} exceeds the smallest of --scaling-experts, {min(a.scaling_experts)}")
     a.dtypes = a.dtypes.split(",")
     a.peer_dtypes = a.peer_dtypes.split(",") if a.peer_dtypes else a.dtypes
     a.mixtral_impls = [v for v in a.mixtral_impls.split(",") if v]

@@ -72,3 +72,23 @@ def test_keep_freed_memory_sets_glibc_malloc_in_its_own_process():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert out.strip().startswith("glibc mallopt: mmap threshold 2 GiB") if glibc else out.strip() == "system"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--repeats", "0"], "--repeats must be >= 1"),
+        (["--tokens", "-3"], "--tokens must be >= 1"),
+        (["--experts", "16,x"], "--experts must be comma-separated integers"),
+        (["--experts", "0"], "--experts must be integers >= 1"),
+        (["--topk", "32"], "--topk 32 exceeds the smallest of --experts, 16"),
+        (["--scaling-experts", "1,8"], "--topk 2 exceeds the smallest of --scaling-experts, 1"),
+        (["--threads", "-1"], "--threads must be >= 0"),
+        (["--max-padded-gb", "inf"], "--max-padded-gb must be a finite number >= 0"),
+    ],
+)
+def test_bad_arguments_are_named(argv, message, capsys):
+    bench = _load_run_module()
+    with pytest.raises(SystemExit):
+        bench.parse_args(argv)
+    assert message in capsys.readouterr().err

@@ -93,6 +93,11 @@ def test_invalid_rates():
         LossFreeBalancer(update="magnitude")
     with pytest.raises(ValueError, match="coeff"):
         AuxLossBalancer(coeff=-1)
+    for bad in ("1e-3", True, None, torch.tensor(1e-3)):  # ValueError naming the field, not a TypeError
+        with pytest.raises(ValueError, match="update_rate must be a number"):
+            LossFreeBalancer(update_rate=bad)
+        with pytest.raises(ValueError, match="coeff must be a number"):
+            AuxLossBalancer(coeff=bad)
 
 
 def test_aux_loss_matches_eq2_by_hand():

@@ -236,3 +236,21 @@ def test_swiglu_bf16_on_cpu_without_bf16_gemms_computes_in_float32(autocast, mon
     torch.testing.assert_close(x_low.grad, x_ref.grad.to(torch.bfloat16))
     for a, b in zip(low.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad.to(a.grad.dtype))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.float16, torch.float64), (torch.float64, torch.float32)])
+def test_mixed_input_and_weight_dtypes_with_a_shared_expert(x_dtype, w_dtype):
+    # Shared expert or not, a layer takes an input of another dtype than its weights (promoted
+    # compute) and answers in the input's dtype.
+    torch.manual_seed(6)
+    ref = MoELayer(16, 32, 4, 2, num_shared_experts=1)
+    layer = MoELayer(16, 32, 4, 2, num_shared_experts=1).to(w_dtype)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 16).to(x_dtype)
+    out = layer(x).output
+    assert out.dtype == x_dtype
+    tol = dict(rtol=3e-2, atol=3e-2) if torch.bfloat16 in (x_dtype, w_dtype) else dict(rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out.float(), ref(x.float()).output, **tol)
+    shared = SwiGLU(16, 32).to(w_dtype)
+    assert shared(x).dtype == torch.promote_types(x_dtype, w_dtype)

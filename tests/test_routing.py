@@ -151,3 +151,5 @@ def test_router_rejects_integer_input_and_bad_shapes():
 def test_infinite_scale_rejected():
     with pytest.raises(ValueError, match="route_scale"):
         TopKRouter(8, 4, 2, route_scale=float("inf"))
+    with pytest.raises(ValueError, match="route_scale must be a number"):
+        TopKRouter(8, 4, 2, route_scale="2.5")

@@ -17,7 +17,6 @@ Nothing is stashed in global lists: losses are computed from the router outputs 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
@@ -31,7 +30,7 @@ from moebalance.losses import (
     router_z_loss,
     sequence_aux_loss,
 )
-from moebalance.routing import RouterOutput, TopKRouter
+from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
 
 UpdateMode = Literal["sign", "error"]
 
@@ -113,8 +112,8 @@ class LossFreeBalancer:
         update: UpdateMode = "sign",
         all_reduce: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
-        if not 0 < update_rate < math.inf:
-            raise ValueError(f"update_rate must be > 0 and finite, got {update_rate}")
+        if not is_finite_number(update_rate) or update_rate <= 0:
+            raise ValueError(f"update_rate must be a number > 0 and finite, got {update_rate!r}")
         if update not in ("sign", "error"):
             raise ValueError(f"update must be 'sign' or 'error', got {update!r}")
         self.update_rate = float(update_rate)
@@ -171,8 +170,8 @@ class AuxLossBalancer:
     """
 
     def __init__(self, coeff: float = 1e-3) -> None:
-        if not 0 <= coeff < math.inf:
-            raise ValueError(f"coeff must be >= 0 and finite, got {coeff}")
+        if not is_finite_number(coeff) or coeff < 0:
+            raise ValueError(f"coeff must be a number >= 0 and finite, got {coeff!r}")
         self.coeff = float(coeff)
 
     def __call__(self, routing: RouterOutput | Iterable[RouterOutput]) -> torch.Tensor:

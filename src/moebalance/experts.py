@@ -17,10 +17,10 @@ in ``docs/benchmarks.md``):
   takes bfloat16 only).
 * CPU, float32: ``grouped_mm``. On the CPU build it is itself a loop of ``mm`` over the groups,
   but its backward skips the per-expert autograd nodes of a Python loop (whose cost grows with E).
-* CPU, bfloat16 (weights in bf16 or bf16 autocast) on a CPU without native bf16 matrix
+* CPU, bfloat16 or float16 (weights in that dtype, or autocast to it) on a CPU without native bf16 matrix
   instructions (no AVX512-BF16 / AMX): the operands are cast to float32 and the experts run in
   float32. Without those instructions oneDNN emulates bf16 GEMMs: the layer run in native bf16
-  was 23-32x slower at the benchmark's default shape (2-9x at T=512); the float32 GEMM of
+  was 23-32x slower at the benchmark's default shape; the float32 GEMM of
   bf16-rounded inputs is also at least as accurate. The output is
   float32 and the layer casts it back to its input's dtype. The bf16 sources, not float32
   copies, are kept for the backward (:func:`_recast_on_backward`).
@@ -77,8 +77,9 @@ class SwiGLU(nn.Module):
         dtype = _operand_dtype(x, self.w1.weight)
         d_ff, d_model = self.w1.weight.shape
         _, compute = expert_compute_plan(x.device, dtype, d_model, d_ff, use_grouped_mm=False)
-        if compute == dtype:
+        if compute == dtype and (torch.is_autocast_enabled(x.device.type) or x.dtype == self.w1.weight.dtype):
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        # Mixed input and weight dtypes, or a compute dtype wider than the operands'.
         (xc, w1, w3, w2), upcast = _cast_for_compute(compute, x, self.w1.weight, self.w3.weight, self.w2.weight)
         with torch.autocast(x.device.type, enabled=False), _recast_on_backward(upcast):
             out = F.linear(F.silu(F.linear(xc, w1)) * F.linear(xc, w3), w2)

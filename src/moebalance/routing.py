@@ -162,6 +162,10 @@ class TopKRouter(nn.Module):
         ``load_counts`` ``[E]`` float32, not persistent: tokens routed to each expert since the
         balancer last read them. Filled under ``no_grad`` and only in training mode.
 
+    Precision: logits, scores, gates and the top-K choice are computed in float32 whatever the
+    input dtype (bf16 and float16 are widened; float64 is narrowed, so a float64 ``gradcheck``
+    of the router needs float32 tolerances).
+
     Raises:
         ValueError: for a field outside its range (the message names it).
     """
@@ -289,6 +293,11 @@ def _in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def is_finite_number(value: object) -> bool:
+    """``True`` for a finite int or float (not a bool, a string or a tensor)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_routing_args(
     num_experts: int,
     top_k: int,
@@ -308,8 +317,8 @@ def check_routing_args(
         raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
     if score_func not in ("sigmoid", "softmax"):
         raise ValueError(f"score_func must be 'sigmoid' or 'softmax', got {score_func!r}")
-    if not 0 < route_scale < math.inf:
-        raise ValueError(f"route_scale must be > 0 and finite, got {route_scale}")
+    if not is_finite_number(route_scale) or route_scale <= 0:
+        raise ValueError(f"route_scale must be a number > 0 and finite, got {route_scale!r}")
     if bias_mode not in ("additive", "multiplicative"):
         raise ValueError(f"bias_mode must be 'additive' or 'multiplicative', got {bias_mode!r}")
     if n_group < 1 or num_experts % n_group != 0:

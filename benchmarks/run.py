@@ -68,6 +68,7 @@ from moebalance.moe import MoELayer  # noqa: E402
 from moebalance.routing import TopKRouter  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SECTIONS = ("kernels", "ceiling", "imbalance", "peers", "memory", "balancing", "scaling")
 
 
 # ---------------------------------------------------------------- timing
@@ -577,7 +578,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes, one repeat: a smoke test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--sections", default="kernels,ceiling,imbalance,peers,memory,balancing,scaling")
+    p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--tag", default=None, help="output name: bench_<tag>.json/.md (default: the device type)")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--d-model", type=int, default=512)
@@ -629,9 +630,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.peer_dtypes = a.peer_dtypes.split(",") if a.peer_dtypes else a.dtypes
     a.mixtral_impls = [v for v in a.mixtral_impls.split(",") if v]
     a.sections = a.sections.split(",")
-    for d in a.dtypes + a.peer_dtypes:
-        if d not in DTYPES:
-            p.error(f"dtype must be one of {sorted(DTYPES)}, got {d!r}")
+    for flag, names in (("--dtypes", a.dtypes), ("--peer-dtypes", a.peer_dtypes)):
+        for d in names:
+            if d not in DTYPES:
+                p.error(f"{flag}: dtype must be one of {sorted(DTYPES)}, got {d!r}")
+    # Checked here, not when a section reaches them: a bad value must not cost a long run.
+    unknown = [name for name in a.sections if name not in SECTIONS]
+    if unknown:
+        p.error(f"--sections: unknown {unknown}; choose from {list(SECTIONS)}")
+    bad_impls = [v for v in a.mixtral_impls if v not in peers.MIXTRAL_IMPLEMENTATIONS]
+    if bad_impls:
+        p.error(f"--mixtral-impls: unknown {bad_impls}; choose from {list(peers.MIXTRAL_IMPLEMENTATIONS)}")
+    if a.tag is not None and (not a.tag or any(c in a.tag for c in "/\\") or a.tag in (".", "..")):
+        p.error(f"--tag must be a plain name (it becomes bench_<tag>.json), got {a.tag!r}")
+    try:
+        device = torch.device(a.device)
+    except RuntimeError as exc:
+        p.error(f"--device: {exc}")
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and not torch.cuda.is_available()):
+        p.error(f"--device must be cpu, or cuda where torch sees a GPU (it sees {torch.cuda.device_count()}), got {a.device!r}")
+    out = Path(a.out_dir)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out-dir {out} is a file, not a folder")
     # The small LM of section 4: the default preset's model (quick: a tiny one).
     a.lm = dict(vocab_size=512, d_model=32, n_layers=2, n_heads=2, max_seq_len=32, num_experts=4, d_expert=32) if a.quick else dict(vocab_size=8192)
     a.lm_batch, a.lm_seq = (2, 32) if a.quick else (a.lm_batch, 128)
@@ -671,10 +691,10 @@ def keep_freed_memory() -> str:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the selected sections and write the JSON and markdown files; returns the results."""
-    malloc = keep_freed_memory() if args.malloc == "reuse" and args.device == "cpu" else "system"
+    device = torch.device(args.device)
+    malloc = keep_freed_memory() if args.malloc == "reuse" and device.type == "cpu" else "system"
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     timer = Timer(device, args.repeats)
     from moebalance.experts import _cpu_has_native_bf16
 
@@ -701,18 +721,16 @@ def run(args: argparse.Namespace) -> dict:
         "balancing": lambda: bench_balancing(args, timer, device),
         "scaling": lambda: bench_scaling(args, timer, device),
     }
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # before the work: a folder that cannot be made fails now
     t_start = time.perf_counter()
     for name in args.sections:
-        if name not in sections:
-            raise SystemExit(f"unknown section {name!r}; choose from {sorted(sections)}")
         t0 = time.perf_counter()
         print(f"[{name}]", flush=True)
         res[name] = sections[name]()
         res.setdefault("seconds", {})[name] = time.perf_counter() - t0
     res["machine"]["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     res["seconds"]["total"] = time.perf_counter() - t_start
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"bench_{args.tag or device.type}"
     (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
     (out / f"{name}.md").write_text(to_markdown(res))

@@ -85,6 +85,13 @@ def test_keep_freed_memory_sets_glibc_malloc_in_its_own_process():
         (["--scaling-experts", "1,8"], "--topk 2 exceeds the smallest of --scaling-experts, 1"),
         (["--threads", "-1"], "--threads must be >= 0"),
         (["--max-padded-gb", "inf"], "--max-padded-gb must be a finite number >= 0"),
+        (["--sections", "ceiling,bogus"], "--sections: unknown ['bogus']"),
+        (["--mixtral-impls", "eager,nope"], "--mixtral-impls: unknown ['nope']"),
+        (["--tag", "a/b"], "--tag must be a plain name"),
+        (["--peer-dtypes", "float16"], "--peer-dtypes: dtype must be one of"),
+        (["--device", "gpu"], "--device"),
+        (["--device", "mps"], "--device must be cpu, or cuda where torch sees a GPU"),
+        (["--out-dir", __file__], "is a file, not a folder"),
     ],
 )
 def test_bad_arguments_are_named(argv, message, capsys):

@@ -522,7 +522,8 @@ def to_markdown(res: dict) -> str:
     out = [
         f"Device: {m['device']} ({m['device_name']}), torch {m['torch']}, threads {m['threads']}, "
         f"native bf16 GEMM: {m['native_bf16']}, allocator: {m.get('malloc', 'system')}. Shapes: T={s['tokens']}, D={s['d_model']}, F={s['d_ff']}; "
-        f"median of {s['repeats']} round-robin repeats after a warm-up; forward+backward.\n",
+        f"median of {s['repeats']} round-robin repeats after a warm-up; forward+backward "
+        f"(section 4 runs its own small LM; see its table).\n",
     ]
     if "kernels" in res:
         out.append("\n### Expert kernel: grouped_mm against the per-expert loop (uniform routing)\n\n")

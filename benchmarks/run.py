@@ -48,7 +48,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -220,6 +220,14 @@ class DenseSwiGLU(torch.nn.Module):
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2).to(x_ND.dtype)
 
 
+def cases(dtype_names: list[str], args) -> Iterator[tuple[str, torch.dtype, int, int]]:
+    """``(dtype_name, dtype, E, K)`` for every dtype, ``--experts`` and ``--topk`` value, in that nesting."""
+    for dtype_name in dtype_names:
+        for E in args.experts:
+            for K in args.topk:
+                yield dtype_name, DTYPES[dtype_name], E, K
+
+
 def _layer(D: int, Fh: int, E: int, K: int, dtype: torch.dtype, device: torch.device) -> MoELayer:
     return MoELayer(D, Fh, E, K, score_func="softmax", norm_topk_prob=True).to(device, dtype)
 
@@ -228,48 +236,45 @@ def bench_routed(args, timer: Timer, device: torch.device, skewed: bool) -> list
     """Sections 1 (uniform) and 2 (skewed): ours vs the dense ceiling (and the padded layer when skewed)."""
     rows = []
     gen = torch.Generator().manual_seed(0)
-    for dtype_name in args.peer_dtypes if skewed else args.dtypes:
-        dtype = DTYPES[dtype_name]
-        for E in args.experts:
-            for K in args.topk:
-                torch.manual_seed(0)
-                T, D, Fh = args.tokens, args.d_model, args.d_ff
-                layer = _layer(D, Fh, E, K, dtype, device)
-                dense = DenseSwiGLU(D, Fh).to(device, dtype)
-                x = torch.randn(T, D, device=device, dtype=dtype, requires_grad=True)
-                x_dense = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)
-                idx = skewed_routing(T, E, K, device, gen) if skewed else uniform_routing(T, E, K, device)
-                gates = torch.softmax(torch.randn(T, K, device=device), -1).requires_grad_()
-                g = torch.randn(T, D, device=device, dtype=dtype)
-                g_dense = torch.randn(T * K, D, device=device, dtype=dtype)
-                fns = {
-                    "ours": fwd_bwd(layer, lambda: ours_fixed(layer, x, idx, gates), g),
-                    "dense": fwd_bwd(dense, lambda: dense(x_dense), g_dense),
-                }
-                loads = torch.bincount(idx.reshape(-1), minlength=E)
-                skipped = {}
-                if skewed:
-                    need = padded_peak_bytes(E, int(loads.max()), D, Fh)
-                    if need > args.max_padded_gb * 2**30:
-                        skipped["padded_bmm"] = f"needs about {need / 2**30:.0f} GiB of activations"
-                    else:
-                        fns["padded_bmm"] = fwd_bwd(layer, lambda: padded_bmm(layer, x, idx, gates), g)
-                t = timer.compare(fns)
-                row = {
-                    "dtype": dtype_name, "T": T, "D": D, "F": Fh, "E": E, "K": K,
-                    "kernel": "/".join(str(v).replace("torch.", "") for v in expert_compute_plan(device, dtype, D, Fh)),
-                    "maxvio": round(max_violation(loads).item(), 3),
-                    **{f"ms_{k}": v * 1e3 for k, v in t.items()},
-                    "ours_over_ceiling": t["dense"] / t["ours"],
-                    "tokens_per_s_ours": T / t["ours"],
-                }
-                if skewed:
-                    row["padded_rows"] = int(loads.max()) * E
-                    row["skipped"] = skipped
-                    if "padded_bmm" in t:
-                        row["padded_over_ours"] = t["padded_bmm"] / t["ours"]
-                rows.append(row)
-                print(f"  {'skewed' if skewed else 'uniform'} {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
+    for dtype_name, dtype, E, K in cases(args.peer_dtypes if skewed else args.dtypes, args):
+        torch.manual_seed(0)
+        T, D, Fh = args.tokens, args.d_model, args.d_ff
+        layer = _layer(D, Fh, E, K, dtype, device)
+        dense = DenseSwiGLU(D, Fh).to(device, dtype)
+        x = torch.randn(T, D, device=device, dtype=dtype, requires_grad=True)
+        x_dense = torch.randn(T * K, D, device=device, dtype=dtype, requires_grad=True)
+        idx = skewed_routing(T, E, K, device, gen) if skewed else uniform_routing(T, E, K, device)
+        gates = torch.softmax(torch.randn(T, K, device=device), -1).requires_grad_()
+        g = torch.randn(T, D, device=device, dtype=dtype)
+        g_dense = torch.randn(T * K, D, device=device, dtype=dtype)
+        fns = {
+            "ours": fwd_bwd(layer, lambda: ours_fixed(layer, x, idx, gates), g),
+            "dense": fwd_bwd(dense, lambda: dense(x_dense), g_dense),
+        }
+        loads = torch.bincount(idx.reshape(-1), minlength=E)
+        skipped = {}
+        if skewed:
+            need = padded_peak_bytes(E, int(loads.max()), D, Fh)
+            if need > args.max_padded_gb * 2**30:
+                skipped["padded_bmm"] = f"needs about {need / 2**30:.0f} GiB of activations"
+            else:
+                fns["padded_bmm"] = fwd_bwd(layer, lambda: padded_bmm(layer, x, idx, gates), g)
+        t = timer.compare(fns)
+        row = {
+            "dtype": dtype_name, "T": T, "D": D, "F": Fh, "E": E, "K": K,
+            "kernel": "/".join(str(v).replace("torch.", "") for v in expert_compute_plan(device, dtype, D, Fh)),
+            "maxvio": round(max_violation(loads).item(), 3),
+            **{f"ms_{k}": v * 1e3 for k, v in t.items()},
+            "ours_over_ceiling": t["dense"] / t["ours"],
+            "tokens_per_s_ours": T / t["ours"],
+        }
+        if skewed:
+            row["padded_rows"] = int(loads.max()) * E
+            row["skipped"] = skipped
+            if "padded_bmm" in t:
+                row["padded_over_ours"] = t["padded_bmm"] / t["ours"]
+        rows.append(row)
+        print(f"  {'skewed' if skewed else 'uniform'} {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
 
 
@@ -291,35 +296,32 @@ def _native_dtype(forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Ten
 def bench_kernels(args, timer: Timer, device: torch.device) -> list[dict]:
     """Which expert kernel is faster for which shape: grouped_mm against the per-expert loop (uniform routing)."""
     rows = []
-    for dtype_name in args.dtypes:
-        dtype = DTYPES[dtype_name]
-        for E in args.experts:
-            for K in args.topk:
-                torch.manual_seed(0)
-                T, D, Fh = args.tokens, args.d_model, args.d_ff
-                a = _layer(D, Fh, E, K, dtype, device)
-                b = _layer(D, Fh, E, K, dtype, device)
-                b.load_state_dict(a.state_dict())
-                b.experts.use_grouped_mm = False
-                x = torch.randn(T, D, device=device, dtype=dtype, requires_grad=True)
-                idx = uniform_routing(T, E, K, device)
-                gates = torch.softmax(torch.randn(T, K, device=device), -1).requires_grad_()
-                g = torch.randn(T, D, device=device, dtype=dtype)
-                fns = {
-                    "grouped_mm": fwd_bwd(a, lambda: ours_fixed(a, x, idx, gates), g),
-                    "loop": fwd_bwd(b, lambda: ours_fixed(b, x, idx, gates), g),
-                }
-                if expert_compute_plan(device, dtype, D, Fh)[1] != dtype:
-                    # What the float32 compute saves: the same layer made to run bf16 GEMMs natively.
-                    fns["grouped_mm_native_dtype"] = fwd_bwd(a, _native_dtype(lambda: ours_fixed(a, x, idx, gates)), g)
-                t = timer.compare(fns)
-                row = {"dtype": dtype_name, "E": E, "K": K, "rows_per_expert": T * K // E,
-                       "compute_dtype": str(expert_compute_plan(device, dtype, D, Fh)[1]).replace("torch.", ""),
-                       **{f"ms_{k}": v * 1e3 for k, v in t.items()}, "loop_over_grouped": t["loop"] / t["grouped_mm"]}
-                if "grouped_mm_native_dtype" in t:
-                    row["native_over_grouped"] = t["grouped_mm_native_dtype"] / t["grouped_mm"]
-                rows.append(row)
-                print(f"  kernels {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
+    for dtype_name, dtype, E, K in cases(args.dtypes, args):
+        torch.manual_seed(0)
+        T, D, Fh = args.tokens, args.d_model, args.d_ff
+        a = _layer(D, Fh, E, K, dtype, device)
+        b = _layer(D, Fh, E, K, dtype, device)
+        b.load_state_dict(a.state_dict())
+        b.experts.use_grouped_mm = False
+        x = torch.randn(T, D, device=device, dtype=dtype, requires_grad=True)
+        idx = uniform_routing(T, E, K, device)
+        gates = torch.softmax(torch.randn(T, K, device=device), -1).requires_grad_()
+        g = torch.randn(T, D, device=device, dtype=dtype)
+        fns = {
+            "grouped_mm": fwd_bwd(a, lambda: ours_fixed(a, x, idx, gates), g),
+            "loop": fwd_bwd(b, lambda: ours_fixed(b, x, idx, gates), g),
+        }
+        if expert_compute_plan(device, dtype, D, Fh)[1] != dtype:
+            # What the float32 compute saves: the same layer made to run bf16 GEMMs natively.
+            fns["grouped_mm_native_dtype"] = fwd_bwd(a, _native_dtype(lambda: ours_fixed(a, x, idx, gates)), g)
+        t = timer.compare(fns)
+        row = {"dtype": dtype_name, "E": E, "K": K, "rows_per_expert": T * K // E,
+               "compute_dtype": str(expert_compute_plan(device, dtype, D, Fh)[1]).replace("torch.", ""),
+               **{f"ms_{k}": v * 1e3 for k, v in t.items()}, "loop_over_grouped": t["loop"] / t["grouped_mm"]}
+        if "grouped_mm_native_dtype" in t:
+            row["native_over_grouped"] = t["grouped_mm_native_dtype"] / t["grouped_mm"]
+        rows.append(row)
+        print(f"  kernels {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
 
 
@@ -350,44 +352,38 @@ def _peer_blocks(args, device: torch.device, dtype: torch.dtype, E: int, K: int,
 def bench_peers(args, timer: Timer, device: torch.device) -> list[dict]:
     """Section 3: full blocks, router included, same weights and inputs."""
     rows = []
-    for dtype_name in args.peer_dtypes:
-        dtype = DTYPES[dtype_name]
-        for E in args.experts:
-            for K in args.topk:
-                T, D, Fh = args.tokens, args.d_model, args.d_ff
-                x = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
-                g = torch.randn(1, T, D, device=device, dtype=dtype)
-                blocks, skipped = _peer_blocks(args, device, dtype, E, K, x)
-                with torch.no_grad():  # same weights: Mixtral outputs must match ours
-                    ref = blocks["ours"][1]()
-                    err = {n: (f() - ref).abs().max().item() for n, (_, f) in blocks.items() if n.startswith("mixtral")}
-                t = timer.compare({n: fwd_bwd(m, f, g) for n, (m, f) in blocks.items()})
-                row = {"dtype": dtype_name, "T": T, "D": D, "F": Fh, "E": E, "K": K, "skipped": skipped,
-                       "max_abs_diff_vs_mixtral": max(err.values()) if err else None,
-                       **{f"ms_{n}": v * 1e3 for n, v in t.items()}}
-                for n in t:
-                    if n.startswith("mixtral"):
-                        row[f"speedup_vs_{n}"] = t[n] / t["ours"]
-                row["speedup_vs_qwen2_grouped_mm"] = t["qwen2_grouped_mm"] / t["ours_shared"]
-                rows.append(row)
-                print(f"  peers {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
+    for dtype_name, dtype, E, K in cases(args.peer_dtypes, args):
+        T, D, Fh = args.tokens, args.d_model, args.d_ff
+        x = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
+        g = torch.randn(1, T, D, device=device, dtype=dtype)
+        blocks, skipped = _peer_blocks(args, device, dtype, E, K, x)
+        with torch.no_grad():  # same weights: Mixtral outputs must match ours
+            ref = blocks["ours"][1]()
+            err = {n: (f() - ref).abs().max().item() for n, (_, f) in blocks.items() if n.startswith("mixtral")}
+        t = timer.compare({n: fwd_bwd(m, f, g) for n, (m, f) in blocks.items()})
+        row = {"dtype": dtype_name, "T": T, "D": D, "F": Fh, "E": E, "K": K, "skipped": skipped,
+               "max_abs_diff_vs_mixtral": max(err.values()) if err else None,
+               **{f"ms_{n}": v * 1e3 for n, v in t.items()}}
+        for n in t:
+            if n.startswith("mixtral"):
+                row[f"speedup_vs_{n}"] = t[n] / t["ours"]
+        row["speedup_vs_qwen2_grouped_mm"] = t["qwen2_grouped_mm"] / t["ours_shared"]
+        rows.append(row)
+        print(f"  peers {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
 
 
 def bench_memory(args, timer: Timer, device: torch.device) -> list[dict]:
     """Section 6: memory per token of one forward of each block of section 3 (see :func:`forward_memory`)."""
     rows = []
-    for dtype_name in args.peer_dtypes:
-        dtype = DTYPES[dtype_name]
-        for E in args.experts:
-            for K in args.topk:
-                T = args.tokens
-                x = torch.randn(1, T, args.d_model, device=device, dtype=dtype, requires_grad=True)
-                blocks, skipped = _peer_blocks(args, device, dtype, E, K, x)
-                mem = {n: forward_memory(device, m, f) / T for n, (m, f) in blocks.items()}
-                row = {"dtype": dtype_name, "E": E, "K": K, "skipped": skipped, **{f"bytes_per_token_{n}": v for n, v in mem.items()}}
-                rows.append(row)
-                print(f"  memory {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
+    for dtype_name, dtype, E, K in cases(args.peer_dtypes, args):
+        T = args.tokens
+        x = torch.randn(1, T, args.d_model, device=device, dtype=dtype, requires_grad=True)
+        blocks, skipped = _peer_blocks(args, device, dtype, E, K, x)
+        mem = {n: forward_memory(device, m, f) / T for n, (m, f) in blocks.items()}
+        row = {"dtype": dtype_name, "E": E, "K": K, "skipped": skipped, **{f"bytes_per_token_{n}": v for n, v in mem.items()}}
+        rows.append(row)
+        print(f"  memory {dtype_name} E={E} K={K}: " + _fmt(row), flush=True)
     return rows
 
 

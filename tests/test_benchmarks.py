@@ -31,6 +31,7 @@ def test_quick_benchmark_writes_tables_and_json(tmp_path):
         assert section in saved and title in md
     assert len(res["ceiling"]) == 2  # float32 and bfloat16
     assert res["imbalance"][0]["maxvio"] > 0.3 and res["ceiling"][0]["maxvio"] == 0
+    assert res["imbalance"][0]["skewed_over_uniform"] > 0 and "ours skewed / uniform" in md
     peer = res["peers"][0]
     assert peer["max_abs_diff_vs_mixtral"] < 1e-5  # same weights, same routing, same outputs
     assert all(math.isfinite(v) and v > 0 for k, v in peer.items() if k.startswith(("ms_", "speedup_")))

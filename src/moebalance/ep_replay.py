@@ -104,10 +104,10 @@ def replay_loads(loads_SLE: np.ndarray, num_ranks: int) -> ReplayResult:
     )
 
 
-def _shape(x: Any) -> tuple[int, ...] | None:
-    """Shape of a nested list of numbers; ``None`` when it is ragged or not numeric."""
+def _array(x: Any) -> np.ndarray | None:
+    """A nested list of numbers as a float64 array; ``None`` when it is ragged or not numeric."""
     try:
-        return np.asarray(x, dtype=np.float64).shape
+        return np.asarray(x, dtype=np.float64)
     except (ValueError, TypeError):
         return None
 
@@ -119,13 +119,14 @@ def _recorded_loads(run_dir: str | Path) -> np.ndarray:
     loads = [r["loads"] for r in train if "loads" in r]
     if not loads:
         raise ValueError(f"{run_dir}: metrics.jsonl has no per-step 'loads' to replay")
-    shapes = {_shape(x) for x in loads}
-    if len(shapes) != 1 or None in shapes or len(next(iter(shapes))) != 2:
+    array = _array(loads)
+    if array is None or array.ndim != 3:
+        shapes = {None if (a := _array(x)) is None else a.shape for x in loads}  # only to say what is wrong
         raise ValueError(
             f"{run_dir}: metrics.jsonl 'loads' must be [layers][experts] with the same shape in every step, "
             f"got shapes {sorted(shapes, key=str)[:4]}"
         )
-    return np.asarray(loads, dtype=np.float64)
+    return array
 
 
 def replay_runs(runs: dict[str, str | Path], ranks: tuple[int, ...] = DEFAULT_RANKS) -> dict[str, Any]:

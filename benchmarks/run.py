@@ -60,12 +60,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import peers  # noqa: E402
 
 from moebalance.balancing import Balancing, LossFreeBalancer  # noqa: E402
-from moebalance.config import ModelConfig  # noqa: E402
 from moebalance.experts import combine, expert_compute_plan, permute  # noqa: E402
 from moebalance.metrics import max_violation  # noqa: E402
-from moebalance.model import MoETransformer  # noqa: E402
 from moebalance.moe import MoELayer  # noqa: E402
 from moebalance.routing import TopKRouter  # noqa: E402
+from moebalance.train.config import ModelConfig  # noqa: E402
+from moebalance.train.model import MoETransformer  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SECTIONS = ("kernels", "ceiling", "imbalance", "peers", "memory", "balancing", "scaling")

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from moebalance.config import DataConfig
-from moebalance.data import prepare_data
 from moebalance.integrations.transformers import TINY_FAMILIES, apply_loss_free_balancing, tiny_moe_config
 from moebalance.metrics import max_violation
+from moebalance.train.config import DataConfig
+from moebalance.train.data import prepare_data
 
 
 class TokenWindows(torch.utils.data.Dataset):

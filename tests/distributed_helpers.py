@@ -20,7 +20,7 @@ def free_port() -> int:
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
-    # The same environment torchrun gives its workers; moebalance.distributed reads it.
+    # The same environment torchrun gives its workers; moebalance.parallel reads it.
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -50,7 +50,7 @@ _PARTS = ("test_expert_parallel", "test_distributed")
 def _shared_job(rank: int, world_size: int, out_dir: str) -> None:
     import importlib
 
-    from moebalance.distributed import init_distributed, shutdown
+    from moebalance.parallel import init_distributed, shutdown
 
     ctx = init_distributed("cpu")
     for name in _PARTS:

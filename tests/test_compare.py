@@ -67,8 +67,8 @@ def test_cli_rejects_bad_key(tmp_path):
 
 
 def test_compare_validates_both_runs_before_training():
-    from moebalance.config import apply_overrides, get_preset
-    from moebalance.experiments import compare_configs
+    from moebalance.lab.compare import compare_configs
+    from moebalance.train.config import apply_overrides, get_preset
 
     base = apply_overrides(get_preset("smoke"), ["model.routing=expert_choice", "balance.strategy=none"])
     with pytest.raises(ValueError, match="balance.strategy"):

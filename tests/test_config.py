@@ -1,6 +1,6 @@
 import pytest
 
-from moebalance.config import RunConfig, apply_overrides, get_preset
+from moebalance.train.config import RunConfig, apply_overrides, get_preset
 
 
 def test_presets_build_and_validate():

@@ -1,4 +1,4 @@
-"""Config validation: every field rejects a bad value with its name and range (moebalance.config)."""
+"""Config validation: every field rejects a bad value with its name and range (moebalance.train.config)."""
 
 import dataclasses
 import re
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moebalance.config import RunConfig, apply_overrides, get_preset
+from moebalance.train.config import RunConfig, apply_overrides, get_preset
 
 # One out-of-range value for every field (type errors are covered for all fields below), and the
 # allowed range the message must state.

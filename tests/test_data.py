@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from moebalance.config import DataConfig
-from moebalance.data import builtin_corpus_files, eval_batches, prepare_data, sample_batch, split_files
+from moebalance.train.config import DataConfig
+from moebalance.train.data import builtin_corpus_files, eval_batches, prepare_data, sample_batch, split_files
 
 
 def test_builtin_corpus_is_the_stdlib_without_tests():
@@ -73,7 +73,7 @@ def test_batches():
 
 
 def test_fingerprint_sees_contents(tmp_path):
-    from moebalance.data import fingerprint_files
+    from moebalance.train.data import fingerprint_files
 
     (tmp_path / "a.txt").write_text("alpha")
     before = fingerprint_files(tmp_path, ["a.txt"])

@@ -1,11 +1,11 @@
-"""Bad training data fails with a clear error before training starts (moebalance.data)."""
+"""Bad training data fails with a clear error before training starts (moebalance.train.data)."""
 
 import numpy as np
 import pytest
 
-from moebalance.config import DataConfig, apply_overrides, get_preset
-from moebalance.data import TokenData, check_data, prepare_data
-from moebalance.train import train
+from moebalance.train.config import DataConfig, apply_overrides, get_preset
+from moebalance.train.data import TokenData, check_data, prepare_data
+from moebalance.train.loop import train
 
 
 def write_bin(path, tokens):

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from moebalance import distributed
-from moebalance.checkpoint import load_checkpoint
-from moebalance.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from moebalance.reporting import load_metrics
+from moebalance import parallel as distributed
+from moebalance.lab.reporting import load_metrics
+from moebalance.train.checkpoint import load_checkpoint
+from moebalance.train.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from moebalance.train.data import sample_local_batch
 
 WORLD = 2
 BATCH = 2  # sequences per rank and micro-batch
@@ -77,7 +78,7 @@ def dist_job_part(rank, world, out_dir):
     """This module's share of the shared 2-rank job: a DP run, an EP run, the balancing check."""
     from pathlib import Path
 
-    from moebalance.train import train
+    from moebalance.train.loop import train
 
     out_dir = Path(out_dir)
     if rank == 0:
@@ -92,7 +93,7 @@ def dist_job_part(rank, world, out_dir):
 @pytest.fixture(scope="module")
 def runs(dist_job):
     """The shared 2-rank job's runs, and the 1-process reference with the same global batch."""
-    from moebalance.train import train
+    from moebalance.train.loop import train
 
     train(_cfg(dist_job / "data", BATCH * WORLD), dist_job / "single", progress=False)
     train(_cfg(dist_job / "data", BATCH * WORLD, strategy="global_aux_loss"), dist_job / "single_global", progress=False)
@@ -163,9 +164,9 @@ def test_bias_all_reduce_makes_different_data_agree(runs):
 
 def test_sample_local_batch_splits_the_global_batch():
     data = np.arange(1000, dtype=np.uint16)
-    full, _ = distributed.sample_local_batch(data, 6, 8, torch.Generator().manual_seed(3), distributed.DistContext())
+    full, _ = sample_local_batch(data, 6, 8, torch.Generator().manual_seed(3), distributed.DistContext())
     parts = [
-        distributed.sample_local_batch(
+        sample_local_batch(
             data, 3, 8, torch.Generator().manual_seed(3), distributed.DistContext(rank=r, world_size=2)
         )[0]
         for r in range(2)

@@ -1,14 +1,14 @@
 import json
 
 import numpy as np
-import torch
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moebalance.cli import main
-from moebalance.ep_replay import rank_loads, replay_loads, replay_markdown, replay_runs
-from moebalance.experiments import render_compare_markdown
+from moebalance.lab.compare import render_compare_markdown
+from moebalance.lab.replay import rank_loads, replay_loads, replay_markdown, replay_runs
 from moebalance.metrics import max_violation
 
 

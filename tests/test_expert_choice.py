@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from moebalance.balancing import Balancing
-from moebalance.config import ModelConfig
-from moebalance.model import MoETransformer
 from moebalance.moe import MoELayer
 from moebalance.routing import ExpertChoiceRouter, chosen_experts, expert_choice_capacity
+from moebalance.train.config import ModelConfig
+from moebalance.train.model import MoETransformer
 
 
 @pytest.mark.parametrize(

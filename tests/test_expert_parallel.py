@@ -35,7 +35,7 @@ def dist_job_part(rank, world, out_dir):
 
 
 def _ep_case(rank, world, case, path):
-    from moebalance.expert_parallel import ExpertParallelMoELayer
+    from moebalance.parallel.expert_parallel import ExpertParallelMoELayer
 
     T, D, Fh, E, K, shared, grouped, skew = case
     ep = ExpertParallelMoELayer(_layer(D, Fh, E, K, shared, grouped, skew))

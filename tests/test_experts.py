@@ -6,9 +6,9 @@ import torch.nn.functional as F
 
 from moebalance import MoELayer
 from moebalance import experts as ex
-from moebalance.config import ModelConfig
 from moebalance.experts import GroupedExperts, SwiGLU, combine, expert_capacity, expert_compute_plan, permute
-from moebalance.model import MoETransformer
+from moebalance.train.config import ModelConfig
+from moebalance.train.model import MoETransformer
 
 
 def _kept_pairs(indices_TK, gates_TK, capacity, policy, mask_T=None):

@@ -1,4 +1,4 @@
-"""Non-finite loss, router logits and gradients (moebalance.guards and the trainer's skip/stop)."""
+"""Non-finite loss, router logits and gradients (moebalance.train.guards and the trainer's skip/stop)."""
 
 import json
 import logging
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from moebalance.config import apply_overrides, get_preset
-from moebalance.guards import NonFiniteError, nonfinite_reason
 from moebalance.routing import RouterOutput, TopKRouter, _in_backward_recompute
-from moebalance.train import train
+from moebalance.train.config import apply_overrides, get_preset
+from moebalance.train.guards import NonFiniteError, nonfinite_reason
+from moebalance.train.loop import train
 
 B, S, K, ACCUM, LAYERS = 4, 16, 2, 2, 2
 BAD_STEP = 3  # 1-based step whose second micro-batch goes bad
@@ -133,9 +133,9 @@ def test_on_nonfinite_is_validated():
 
 
 def test_a_run_whose_every_step_is_skipped_fails(tmp_path):
-    from moebalance.config import apply_overrides, get_preset
-    from moebalance.guards import NonFiniteError
-    from moebalance.train import train
+    from moebalance.train.config import apply_overrides, get_preset
+    from moebalance.train.guards import NonFiniteError
+    from moebalance.train.loop import train
 
     cfg = apply_overrides(
         get_preset("smoke"),

@@ -6,15 +6,15 @@ import json
 import pytest
 import torch
 
-from moebalance.config import ModelConfig, apply_overrides, get_preset
-from moebalance.leakage import (
+from moebalance.lab.leakage import (
     changed_fraction,
     current_batch_bias_router,
     leakage,
     measure_leakage,
     model_router,
 )
-from moebalance.model import MoETransformer
+from moebalance.train.config import ModelConfig, apply_overrides, get_preset
+from moebalance.train.model import MoETransformer
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, num_experts=8, top_k=2, d_expert=16)
 

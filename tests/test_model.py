@@ -1,8 +1,8 @@
 import torch
 
 from moebalance import LossFreeBalancer
-from moebalance.config import ModelConfig
-from moebalance.model import MoETransformer
+from moebalance.train.config import ModelConfig
+from moebalance.train.model import MoETransformer
 
 
 def tiny(**kw) -> ModelConfig:

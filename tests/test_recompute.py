@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import moebalance.routing as routing
-from moebalance.config import ModelConfig
-from moebalance.model import MoETransformer
+from moebalance.train.config import ModelConfig
+from moebalance.train.model import MoETransformer
 
 B, S, K = 3, 10, 2
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from moebalance.cli import main
-from moebalance.config import apply_overrides, get_preset
-from moebalance.reporting import find_run_dirs, load_heatmap_image, plot_runs
+from moebalance.lab.reporting import find_run_dirs, plot_runs
+from moebalance.train.config import apply_overrides, get_preset
+from moebalance.train.logs import load_heatmap_image
 
 TINY = [
     "data.max_files=20",
@@ -28,7 +29,7 @@ TINY = [
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from moebalance.train import train
+    from moebalance.train.loop import train
 
     out = tmp_path_factory.mktemp("run")
     train(apply_overrides(get_preset("smoke"), TINY), out, progress=False)

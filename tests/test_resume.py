@@ -1,4 +1,4 @@
-"""Exact resume, crash-safe checkpoints and SIGKILL recovery (moebalance.checkpoint, moebalance.resume).
+"""Exact resume, crash-safe checkpoints and SIGKILL recovery (moebalance.train.checkpoint, moebalance.train.resume).
 
 Every run here is the smoke preset shrunk further, on random tokens in a ``.bin`` file, one thread.
 The reference is a run that was never interrupted; a stopped-and-resumed run must match it bit for
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-import moebalance.train as train_mod
-from moebalance.checkpoint import FAULT_ENV, CheckpointDir, load_checkpoint, save_checkpoint
-from moebalance.config import apply_overrides, get_preset
-from moebalance.train import train
+import moebalance.train.loop as train_mod
+from moebalance.train.checkpoint import FAULT_ENV, CheckpointDir, load_checkpoint, save_checkpoint
+from moebalance.train.config import apply_overrides, get_preset
+from moebalance.train.loop import train
 
 STEPS, EVERY = 12, 4
 TINY = [

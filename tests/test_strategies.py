@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from moebalance.balancing import STRATEGIES, Balancing, GlobalBatchCounts
-from moebalance.config import BalanceConfig, RunConfig, apply_overrides, get_preset
 from moebalance.losses import batch_aux_loss, global_batch_aux_loss, importance_loss, router_z_loss, sequence_aux_loss
 from moebalance.moe import MoELayer
+from moebalance.train.config import BalanceConfig, RunConfig, apply_overrides, get_preset
 
 
 def _two_layers(x):

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from moebalance import cli, sweeps
+from moebalance import cli
+from moebalance.lab import sweeps
 from moebalance.balancing import STRATEGIES
-from moebalance.config import apply_overrides, get_preset
+from moebalance.train.config import apply_overrides, get_preset
 
 
 @pytest.mark.parametrize("preset", ["smoke", "default"])
@@ -48,14 +49,14 @@ def test_sweep_writes_reports_and_resumes(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "sweep.json").read_text())
     assert list(saved["runs"]) == list(two_runs) and not any(r["resumed"] for r in saved["runs"].values())
     assert {"val_ppl", "maxvio_global", "maxvio_batch_last", "balance"} <= set(saved["runs"]["loss_free"])
-    # The expert-parallel replay of each run's recorded loads (moebalance.ep_replay).
+    # The expert-parallel replay of each run's recorded loads (moebalance.lab.replay).
     assert set(saved["ep_replay"]["runs"]) == set(two_runs)
     assert "Expert-parallel cost: a replay of the measured loads" in (tmp_path / "sweep.md").read_text()
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr("moebalance.train.train", no_training)
+    monkeypatch.setattr("moebalance.train.loop.train", no_training)
     second = sweeps.sweep("alpha", base, tmp_path, progress=False, command="test")
     assert all(r["resumed"] for r in second["runs"].values())
     assert second["runs"]["loss_free"]["val_ppl"] == first["runs"]["loss_free"]["val_ppl"]

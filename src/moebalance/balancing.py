@@ -10,7 +10,7 @@ L MoE layers.
   sequence-wise one for a list of layers, :class:`GlobalBatchCounts` gathers the global batch's
   expert counts for the global-batch loss.
 * :class:`Balancing` is what the training loop talks to: one object per run, built from
-  :class:`~moebalance.config.BalanceConfig` by strategy name (:data:`STRATEGIES`).
+  :class:`~moebalance.train.config.BalanceConfig` by strategy name (:data:`STRATEGIES`).
 
 Nothing is stashed in global lists: losses are computed from the router outputs the model returns.
 """
@@ -232,7 +232,7 @@ class GlobalBatchCounts:
 
 
 class Balancing:
-    """The balancing of one training run, built from :class:`~moebalance.config.BalanceConfig`.
+    """The balancing of one training run, built from :class:`~moebalance.train.config.BalanceConfig`.
 
     The training loop asks it for the extra loss of each micro-batch (:meth:`loss`) and calls
     :meth:`after_step` once after each optimizer step (the bias update, and the reset of the load
@@ -285,7 +285,7 @@ class Balancing:
 
     @classmethod
     def from_config(cls, cfg, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Balancing:
-        """From a :class:`~moebalance.config.BalanceConfig`."""
+        """From a :class:`~moebalance.train.config.BalanceConfig`."""
         return cls(
             cfg.strategy,
             cfg.bias_update_rate,

@@ -8,7 +8,7 @@ An unknown key or a value out of range is an error that names the field.
 
 ``moebalance train --resume DIR`` continues the run in ``DIR`` from its newest good checkpoint
 (``DIR/checkpoints``), with the config saved in ``DIR/config.json``; only the keys of
-:data:`moebalance.resume.RESUMABLE_KEYS` (e.g. ``train.max_steps``) may be overridden.
+:data:`moebalance.train.resume.RESUMABLE_KEYS` (e.g. ``train.max_steps``) may be overridden.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from moebalance.config import PRESETS, RunConfig, apply_overrides, get_preset
+from moebalance.train.config import PRESETS, RunConfig, apply_overrides, get_preset
 
 __all__ = ["main"]
 
@@ -37,7 +37,7 @@ def _config(args: argparse.Namespace) -> RunConfig:
 
 def _resume_config(args: argparse.Namespace) -> RunConfig:
     """The saved config of the run in ``args.resume``, with the allowed overrides applied."""
-    from moebalance.resume import RESUMABLE_KEYS
+    from moebalance.train.resume import RESUMABLE_KEYS
 
     run_dir = Path(args.resume)
     for flag in ("preset", "data", "out"):
@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cmp = sub.add_parser("compare", help="Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
-    from moebalance.sweeps import GRIDS
+    from moebalance.lab.sweeps import GRIDS
 
     p_sweep = sub.add_parser("sweep", help="a grid of balancing runs on one seed, data order and initial weights")
     p_sweep.add_argument("grid", choices=GRIDS, help="built-in grid (see docs/balancing.md)")
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from moebalance.ep_replay import replay_markdown, replay_runs
+    from moebalance.lab.replay import replay_markdown, replay_runs
 
     try:
         ranks = tuple(int(r) for r in args.ranks.split(","))
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "replay":
         return _replay(parser, args)
     if args.command == "plot":  # no config: it reads finished runs
-        from moebalance.reporting import plot_runs
+        from moebalance.lab.reporting import plot_runs
 
         try:
             for path in plot_runs(args.run_dirs, args.out):
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(cfg.to_dict(), indent=2))
         return 0
     if getattr(args, "nproc", 1) != 1 and "WORLD_SIZE" not in os.environ:
-        from moebalance.distributed import launch
+        from moebalance.parallel.process import launch
 
         if args.nproc < 1:
             parser.error(f"--nproc must be >= 1, got {args.nproc}")
@@ -182,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--out {out!r} is a file; it must be a folder (it is created if missing)")
     try:
         if args.command == "train":
-            from moebalance.train import train
+            from moebalance.train.loop import train
 
             result = train(cfg, out, progress=not args.no_progress, resume=bool(resume))
             if int(os.environ.get("RANK", "0")) != 0:
                 return 0
             print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
         elif args.command == "compare":
-            from moebalance.experiments import compare
+            from moebalance.lab.compare import compare
 
             report = compare(cfg, out, progress=not args.no_progress)
             for name, r in report["runs"].items():
@@ -199,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"report: {out}/report.md")
         elif args.command == "sweep":
-            from moebalance.sweeps import sweep
+            from moebalance.lab.sweeps import sweep
 
             report = sweep(args.grid, cfg, out, progress=not args.no_progress)
             for name, r in report["runs"].items():
                 print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
             print(f"report: {out}/sweep.md")
         elif args.command == "leakage":
-            from moebalance.leakage import leakage, render_leakage_table
+            from moebalance.lab.leakage import leakage, render_leakage_table
 
             result = leakage(cfg, out, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
             print(render_leakage_table(result))

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moebalance.checkpoint import atomic_write_bytes
+from moebalance.train.checkpoint import atomic_write_bytes
 
 __all__ = ["RESUMABLE_KEYS", "capture_state", "continue_metrics", "restore_state"]
 
@@ -89,7 +89,7 @@ def capture_state(
         stats: running statistics (``skipped``, ``maxvio_history``, ``last_eval``, ``train_time``).
 
     Returns:
-        a dict for :func:`~moebalance.checkpoint.save_checkpoint` (tensors are copied to CPU).
+        a dict for :func:`~moebalance.train.checkpoint.save_checkpoint` (tensors are copied to CPU).
     """
     from moebalance.balancing import find_routers
 

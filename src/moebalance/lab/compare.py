@@ -7,11 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moebalance.config import RunConfig
-from moebalance.data import prepare_data
-from moebalance.ep_replay import replay_markdown, replay_runs
-from moebalance.reporting import plot_loads, plot_maxvio_batch, plot_val_loss, write_json, write_text
-from moebalance.train import train
+from moebalance.lab.replay import replay_markdown, replay_runs
+from moebalance.lab.reporting import plot_loads, plot_maxvio_batch, plot_val_loss
+from moebalance.train.checkpoint import write_json, write_text
+from moebalance.train.config import RunConfig
+from moebalance.train.data import prepare_data
+from moebalance.train.loop import train
 
 __all__ = ["compare", "compare_configs"]
 

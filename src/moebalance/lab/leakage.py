@@ -24,10 +24,10 @@ from typing import Any
 import torch
 
 from moebalance.balancing import LossFreeBalancer
-from moebalance.config import RunConfig
-from moebalance.model import MoETransformer
-from moebalance.reporting import write_json
 from moebalance.routing import chosen_experts
+from moebalance.train.checkpoint import write_json
+from moebalance.train.config import RunConfig
+from moebalance.train.model import MoETransformer
 
 __all__ = [
     "changed_fraction",
@@ -184,8 +184,8 @@ def leakage(
         the ``leakage.json`` content: ``{"expert_choice": fraction, "loss_free": fraction,
         "current_batch_bias": fraction, "per_layer": {...}, "position": p, ...}``.
     """
-    from moebalance.checkpoint import load_checkpoint
-    from moebalance.data import prepare_data, sample_batch
+    from moebalance.train.checkpoint import load_checkpoint
+    from moebalance.train.data import prepare_data, sample_batch
 
     cfg = copy.deepcopy(base)
     state = None

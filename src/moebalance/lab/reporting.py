@@ -9,33 +9,23 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from moebalance.checkpoint import atomic_write_bytes
+from moebalance.train.checkpoint import atomic_write_bytes
+from moebalance.train.logs import draw_load_heatmap, pyplot, relative_load
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 __all__ = [
     "find_run_dirs",
-    "load_heatmap_image",
     "load_metrics",
     "plot_loads",
     "plot_maxvio_batch",
     "plot_runs",
     "plot_tradeoff",
     "plot_val_loss",
-    "write_json",
-    "write_text",
 ]
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
-
-
-def write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def load_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
@@ -51,15 +41,6 @@ def load_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             continue
         (train if rec.get("kind") == "train" else evals).append(rec)
     return train, evals
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _save(fig, path: str | Path) -> None:
@@ -80,7 +61,7 @@ def _smooth(values: list[float], window: int) -> list[float]:
 
 def plot_maxvio_batch(runs: dict[str, str | Path], path: str | Path) -> None:
     """MaxVio_batch (mean over layers) per training step, one line per run (paper Fig. 3 style)."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, run_dir in runs.items():
         train, _ = load_metrics(run_dir)
@@ -100,7 +81,7 @@ def plot_maxvio_batch(runs: dict[str, str | Path], path: str | Path) -> None:
 
 def plot_val_loss(runs: dict[str, str | Path], path: str | Path) -> None:
     """Validation loss at each evaluation, one line per run."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, run_dir in runs.items():
         _, evals = load_metrics(run_dir)
@@ -116,13 +97,13 @@ def plot_val_loss(runs: dict[str, str | Path], path: str | Path) -> None:
 
 def plot_loads(runs: dict[str, str | Path], path: str | Path) -> None:
     """Heatmaps of each expert's share of its layer's validation load at the last evaluation."""
-    plt = _figure()
+    plt = pyplot()
     names = list(runs)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3), squeeze=False)
     final_loads = {name: load_metrics(runs[name])[1][-1]["loads"] for name in names}
-    vmax = max(float(_relative_load(loads).max()) for loads in final_loads.values())  # one scale for all panels
+    vmax = max(float(relative_load(loads).max()) for loads in final_loads.values())  # one scale for all panels
     for ax, name in zip(axes[0], names):
-        _draw_load_heatmap(ax, fig, final_loads[name], f"{name}: load / mean load", vmax=vmax)
+        draw_load_heatmap(ax, fig, final_loads[name], f"{name}: load / mean load", vmax=vmax)
     _save(fig, path)
     plt.close(fig)
 
@@ -135,7 +116,7 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: str | Path, high
         path: PNG to write.
         highlight: runs drawn as stars (Loss-Free), the others as circles.
     """
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, (vio, ppl) in points.items():
         star = name in highlight
@@ -147,54 +128,6 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: str | Path, high
     ax.grid(alpha=0.3)
     _save(fig, path)
     plt.close(fig)
-
-
-def _relative_load(loads_LE) -> np.ndarray:
-    """``load / mean load`` per (layer, expert) as ``[L, E]`` float64; 1.0 is perfectly balanced."""
-    import torch
-
-    from moebalance.metrics import load_share
-
-    share = load_share(torch.as_tensor(loads_LE, dtype=torch.float64)).numpy()
-    return share * share.shape[1]
-
-
-def _draw_load_heatmap(ax, fig, loads_LE, title: str, vmax: float | None = None):
-    """Draw ``load / mean load`` per (layer, expert) on ``ax``; 1.0 is a perfectly balanced expert.
-
-    ``vmax`` fixes the top of the colour scale, so that panels drawn side by side compare."""
-    rel = _relative_load(loads_LE)
-    num_layers, num_experts = rel.shape
-    im = ax.imshow(rel, aspect="auto", cmap="viridis", vmin=0, vmax=vmax)
-    ax.set_yticks(range(num_layers))
-    step = max(1, -(-num_experts // 8))  # at most 8 labelled experts: labels stay legible
-    ax.set_xticks(range(0, num_experts, step))
-    ax.set_title(title)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    fig.colorbar(im, ax=ax)
-
-
-def load_heatmap_image(loads_LE, title: str = "load / mean load") -> np.ndarray:
-    """The expert-load heatmap of one evaluation as an RGB image, for TensorBoard's ``add_image``.
-
-    Args:
-        loads_LE: ``[L, E]`` tokens per expert of each MoE layer (tensor or nested lists).
-        title: figure title.
-
-    Returns:
-        ``[H, W, 3]`` uint8 numpy array (use ``dataformats="HWC"``).
-    """
-    import numpy as np
-
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(5, 3))
-    _draw_load_heatmap(ax, fig, loads_LE, title)
-    fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
 
 
 def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:

@@ -28,7 +28,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,16 +35,24 @@ from typing import Any
 
 import torch
 
-from moebalance import distributed
+from moebalance import parallel
 from moebalance.balancing import Balancing
-from moebalance.checkpoint import CheckpointDir, save_checkpoint
-from moebalance.config import RunConfig
-from moebalance.data import TokenData, check_data, eval_batches, prepare_data, sample_batch
-from moebalance.guards import NonFiniteError, nonfinite_reason
 from moebalance.metrics import max_violation
-from moebalance.model import MoETransformer
-from moebalance.reporting import load_heatmap_image
-from moebalance.resume import capture_state, continue_metrics, restore_state
+from moebalance.train.checkpoint import CheckpointDir, save_checkpoint, write_json
+from moebalance.train.config import RunConfig
+from moebalance.train.data import (
+    TokenData,
+    check_data,
+    eval_batches,
+    iter_rank_batches,
+    prepare_data,
+    sample_batch,
+    sample_local_batch,
+)
+from moebalance.train.guards import NonFiniteError, nonfinite_reason
+from moebalance.train.logs import RunLogger, load_heatmap_image
+from moebalance.train.model import MoETransformer
+from moebalance.train.resume import capture_state, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +113,7 @@ def evaluate(
     data: TokenData,
     cfg: RunConfig,
     max_tokens: int | None = None,
-    ctx: distributed.DistContext | None = None,
+    ctx: parallel.DistContext | None = None,
 ) -> dict[str, Any]:
     """Validation loss, perplexity and global expert loads over the validation split.
 
@@ -120,12 +127,12 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    ctx = ctx or distributed.DistContext(device=cfg.train.device)
+    ctx = ctx or parallel.DistContext(device=cfg.train.device)
     total_loss, total_tokens = 0.0, 0
     loads_LE = None
     max_tokens = cfg.train.eval_tokens if max_tokens is None else max_tokens
     batches = eval_batches(data.val, cfg.train.batch_size, cfg.train.seq_len, max_tokens)
-    for x, y in distributed.iter_rank_batches(batches, ctx):
+    for x, y in iter_rank_batches(batches, ctx):
         x, y = x.to(cfg.train.device), y.to(cfg.train.device)
         with _autocast(cfg):
             # A rank with no rows still runs the forward: expert parallelism exchanges tokens.
@@ -137,8 +144,8 @@ def evaluate(
         loads_LE = step_loads if loads_LE is None else loads_LE + step_loads
     model.train(was_training)
     sums = torch.tensor([total_loss, total_tokens], dtype=torch.float64, device=cfg.train.device)
-    distributed.all_reduce_sum_(sums)
-    distributed.all_reduce_sum_(loads_LE)
+    parallel.all_reduce_sum_(sums)
+    parallel.all_reduce_sum_(loads_LE)
     total_loss, total_tokens = sums[0].item(), int(sums[1].item())
     val_loss = total_loss / total_tokens
     vio = max_violation(loads_LE)
@@ -155,57 +162,6 @@ def evaluate(
 def _autocast(cfg: RunConfig):
     enabled = cfg.train.dtype == "bfloat16"
     return torch.autocast(device_type=torch.device(cfg.train.device).type, dtype=torch.bfloat16, enabled=enabled)
-
-
-class _Logger:
-    """JSONL + TensorBoard sink.
-
-    ``resume_step``: continue a run resumed after that step: keep ``metrics.jsonl`` up to it and
-    hide TensorBoard events of later steps (``purge_step``), which the resumed run logs again.
-    ``enabled=False`` (ranks other than 0) writes nothing.
-    """
-
-    def __init__(self, out_dir: Path, tensorboard: bool, resume_step: int | None = None, enabled: bool = True) -> None:
-        self.jsonl = None
-        self.tb = None
-        if not enabled:
-            return
-        if resume_step is not None:
-            continue_metrics(out_dir / "metrics.jsonl", resume_step)
-        self.jsonl = open(out_dir / "metrics.jsonl", "w" if resume_step is None else "a")
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = None if resume_step is None else resume_step + 1
-            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=purge)
-
-    def sync(self) -> None:
-        """Make the records so far durable (before a checkpoint that refers to them)."""
-        if self.jsonl is None:
-            return
-        os.fsync(self.jsonl.fileno())
-        if self.tb is not None:
-            self.tb.flush()
-
-    def record(self, rec: dict[str, Any], scalars: dict[str, float], step: int) -> None:
-        if self.jsonl is None:  # not rank 0
-            return
-        self.jsonl.write(json.dumps(rec) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in scalars.items():
-                self.tb.add_scalar(k, v, step)
-
-    def image(self, tag: str, image_HWC, step: int) -> None:
-        """An RGB ``[H, W, 3]`` uint8 image (TensorBoard only)."""
-        if self.tb is not None:
-            self.tb.add_image(tag, image_HWC, step, dataformats="HWC")
-
-    def close(self) -> None:
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 def train(
@@ -228,10 +184,10 @@ def train(
         progress: show a tqdm progress bar.
         desc: label of the progress bar.
         resume: continue from the newest good checkpoint in ``out_dir/checkpoints`` (bit-identical
-            on CPU to a run that was never stopped; see :mod:`moebalance.resume`).
+            on CPU to a run that was never stopped; see :mod:`moebalance.train.resume`).
 
     Raises:
-        ValueError: bad data (see :func:`~moebalance.data.check_data`); on resume, no usable
+        ValueError: bad data (see :func:`~moebalance.train.data.check_data`); on resume, no usable
             checkpoint or one made with another config or other data.
         FileNotFoundError: on resume, no checkpoint in ``out_dir/checkpoints``.
         NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``;
@@ -243,8 +199,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dist_ctx = distributed.init_distributed(cfg.train.device)  # one-process context without torchrun
-    data = data if data is not None else distributed.main_first(dist_ctx, lambda: prepare_data(cfg.data))
+    dist_ctx = parallel.init_distributed(cfg.train.device)  # one-process context without torchrun
+    data = data if data is not None else parallel.main_first(dist_ctx, lambda: prepare_data(cfg.data))
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
     cfg.train.device = dist_ctx.device  # cuda:<LOCAL_RANK> on a CUDA job
@@ -258,10 +214,8 @@ def train(
     device = torch.device(cfg.train.device)
     model = MoETransformer(cfg.model, cfg.balance).to(device)
     if expert_parallel:
-        from moebalance.expert_parallel import apply_expert_parallel
-
-        apply_expert_parallel(model)
-    train_model = distributed.wrap_data_parallel(model, dist_ctx)  # the model itself for one process
+        parallel.apply_expert_parallel(model)
+    train_model = parallel.wrap_data_parallel(model, dist_ctx)  # the model itself for one process
     routers = model.routers
     optimizer = build_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.train.lr)
@@ -289,7 +243,7 @@ def train(
             **objects, config=cfg.to_dict(), data_fingerprint=data.fingerprint, step=steps_done, stats=run_stats
         )
 
-    logger = _Logger(out, cfg.train.tensorboard, start_step if resume else None, enabled=dist_ctx.is_main)
+    logger = RunLogger(out, cfg.train.tensorboard, start_step if resume else None, enabled=dist_ctx.is_main)
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dist_ctx.world_size
     maxvio_history: list[float] = stats["maxvio_history"]
     skipped: int = stats["skipped"]
@@ -318,12 +272,12 @@ def train(
             parts_sum: dict[str, float] = {}
             for micro in range(cfg.train.grad_accum):
                 if dist_ctx.enabled:  # this rank's slice of the global batch
-                    x, y = distributed.sample_local_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen, dist_ctx)
+                    x, y = sample_local_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen, dist_ctx)
                 else:
                     x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
                 x, y = x.to(device), y.to(device)
                 # DDP all-reduces gradients in the last micro-batch's backward only.
-                with distributed.no_sync(train_model, sync=micro == cfg.train.grad_accum - 1):
+                with parallel.no_sync(train_model, sync=micro == cfg.train.grad_accum - 1):
                     with _autocast(cfg):
                         res = train_model(x, y)
                     extra, parts = balancing.loss(res.routing)
@@ -338,12 +292,12 @@ def train(
                     (loss / cfg.train.grad_accum).backward()
                 lm_sum += res.loss.item()
                 dropped += sum(int(r.dropped_tokens) for r in res.routing if r.dropped_tokens is not None)
-            reason = distributed.any_rank_reason(reason, dist_ctx)
+            reason = parallel.any_rank_reason(reason, dist_ctx)
             if reason is None:
                 # max_norm=inf measures without scaling (the clip coefficient clamps to exactly 1).
                 max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
                 # The global norm (sharded experts included), the same on every rank.
-                grad_norm = distributed.clip_grad_norm_(model, max_norm, dist_ctx)
+                grad_norm = parallel.clip_grad_norm_(model, max_norm, dist_ctx)
                 if not math.isfinite(grad_norm):
                     reason = f"gradient norm is {grad_norm}"
             if reason is not None:
@@ -368,7 +322,7 @@ def train(
             biases = torch.stack([r.expert_bias for r in routers])
             n = cfg.train.grad_accum
             # Logged losses are means over the global batch (over the ranks as well).
-            lm_sum, dropped, *part_sums = distributed.mean_over_ranks([lm_sum, dropped, *parts_sum.values()], dist_ctx)
+            lm_sum, dropped, *part_sums = parallel.mean_over_ranks([lm_sum, dropped, *parts_sum.values()], dist_ctx)
             parts_sum = dict(zip(parts_sum, part_sums))
             dropped *= dist_ctx.world_size  # all ranks' dropped pairs, like the all-reduced loads
             rec = {
@@ -434,9 +388,12 @@ def train(
     if expert_parallel:
         # The full model, expert shards gathered (a collective); the optimizer state in the file
         # is rank 0's, whose expert part covers rank 0's experts only.
-        final_state["model"] = {k: v.cpu() for k, v in distributed.full_state_dict(model, dist_ctx).items()}
+        final_state["model"] = {k: v.cpu() for k, v in parallel.full_state_dict(model, dist_ctx).items()}
     if dist_ctx.enabled:
-        distributed.write_bias_checksums(model, out, dist_ctx)
+        # SHA-256 of every rank's final biases, so anyone can check they ended bit-identical.
+        sums = parallel.gather_bias_checksums(model, dist_ctx)
+        if dist_ctx.is_main:
+            write_json(out / "bias_checksums.json", {"world_size": dist_ctx.world_size, "checksums": sums, "identical": len(set(sums)) == 1})
     if dist_ctx.is_main:
         if cfg.train.checkpoint_every:
             ckpts.save(cfg.train.max_steps, final_state)
@@ -457,5 +414,5 @@ def train(
     )
     if dist_ctx.is_main:
         (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
-    distributed.shutdown(dist_ctx)
+    parallel.shutdown(dist_ctx)
     return result

@@ -26,17 +26,16 @@ import json
 from pathlib import Path
 from typing import Any
 
-from moebalance.config import RunConfig, apply_overrides
-from moebalance.ep_replay import replay_markdown
-from moebalance.experiments import REPORT_FIELDS, RUN_PLOTS_MARKDOWN, prepare_base, report_context
-from moebalance.reporting import (
+from moebalance.lab.compare import REPORT_FIELDS, RUN_PLOTS_MARKDOWN, prepare_base, report_context
+from moebalance.lab.replay import replay_markdown
+from moebalance.lab.reporting import (
     plot_loads,
     plot_maxvio_batch,
     plot_tradeoff,
     plot_val_loss,
-    write_json,
-    write_text,
 )
+from moebalance.train.checkpoint import write_json, write_text
+from moebalance.train.config import RunConfig, apply_overrides
 
 __all__ = ["GRIDS", "grid_runs", "render_sweep_markdown", "sweep"]
 
@@ -110,10 +109,10 @@ def sweep(
 
     Returns:
         the ``sweep.json`` content: ``{"grid", "command", "config", "data", "corpus_fingerprint",
-        "runs": {name: record}, "ep_replay"}`` (``ep_replay``: see :func:`~moebalance.ep_replay.replay_runs`); each record has ``compare``'s fields plus ``overrides`` and
+        "runs": {name: record}, "ep_replay"}`` (``ep_replay``: see :func:`~moebalance.lab.replay.replay_runs`); each record has ``compare``'s fields plus ``overrides`` and
         ``resumed`` (read back from an earlier sweep).
     """
-    from moebalance.train import train
+    from moebalance.train.loop import train
 
     runs = grid_runs(grid, base)
     out = Path(out_dir)

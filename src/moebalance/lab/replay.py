@@ -113,7 +113,7 @@ def _array(x: Any) -> np.ndarray | None:
 
 
 def _recorded_loads(run_dir: str | Path) -> np.ndarray:
-    from moebalance.reporting import load_metrics
+    from moebalance.lab.reporting import load_metrics
 
     train, _ = load_metrics(run_dir)
     loads = [r["loads"] for r in train if "loads" in r]

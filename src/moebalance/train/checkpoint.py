@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -41,6 +42,8 @@ __all__ = [
     "atomic_write_bytes",
     "load_checkpoint",
     "save_checkpoint",
+    "write_json",
+    "write_text",
 ]
 
 MAGIC = b"MOEBALANCE-CKPT\n"
@@ -189,3 +192,13 @@ class CheckpointDir:
                 log.warning("%s; falling back to an older checkpoint", exc)
                 faults.append(str(exc))
         raise ValueError(f"no usable checkpoint in {self.folder}: " + "; ".join(faults))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode())

@@ -1,0 +1,386 @@
+"""Run configuration: nested, validated dataclasses, named presets and typed overrides.
+
+Every field is checked in ``__post_init__`` (or :meth:`RunConfig.validate` for checks that span
+sections); a bad value raises ``ValueError`` naming the field and the allowed range. The CLI
+overrides existing keys only (``section.field=value``); an unknown key is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "BalanceConfig",
+    "DataConfig",
+    "ModelConfig",
+    "PRESETS",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "get_preset",
+]
+
+Strategy = Literal[
+    "loss_free", "aux_loss", "none", "batch_aux_loss", "global_aux_loss", "importance_loss", "deepseek_v3"
+]
+STRATEGY_NAMES = typing.get_args(Strategy)
+
+
+def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_type(value: Any, tp: Any, name: str) -> None:
+    """``value`` matches the annotation ``tp`` (int, float, bool, str, Literal, Optional).
+
+    Floats must be finite: an ``inf`` or ``nan`` rate or coefficient is never meant.
+    """
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return
+        tp = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        _check(value in args, name, f"one of {list(args)}", value)
+    elif tp is bool:
+        _check(isinstance(value, bool), name, "a boolean", value)
+    elif tp is int:
+        _check(isinstance(value, int) and not isinstance(value, bool), name, "an integer", value)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        _check(ok, name, "a finite number", value)
+    elif tp is str:
+        _check(isinstance(value, str), name, "a string", value)
+
+
+def _check_fields(obj: Any, section: str) -> None:
+    """Type-check every field of a config section against its annotation.
+
+    The CLI parser types its values, but ``RunConfig.from_dict`` (JSON) and direct construction do
+    not; a string where a number belongs must fail here, not deep inside training.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        _check_type(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
+
+
+@dataclass
+class ModelConfig:
+    """The small decoder-only MoE language model (see :mod:`moebalance.train.model`).
+
+    ``vocab_size`` is set from the tokenizer when the data is prepared.
+    """
+
+    vocab_size: int = 8192
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 256
+    num_experts: int = 16
+    top_k: int = 2
+    d_expert: int = 128  # hidden size F of one routed expert
+    num_shared_experts: int = 0
+    first_dense_layers: int = 0  # leading layers with a dense SwiGLU instead of an MoE
+    d_ff_dense: int = 512  # hidden size of the dense SwiGLU layers
+    score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    norm_topk_prob: bool = True
+    route_scale: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    # "topk" (token choice, eq. 1/3) or "expert_choice" (each expert takes its best tokens of the
+    # batch; Zhou et al. 2022). Expert choice takes ceil(capacity * K * T / E) tokens per expert.
+    routing: Literal["topk", "expert_choice"] = "topk"
+    expert_choice_capacity: float = 1.0
+    capacity_factor: float | None = None  # None: dropless; > 0: GShard/Switch capacity with token dropping
+    drop_policy: Literal["position", "score"] = "position"  # which pairs an over-full expert keeps
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    activation_checkpointing: bool = False  # recompute each block in backward (torch.utils.checkpoint)
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "model")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "num_experts", "d_expert", "d_ff_dense"):
+            _check(getattr(self, name) >= 1, f"model.{name}", ">= 1", getattr(self, name))
+        _check(self.d_model % self.n_heads == 0, "model.d_model", f"a multiple of n_heads={self.n_heads}", self.d_model)
+        _check((self.d_model // self.n_heads) % 2 == 0, "model.d_model / n_heads", "even (rotary pairs)", self.d_model // self.n_heads)
+        _check(1 <= self.top_k <= self.num_experts, "model.top_k", f"in [1, num_experts={self.num_experts}]", self.top_k)
+        _check(self.num_shared_experts >= 0, "model.num_shared_experts", ">= 0", self.num_shared_experts)
+        _check(0 <= self.first_dense_layers < self.n_layers, "model.first_dense_layers", f"in [0, n_layers-1={self.n_layers - 1}]", self.first_dense_layers)
+        _check(self.score_func in ("sigmoid", "softmax"), "model.score_func", "'sigmoid' or 'softmax'", self.score_func)
+        _check(self.route_scale > 0, "model.route_scale", "> 0", self.route_scale)
+        _check(self.n_group >= 1 and self.num_experts % self.n_group == 0, "model.n_group", f">= 1 and divide num_experts={self.num_experts}", self.n_group)
+        _check(1 <= self.topk_group <= self.n_group, "model.topk_group", f"in [1, n_group={self.n_group}]", self.topk_group)
+        routable = self.topk_group * (self.num_experts // self.n_group)
+        _check(self.top_k <= routable, "model.top_k", f"<= topk_group * num_experts / n_group = {routable} (group-limited routing)", self.top_k)
+        _check(self.routing in ("topk", "expert_choice"), "model.routing", "'topk' or 'expert_choice'", self.routing)
+        _check(self.expert_choice_capacity > 0, "model.expert_choice_capacity", "> 0", self.expert_choice_capacity)
+        _check(self.capacity_factor is None or self.capacity_factor > 0, "model.capacity_factor", "> 0 or None (dropless)", self.capacity_factor)
+        _check(self.capacity_factor is None or self.routing == "topk", "model.capacity_factor", "None with model.routing='expert_choice' (it has expert_choice_capacity)", self.capacity_factor)
+        _check(self.drop_policy in ("position", "score"), "model.drop_policy", "'position' or 'score'", self.drop_policy)
+        _check(self.rope_theta > 0, "model.rope_theta", "> 0", self.rope_theta)
+        _check(self.init_std > 0, "model.init_std", "> 0", self.init_std)
+
+
+@dataclass
+class BalanceConfig:
+    """Which load balancing the run uses (SPEC §2-§3).
+
+    ``strategy`` (see :data:`moebalance.balancing.STRATEGIES` and docs/balancing.md):
+    ``loss_free`` (arXiv 2408.15664 Algorithm 1), ``aux_loss`` (eq. 2, sequence-wise),
+    ``batch_aux_loss`` (Switch/GShard), ``global_aux_loss`` (f over the global batch),
+    ``importance_loss`` (CV²), ``deepseek_v3`` (Loss-Free plus a sequence-wise loss of
+    ``seq_aux_coeff``) or ``none``. ``aux_loss_coeff`` is the alpha of the auxiliary-loss
+    strategies. ``z_loss_coeff`` adds the ST-MoE router z-loss on top of any strategy.
+    """
+
+    strategy: Strategy = "loss_free"
+    bias_update_rate: float = 1e-3
+    bias_update: Literal["sign", "error"] = "sign"
+    bias_mode: Literal["additive", "multiplicative"] = "additive"
+    aux_loss_coeff: float = 1e-3
+    z_loss_coeff: float = 0.0
+    seq_aux_coeff: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "balance")
+        _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
+        _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
+        _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
+        _check(self.bias_mode in ("additive", "multiplicative"), "balance.bias_mode", "'additive' or 'multiplicative'", self.bias_mode)
+        _check(self.aux_loss_coeff >= 0, "balance.aux_loss_coeff", ">= 0", self.aux_loss_coeff)
+        _check(self.z_loss_coeff >= 0, "balance.z_loss_coeff", ">= 0", self.z_loss_coeff)
+        _check(self.seq_aux_coeff >= 0, "balance.seq_aux_coeff", ">= 0", self.seq_aux_coeff)
+
+
+@dataclass
+class DataConfig:
+    """Training text. ``path=None`` is the built-in corpus (this interpreter's standard library).
+
+    ``path`` may name a text file, a folder of text files, or a pre-tokenized ``.bin`` file / a
+    folder with ``train.bin`` and ``val.bin`` (uint16, nanoGPT layout; ``bin_vocab_size`` required).
+    """
+
+    path: str | None = None
+    vocab_size: int = 8192  # BPE vocabulary trained on the training split
+    val_fraction: float = 0.05
+    max_files: int = 0  # 0: every file of the corpus; > 0: the first N (tests)
+    bin_vocab_size: int = 0
+    cache_dir: str | None = None  # default: $MOEBALANCE_CACHE or ~/.cache/moebalance
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "data")
+        _check(self.path is None or self.path.strip() != "", "data.path", "a non-empty path or None (built-in corpus)", self.path)
+        _check(257 <= self.vocab_size <= 65535, "data.vocab_size", "in [257, 65535] (uint16 token ids)", self.vocab_size)
+        _check(0 < self.val_fraction < 0.5, "data.val_fraction", "in (0, 0.5)", self.val_fraction)
+        _check(self.max_files >= 0, "data.max_files", ">= 0", self.max_files)
+        _check(0 <= self.bin_vocab_size <= 65536, "data.bin_vocab_size", "in [0, 65536]", self.bin_vocab_size)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and logging. One optimizer step sees ``batch_size * grad_accum`` sequences."""
+
+    seq_len: int = 128
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 600
+    lr: float = 1.5e-3
+    min_lr: float = 1.5e-4
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 150
+    eval_tokens: int = 32768  # validation tokens of an intermediate evaluation (0: all); the final one reads all
+    log_every: int = 10
+    seed: int = 1234
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int = 0  # torch intra-op threads, 0: leave torch's default
+    tensorboard: bool = True
+    checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: only the final one)
+    keep_checkpoints: int = 3  # how many periodic checkpoints to keep
+    on_nonfinite: Literal["skip", "stop"] = "skip"  # non-finite loss/logits/gradients: skip the step or stop
+    # Under torchrun: shard the routed experts over all ranks (expert parallelism, see
+    # moebalance.parallel.expert_parallel); model.num_experts must be a multiple of the number of ranks.
+    expert_parallel: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "train")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every"):
+            _check(getattr(self, name) >= 1, f"train.{name}", ">= 1", getattr(self, name))
+        _check(self.lr > 0, "train.lr", "> 0", self.lr)
+        _check(0 <= self.min_lr <= self.lr, "train.min_lr", f"in [0, lr={self.lr}]", self.min_lr)
+        _check(0 <= self.warmup_steps <= self.max_steps, "train.warmup_steps", f"in [0, max_steps={self.max_steps}]", self.warmup_steps)
+        _check(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        _check(0 <= self.beta1 < 1, "train.beta1", "in [0, 1)", self.beta1)
+        _check(0 <= self.beta2 < 1, "train.beta2", "in [0, 1)", self.beta2)
+        _check(self.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", self.grad_clip)
+        _check(self.eval_tokens >= 0, "train.eval_tokens", ">= 0", self.eval_tokens)
+        _check(self.dtype in ("float32", "bfloat16"), "train.dtype", "'float32' or 'bfloat16'", self.dtype)
+        _check(0 <= self.threads <= 1024, "train.threads", "in [0, 1024] (0: torch's default)", self.threads)
+        _check(0 <= self.seed < 2**63, "train.seed", "in [0, 2**63)", self.seed)
+        _check(_is_device(self.device), "train.device", "'cpu', or 'cuda'/'cuda:N' where torch sees that GPU", self.device)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)", self.checkpoint_every)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+
+
+def _is_device(name: str) -> bool:
+    """A CPU, or a CUDA device that this torch build can use (anything else fails later, deep in torch)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+
+
+@dataclass
+class RunConfig:
+    """A whole run: model, balancing, data and training."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Cross-section checks (each section checks its own fields on construction)."""
+        _check(
+            self.train.seq_len <= self.model.max_seq_len,
+            "train.seq_len",
+            f"<= model.max_seq_len={self.model.max_seq_len}",
+            self.train.seq_len,
+        )
+        # Expert choice is balanced by construction; a bias or an aux loss would do nothing.
+        _check(
+            self.model.routing == "topk" or self.balance.strategy == "none",
+            "balance.strategy",
+            "'none' with model.routing='expert_choice'",
+            self.balance.strategy,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a run config must be a JSON object of sections, got {type(d).__name__}")
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config sections: {sorted(unknown)}")
+        hints = typing.get_type_hints(cls)
+        return cls(**{name: _section_from_dict(hints[name], d.get(name, {}), name) for name in sections})
+
+
+def _section_from_dict(section_cls: type, d: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"config section {prefix!r} must be an object of fields, got {type(d).__name__}")
+    names = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(f'{prefix}.{k}' for k in unknown)}")
+    return section_cls(**d)
+
+
+def _parse_value(text: str, tp: Any, key: str) -> Any:
+    """Parse ``text`` as a value of type ``tp`` (int, float, bool, str, Literal, Optional)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or (origin is not None and str(origin) == "<class 'types.UnionType'>"):
+        if text.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _parse_value(text, inner[0], key)
+    if origin is Literal:
+        if text not in args:
+            raise ValueError(f"{key} must be one of {list(args)}, got {text!r}")
+        return text
+    if tp is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{key} must be a boolean (true/false), got {text!r}")
+    if tp is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{key} must be an integer, got {text!r}") from None
+    if tp is float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got {text!r}") from None
+    if tp is str:
+        return text
+    raise ValueError(f"{key}: cannot parse values of type {tp}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Return a copy of ``cfg`` with ``section.field=value`` overrides applied and validated.
+
+    Raises:
+        ValueError: malformed override, unknown key, unparsable or out-of-range value.
+    """
+    d = cfg.to_dict()
+    hints = typing.get_type_hints(RunConfig)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2 or parts[0] not in d:
+            raise ValueError(f"unknown config key {key!r}; sections are {sorted(d)}")
+        section, name = parts
+        field_types = typing.get_type_hints(hints[section])
+        if name not in field_types:
+            raise ValueError(f"unknown config key {key!r}; {section} has {sorted(field_types)}")
+        d[section][name] = _parse_value(text.strip(), field_types[name], key)
+    return RunConfig.from_dict(d)
+
+
+def preset_default() -> RunConfig:
+    """The comparison of README and ``make demo``: two runs in about 10 minutes on 2 CPU cores."""
+    return RunConfig()
+
+
+def preset_smoke() -> RunConfig:
+    """A few seconds of training on a slice of the corpus, for tests."""
+    return RunConfig(
+        model=ModelConfig(d_model=64, n_layers=2, n_heads=2, max_seq_len=64, num_experts=8, top_k=2, d_expert=64, d_ff_dense=128),
+        data=DataConfig(vocab_size=512, max_files=60),
+        train=TrainConfig(seq_len=64, batch_size=8, max_steps=30, warmup_steps=5, eval_every=15, eval_tokens=8192, log_every=5),
+    )
+
+
+PRESETS = {"default": preset_default, "smoke": preset_smoke}
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh :class:`RunConfig` for a named preset. Raises ``ValueError`` for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def dumps(cfg: RunConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

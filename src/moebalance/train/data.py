@@ -1,0 +1,413 @@
+"""Training text: the built-in corpus, user text, pre-tokenized ``.bin`` files, and batching.
+
+The built-in corpus is the Python standard library of the interpreter that runs the job (every
+``*.py`` under the stdlib directory, without ``site-packages`` and test folders): real text that is
+on every machine, so nothing is downloaded. Files are taken in sorted order and split into train
+and validation *by file* (a file's split depends only on a hash of its relative path; a corpus of
+one file is split by lines, its last lines held out). A byte-level
+BPE (Hugging Face ``tokenizers``) is trained on the training split, and both splits are stored as
+``uint16`` token arrays read back as numpy memmaps, in a cache directory keyed by the corpus
+fingerprint (hash of the file list, sizes and contents), the vocabulary size and the split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moebalance.parallel.process import DistContext, shard_rows
+from moebalance.train.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TokenData",
+    "batch_at",
+    "check_data",
+    "eval_batches",
+    "iter_rank_batches",
+    "prepare_data",
+    "sample_batch",
+    "sample_local_batch",
+]
+
+EOT = "<|endoftext|>"
+_EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_CACHE_VERSION = 2
+
+
+@dataclass
+class TokenData:
+    """Tokenized train and validation splits.
+
+    Attributes:
+        train, val: 1-D ``uint16`` arrays (numpy memmaps) of token ids.
+        vocab_size: number of token ids the model must embed.
+        fingerprint: hex digest of the source (file list, sizes and contents, or the ``.bin`` files).
+        source: a human description of where the text came from.
+        num_files: (train files, validation files) for text corpora, ``None`` for ``.bin`` data.
+        tokenizer_path: the BPE ``tokenizer.json`` (``None`` for ``.bin`` data).
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    vocab_size: int
+    fingerprint: str
+    source: str
+    num_files: tuple[int, int] | None = None
+    tokenizer_path: str | None = None
+
+    def describe(self) -> dict:
+        return {
+            "source": self.source,
+            "fingerprint": self.fingerprint,
+            "vocab_size": self.vocab_size,
+            "train_tokens": int(len(self.train)),
+            "val_tokens": int(len(self.val)),
+            "num_files": list(self.num_files) if self.num_files else None,
+        }
+
+
+def stdlib_dir() -> Path:
+    """The standard-library directory of the running interpreter."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def builtin_corpus_files(max_files: int = 0) -> tuple[Path, list[str]]:
+    """Sorted relative paths of the built-in corpus's files (first ``max_files`` if > 0)."""
+    root = stdlib_dir()
+    rels = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*.py")
+        if p.is_file() and not (_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1]))
+    )
+    return root, rels[:max_files] if max_files else rels
+
+
+def text_corpus_files(path: Path, max_files: int = 0) -> tuple[Path, list[str]]:
+    """A text file, or every regular file under a folder (sorted), as ``(root, relative paths)``."""
+    if path.is_file():
+        return path.parent, [path.name]
+    if not path.is_dir():
+        raise FileNotFoundError(f"data.path {str(path)!r} is neither a file nor a folder")
+    rels = sorted(
+        p.relative_to(path).as_posix()
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    if not rels:
+        raise ValueError(f"data.path {str(path)!r} holds no files")
+    return path, rels[:max_files] if max_files else rels
+
+
+def _is_val(rel: str, val_fraction: float) -> bool:
+    h = int.from_bytes(hashlib.sha256(rel.encode()).digest()[:8], "big")
+    return h / 2**64 < val_fraction
+
+
+def split_files(rels: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """Split by file: validation files are those whose path hash falls under ``val_fraction``.
+
+    At least one file goes to each side when there are two or more files.
+    """
+    val = [r for r in rels if _is_val(r, val_fraction)]
+    train = [r for r in rels if not _is_val(r, val_fraction)]
+    if len(rels) >= 2 and not val:
+        val, train = train[-1:], train[:-1]
+    if len(rels) >= 2 and not train:
+        train, val = val[:1], val[1:]
+    return train, val
+
+
+def split_lines(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
+    """Split one text at the line boundary nearest ``1 - val_fraction`` of its characters.
+
+    Returns ``([train_text], [val_text])``; each side keeps at least one line when the text has two.
+
+    Raises:
+        ValueError: the text has fewer than 2 non-empty lines (nothing to hold out).
+    """
+    lines = text.splitlines(keepends=True)
+    if sum(1 for line in lines if line.strip()) < 2:
+        raise ValueError("a single-file corpus needs at least 2 non-empty lines to split train/validation")
+    ends = np.cumsum([len(line) for line in lines])
+    cut = int(np.searchsorted(ends, (1 - val_fraction) * ends[-1])) + 1
+    cut = min(max(cut, 1), len(lines) - 1)
+    return ["".join(lines[:cut])], ["".join(lines[cut:])]
+
+
+def fingerprint_files(root: Path, rels: list[str]) -> str:
+    """SHA-256 (first 16 hex digits) of the relative paths, byte sizes and contents of the files.
+
+    The contents count too: two corpora with the same names and sizes (or a file edited in place)
+    must not share a token cache or pass a resume's same-data check.
+    """
+    h = hashlib.sha256()
+    for rel in rels:
+        data = (root / rel).read_bytes()
+        h.update(f"{rel}\0{len(data)}\0".encode())
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()[:16]
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("MOEBALANCE_CACHE", Path.home() / ".cache" / "moebalance"))
+
+
+def _read_texts(root: Path, rels: list[str]) -> tuple[list[str], int]:
+    texts, skipped = [], 0
+    for rel in rels:
+        try:
+            texts.append((root / rel).read_bytes().decode("utf-8"))
+        except UnicodeDecodeError:
+            skipped += 1
+    return texts, skipped
+
+
+def _train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[EOT],
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer, length=len(texts))
+    return tok
+
+
+def _encode(tok, texts: list[str]) -> np.ndarray:
+    eot = tok.token_to_id(EOT)
+    ids: list[int] = []
+    for enc in tok.encode_batch(texts, add_special_tokens=False):
+        ids.extend(enc.ids)
+        ids.append(eot)
+    return np.asarray(ids, dtype=np.uint16)
+
+
+def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> TokenData:
+    if sum((root / rel).stat().st_size for rel in rels) == 0:
+        raise ValueError(f"data.path {source!r}: the corpus is empty ({len(rels)} files, 0 bytes)")
+    # Several files are split by file; a single file by lines (its last lines are the validation part).
+    single = len(rels) == 1
+    train_rels, val_rels = (rels, []) if single else split_files(rels, cfg.val_fraction)
+    fp = fingerprint_files(root, rels)
+    key = f"{fp}-bpe{cfg.vocab_size}-val{cfg.val_fraction:g}-v{_CACHE_VERSION}"
+    cache = cache_root(cfg) / key
+    meta_path = cache / "meta.json"
+    if not meta_path.exists():
+        train_texts, skipped_train = _read_texts(root, train_rels)
+        val_texts, skipped_val = _read_texts(root, val_rels)
+        if skipped_train + skipped_val:
+            log.warning("skipped %d non-UTF-8 files of %s", skipped_train + skipped_val, source)
+        if not train_texts and not val_texts:
+            raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
+        if single:
+            try:
+                train_texts, val_texts = split_lines(train_texts[0], cfg.val_fraction)
+            except ValueError as exc:
+                raise ValueError(f"data.path {source!r}: {exc}") from None
+        if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
+            raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
+        log.info("training a %d-token BPE on %d files (cached in %s)", cfg.vocab_size, len(train_texts), cache)
+        tok = _train_tokenizer(train_texts, cfg.vocab_size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        # Build in a temporary folder and rename: a killed job never leaves a half-written cache.
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent))
+        try:
+            tok.save(str(tmp / "tokenizer.json"))
+            _encode(tok, train_texts).tofile(tmp / "train.bin")
+            _encode(tok, val_texts).tofile(tmp / "val.bin")
+            meta = {
+                "vocab_size": tok.get_vocab_size(),
+                "fingerprint": fp,
+                "num_files": [len(train_texts), len(val_texts)],
+                "skipped_files": skipped_train + skipped_val,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            try:
+                os.rename(tmp, cache)
+            except OSError:  # another process won the race; its cache is as good as ours
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    meta = json.loads(meta_path.read_text())
+    return TokenData(
+        train=np.memmap(cache / "train.bin", dtype=np.uint16, mode="r"),
+        val=np.memmap(cache / "val.bin", dtype=np.uint16, mode="r"),
+        vocab_size=int(meta["vocab_size"]),
+        fingerprint=fp,
+        source=source,
+        num_files=tuple(meta["num_files"]),
+        tokenizer_path=str(cache / "tokenizer.json"),
+    )
+
+
+def _load_bin(path: Path, vocab_size: int) -> np.ndarray:
+    size = path.stat().st_size
+    if size % 2:
+        raise ValueError(f"{path}: size {size} bytes is not a multiple of the uint16 token size (2)")
+    if size == 0:
+        raise ValueError(f"{path}: empty token file")
+    arr = np.memmap(path, dtype=np.uint16, mode="r")
+    top = int(arr.max())
+    if top >= vocab_size:
+        raise ValueError(f"{path}: token id {top} is beyond data.bin_vocab_size={vocab_size}")
+    return arr
+
+
+def _prepare_bin(cfg: DataConfig, path: Path) -> TokenData:
+    if cfg.bin_vocab_size <= 0:
+        raise ValueError("data.bin_vocab_size must be set (> 0) for pre-tokenized .bin data")
+    if path.is_dir():
+        train_path, val_path = path / "train.bin", path / "val.bin"
+        for p in (train_path, val_path):
+            if not p.exists():
+                raise FileNotFoundError(f"{path} needs train.bin and val.bin (nanoGPT layout); missing {p.name}")
+        train = _load_bin(train_path, cfg.bin_vocab_size)
+        val = _load_bin(val_path, cfg.bin_vocab_size)
+        files = [train_path, val_path]
+    else:
+        tokens = _load_bin(path, cfg.bin_vocab_size)
+        cut = int(len(tokens) * (1 - cfg.val_fraction))
+        train, val = tokens[:cut], tokens[cut:]
+        files = [path]
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
+    return TokenData(train, val, cfg.bin_vocab_size, h.hexdigest()[:16], str(path))
+
+
+def prepare_data(cfg: DataConfig) -> TokenData:
+    """Load or build the token arrays named by ``cfg``.
+
+    Raises:
+        FileNotFoundError: ``cfg.path`` does not exist.
+        ValueError: an empty corpus, no text files, a malformed ``.bin`` file (size not a multiple of
+            2, token id beyond the vocabulary), or a missing ``bin_vocab_size``.
+    """
+    if cfg.path is None:
+        root, rels = builtin_corpus_files(cfg.max_files)
+        if not rels:
+            raise ValueError(f"built-in corpus: no .py files under {root}")
+        return _prepare_text(cfg, root, rels, f"python-stdlib:{root}")
+    path = Path(cfg.path).expanduser()
+    if path.suffix == ".bin" or (path.is_dir() and (path / "train.bin").exists()):
+        return _prepare_bin(cfg, path)
+    root, rels = text_corpus_files(path, cfg.max_files)
+    return _prepare_text(cfg, root, rels, str(path))
+
+
+def check_data(data: TokenData, seq_len: int) -> None:
+    """Check prepared tokens before training starts, so a bad corpus fails at once, not at step 1.
+
+    Raises:
+        ValueError: a split shorter than one training window (``seq_len + 2`` tokens for the
+            training split, ``seq_len + 1`` for validation), or a token id ``>= data.vocab_size``
+            (the embedding would index out of range or, worse, a wrong row).
+    """
+    if len(data.train) < seq_len + 2:
+        raise ValueError(
+            f"{data.source}: the training split has {len(data.train)} tokens, fewer than train.seq_len+2={seq_len + 2}"
+        )
+    if len(data.val) < seq_len + 1:
+        raise ValueError(
+            f"{data.source}: the validation split has {len(data.val)} tokens, fewer than train.seq_len+1={seq_len + 1}"
+        )
+    for name, split in (("training", data.train), ("validation", data.val)):
+        top = int(split.max())
+        if top >= data.vocab_size:
+            raise ValueError(f"{data.source}: {name} split holds token id {top}, beyond the vocabulary of {data.vocab_size}")
+
+
+def batch_at(data: np.ndarray, offsets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets ``[B, S]`` int64 starting at ``offsets``."""
+    rows = np.stack([np.asarray(data[o : o + seq_len + 1], dtype=np.int64) for o in offsets.tolist()])
+    t = torch.from_numpy(rows)
+    return t[:, :-1], t[:, 1:]
+
+
+def sample_batch(
+    data: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``batch_size`` random windows of ``seq_len + 1`` tokens (deterministic given ``generator``).
+
+    Raises:
+        ValueError: the split is shorter than one window.
+    """
+    high = len(data) - seq_len - 1
+    if high < 1:
+        raise ValueError(f"the training split has {len(data)} tokens, fewer than train.seq_len+2={seq_len + 2}")
+    offsets = torch.randint(0, high, (batch_size,), generator=generator)
+    return batch_at(data, offsets, seq_len)
+
+
+def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_tokens: int = 0):
+    """Non-overlapping windows over the validation split, in order.
+
+    With ``max_tokens = 0`` the windows tile the whole split. Otherwise about ``max_tokens`` target
+    tokens are taken as windows spread evenly over the split, so a partial evaluation still sees
+    every part of it (the split is ordered by file; its first windows would be a few files only).
+
+    Yields ``(inputs, targets)`` ``[b, S]`` int64 with ``b <= batch_size``.
+
+    Raises:
+        ValueError: the split is shorter than one window.
+    """
+    n_windows = (len(data) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"the validation split has {len(data)} tokens, fewer than train.seq_len+1={seq_len + 1}")
+    window_ids = torch.arange(n_windows)
+    if max_tokens and max_tokens // seq_len < n_windows:
+        keep = max(1, max_tokens // seq_len)
+        window_ids = torch.linspace(0, n_windows - 1, keep).round().long().unique()
+    offsets = window_ids * seq_len
+    for start in range(0, len(offsets), batch_size):
+        yield batch_at(data, offsets[start : start + batch_size], seq_len)
+
+
+def sample_local_batch(
+    data: np.ndarray, batch_size: int, seq_len: int, generator: torch.Generator, ctx: DistContext
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of a global batch of ``batch_size * world_size`` random windows.
+
+    Every rank draws the same global offsets from its (identically seeded) generator and keeps
+    rows ``[rank * batch_size, (rank + 1) * batch_size)``, so the ranks see different data and a
+    2-rank run sees exactly the batch a 1-process run with twice the batch size sees. With one
+    process this is :func:`sample_batch`, draw for draw.
+
+    Returns:
+        inputs and targets ``[batch_size, seq_len]`` int64.
+
+    Raises:
+        ValueError: the split is shorter than one window.
+    """
+    high = len(data) - seq_len - 1
+    if high < 1:
+        raise ValueError(f"the training split has {len(data)} tokens, fewer than train.seq_len+2={seq_len + 2}")
+    offsets = torch.randint(0, high, (batch_size * ctx.world_size,), generator=generator)
+    return batch_at(data, offsets[ctx.rank * batch_size : (ctx.rank + 1) * batch_size], seq_len)
+
+
+def iter_rank_batches(batches: Iterator, ctx: DistContext) -> Iterator:
+    """Each rank's rows of each ``(inputs, targets)`` batch (see :func:`shard_rows`)."""
+    for x, y in batches:
+        yield shard_rows(x, ctx), shard_rows(y, ctx)

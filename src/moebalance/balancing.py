@@ -27,12 +27,14 @@ from moebalance.losses import (
     batch_aux_loss,
     global_batch_aux_loss,
     importance_loss,
+    normalize_scores,
     router_z_loss,
     sequence_aux_loss,
 )
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
 
 UpdateMode = Literal["sign", "error"]
+AuxScores = Literal["normalized", "raw"]
 
 #: Balancing strategies by name: which auxiliary loss (if any) and whether the Loss-Free bias is
 #: updated. ``aux_loss`` is the paper's sequence-wise baseline (eq. 2); ``deepseek_v3`` is
@@ -156,6 +158,18 @@ class LossFreeBalancer:
         return self.update_rate * error / mean.clamp_min(1e-12)
 
 
+def check_aux_scores(scores: str) -> None:
+    """Raise ``ValueError`` unless ``scores`` is ``"normalized"`` or ``"raw"``."""
+    if scores not in ("normalized", "raw"):
+        raise ValueError(f"aux_loss_scores must be 'normalized' or 'raw', got {scores!r}")
+
+
+def aux_scores(routing: RouterOutput, scores: AuxScores) -> torch.Tensor:
+    """The ``[T, E]`` scores an auxiliary loss averages into ``P``: normalised per token
+    (:func:`~moebalance.losses.normalize_scores`) or raw."""
+    return normalize_scores(routing.scores) if scores == "normalized" else routing.scores
+
+
 class AuxLossBalancer:
     """Auxiliary-loss load balancing, sequence-wise as in the paper (arXiv 2408.15664 eq. 2).
 
@@ -164,15 +178,21 @@ class AuxLossBalancer:
 
     Args:
         coeff: ``alpha >= 0`` (paper baseline 1e-3; its Figure 2 sweeps 0, 1e-4, 1e-3, 1e-2).
+        scores: ``"normalized"`` (default): ``P`` from each token's scores divided by their sum
+            over experts (DeepSeek-V3 eq. 19-20; what Megatron-Core and OLMo-core do for sigmoid
+            gates, the identity for softmax); ``"raw"``: ``P`` from the scores as the gate gives
+            them, which a sigmoid gate can lower without balancing (docs/balancing.md).
 
     Raises:
-        ValueError: ``coeff < 0``.
+        ValueError: ``coeff < 0`` or an unknown ``scores``.
     """
 
-    def __init__(self, coeff: float = 1e-3) -> None:
+    def __init__(self, coeff: float = 1e-3, scores: AuxScores = "normalized") -> None:
         if not is_finite_number(coeff) or coeff < 0:
             raise ValueError(f"coeff must be a number >= 0 and finite, got {coeff!r}")
+        check_aux_scores(scores)
         self.coeff = float(coeff)
+        self.scores = scores
 
     def __call__(self, routing: RouterOutput | Iterable[RouterOutput]) -> torch.Tensor:
         """The scaled loss for one layer's or several layers' router outputs.
@@ -189,7 +209,7 @@ class AuxLossBalancer:
         for out in outputs:
             if out.seq_len is None:
                 raise ValueError("sequence-wise aux loss needs router outputs from [B, S, D] inputs")
-            layer = sequence_aux_loss(out.scores, out.indices, out.seq_len, out.mask)
+            layer = sequence_aux_loss(aux_scores(out, self.scores), out.indices, out.seq_len, out.mask)
             total = layer if total is None else total + layer
         return self.coeff * total
 
@@ -253,9 +273,12 @@ class Balancing:
             Loss-Free loads and the global-batch counts.
         seq_aux_coeff: ``alpha`` of the complementary sequence-wise loss of ``deepseek_v3``
             (DeepSeek-V3 uses 1e-4).
+        aux_loss_scores: ``"normalized"`` (default) or ``"raw"``: which scores every auxiliary
+            loss (the ``f . P`` losses and the importance loss) averages into ``P``; see
+            :class:`AuxLossBalancer`. With ``"normalized"``, ``deepseek_v3`` is DeepSeek-V3 eq. 17-20.
 
     Raises:
-        ValueError: unknown strategy or a negative coefficient.
+        ValueError: unknown strategy or ``aux_loss_scores``, or a negative coefficient.
     """
 
     def __init__(
@@ -267,7 +290,9 @@ class Balancing:
         z_loss_coeff: float = 0.0,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         seq_aux_coeff: float = 1e-4,
+        aux_loss_scores: AuxScores = "normalized",
     ) -> None:
+        check_aux_scores(aux_loss_scores)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
         for name, value in (("aux_loss_coeff", aux_loss_coeff), ("z_loss_coeff", z_loss_coeff), ("seq_aux_coeff", seq_aux_coeff)):
@@ -279,7 +304,8 @@ class Balancing:
         self.all_reduce = all_reduce
         self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce) if uses_bias else None
         # Kept for callers of the core API: the sequence-wise balancer of the ``aux_loss`` strategy.
-        self.aux = AuxLossBalancer(self.aux_coeff) if self.aux_kind == "sequence" else None
+        self.aux_scores = aux_loss_scores
+        self.aux = AuxLossBalancer(self.aux_coeff, aux_loss_scores) if self.aux_kind == "sequence" else None
         self.global_counts = GlobalBatchCounts(all_reduce) if self.aux_kind == "global" else None
         self.z_loss_coeff = float(z_loss_coeff)
 
@@ -294,6 +320,7 @@ class Balancing:
             cfg.z_loss_coeff,
             all_reduce,
             cfg.seq_aux_coeff,
+            cfg.aux_loss_scores,
         )
 
     def _aux_loss(self, routing: Sequence[RouterOutput]) -> torch.Tensor:
@@ -301,14 +328,15 @@ class Balancing:
             raise ValueError(f"strategy {self.strategy!r} adds an auxiliary loss, which expert-choice routing does not use")
         if self.aux is not None:
             return self.aux(routing)
+        kind = self.aux_scores
         if self.aux_kind == "batch":
-            total = sum(batch_aux_loss(r.scores, r.indices, r.mask) for r in routing)
+            total = sum(batch_aux_loss(aux_scores(r, kind), r.indices, r.mask) for r in routing)
         elif self.aux_kind == "importance":
-            total = sum(importance_loss(r.scores, r.mask) for r in routing)
+            total = sum(importance_loss(aux_scores(r, kind), r.mask) for r in routing)
         else:  # global
             counts_LE = self.global_counts.add(routing)
             total = sum(
-                global_batch_aux_loss(r.scores, counts_E, r.indices.shape[1], r.mask)
+                global_batch_aux_loss(aux_scores(r, kind), counts_E, r.indices.shape[1], r.mask)
                 for r, counts_E in zip(routing, counts_LE)
             )
         return self.aux_coeff * total

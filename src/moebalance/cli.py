@@ -192,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
             from moebalance.lab.compare import compare
 
             report = compare(cfg, out, progress=not args.no_progress)
+            label = "MaxVio_global_shift" if report["data"].get("val_split") == "files" else "MaxVio_global"
             for name, r in report["runs"].items():
                 print(
-                    f"{name:10s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}  "
+                    f"{name:10s} val_ppl {r['val_ppl']:.2f}  {label} {r['maxvio_global']:.3f}  "
                     f"MaxVio_batch(last 10%) {r['maxvio_batch_last']:.3f}"
                 )
             print(f"report: {out}/report.md")

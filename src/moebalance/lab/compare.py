@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.reporting import plot_loads, plot_maxvio_batch, plot_val_loss
+from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
 from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig
 from moebalance.train.data import prepare_data
@@ -80,17 +80,23 @@ def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
     return runs
 
 
-def _verdict(lf: dict[str, Any], aux: dict[str, Any]) -> str:
+def _verdict(lf: dict[str, Any], aux: dict[str, Any], val_split: str | None = None) -> str:
     ppl = (
         f"Loss-Free reached a validation perplexity of {lf['val_ppl']:.2f} against {aux['val_ppl']:.2f} "
         f"for the auxiliary loss ({'lower' if lf['val_ppl'] < aux['val_ppl'] else 'not lower'}, "
         f"{100 * (lf['val_ppl'] / aux['val_ppl'] - 1):+.2f}%)"
     )
     bal = (
-        f"and a MaxVio_global of {lf['maxvio_global']:.3f} against {aux['maxvio_global']:.3f} "
+        f"and a {maxvio_global_label(val_split)} of {lf['maxvio_global']:.3f} against {aux['maxvio_global']:.3f} "
         f"({'better' if lf['maxvio_global'] < aux['maxvio_global'] else 'not better'} balanced)"
     )
-    return f"{ppl}, {bal}. The paper reports 9.50 vs 9.56 perplexity and 0.04 vs 0.72 MaxVio_global at 1B parameters."
+    paper = "The paper reports 9.50 vs 9.56 perplexity and 0.04 vs 0.72 MaxVio_global at 1B parameters"
+    if val_split == "files":
+        paper += (
+            ", measured on validation data of the training distribution; this validation split holds out whole "
+            "files, another distribution, so its MaxVio is not the paper's metric (data.val_split=chunks is)"
+        )
+    return f"{ppl}, {bal}. {paper}."
 
 
 def compare(base: RunConfig, out_dir: str | Path, progress: bool = True, command: str | None = None) -> dict[str, Any]:
@@ -130,6 +136,8 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
     runs = report["runs"]
     cfg = report["config"]
     m, t = cfg["model"], cfg["train"]
+    val_split = report["data"].get("val_split")
+    label = maxvio_global_label(val_split)
     lines = [
         "# moebalance compare: Loss-Free Balancing vs auxiliary loss",
         "",
@@ -139,9 +147,10 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
         f"{m['score_func']} gate), expert hidden {m['d_expert']}. Training: {t['max_steps']} steps of "
         f"{t['batch_size'] * t['grad_accum']} x {t['seq_len']} tokens, seed {t['seed']}.",
         f"Data: {report['data']['source']} (fingerprint `{report['corpus_fingerprint']}`, "
-        f"{report['data']['train_tokens']:,} train / {report['data']['val_tokens']:,} validation tokens).",
+        f"{report['data']['train_tokens']:,} train / {report['data']['val_tokens']:,} validation tokens, "
+        f"validation split `{val_split}`).",
         "",
-        "| run | val loss | val ppl | MaxVio_global | MaxVio_batch (last 10%) | tokens/s |",
+        f"| run | val loss | val ppl | {label} | MaxVio_batch (last 10%) | tokens/s |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
@@ -149,11 +158,11 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
             f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
         )
-    lines += ["", "MaxVio_global per layer:", ""]
+    lines += ["", f"{label} per layer:", ""]
     for name, r in runs.items():
         lines.append(f"- {name}: " + ", ".join(f"{v:.3f}" for v in r["maxvio_global_per_layer"]))
     if "loss_free" in runs and "aux_loss" in runs:
-        lines += ["", _verdict(runs["loss_free"], runs["aux_loss"])]
+        lines += ["", _verdict(runs["loss_free"], runs["aux_loss"], val_split)]
     if "ep_replay" in report:
         lines += [""] + replay_markdown(report["ep_replay"])
     lines += [""] + RUN_PLOTS_MARKDOWN + [

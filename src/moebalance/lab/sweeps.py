@@ -29,6 +29,7 @@ from typing import Any
 from moebalance.lab.compare import REPORT_FIELDS, RUN_PLOTS_MARKDOWN, prepare_base, report_context
 from moebalance.lab.replay import replay_markdown
 from moebalance.lab.reporting import (
+    maxvio_global_label,
     plot_loads,
     plot_maxvio_batch,
     plot_tradeoff,
@@ -139,6 +140,7 @@ def sweep(
         {n: (r["maxvio_global"], r["val_ppl"]) for n, r in records.items()},
         out / "tradeoff.png",
         highlight=[n for n, r in records.items() if r["balance"]["strategy"] in ("loss_free", "deepseek_v3")],
+        val_split=data.val_split,
     )
     plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
     plot_val_loss(run_dirs, out / "val_loss.png")
@@ -163,7 +165,7 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
         f"seed {t['seed']} (same initial weights and data order in every run).",
         f"Data: {report['data']['source']} (fingerprint `{report['corpus_fingerprint']}`).",
         "",
-        "| run | overrides | val ppl | MaxVio_global | MaxVio_batch (last 10%) | tokens/s |",
+        f"| run | overrides | val ppl | {maxvio_global_label(report['data'].get('val_split'))} | MaxVio_batch (last 10%) | tokens/s |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in report["runs"].items():

@@ -140,6 +140,9 @@ class BalanceConfig:
     ``importance_loss`` (CV²), ``deepseek_v3`` (Loss-Free plus a sequence-wise loss of
     ``seq_aux_coeff``) or ``none``. ``aux_loss_coeff`` is the alpha of the auxiliary-loss
     strategies. ``z_loss_coeff`` adds the ST-MoE router z-loss on top of any strategy.
+    ``aux_loss_scores``: ``normalized`` (default; DeepSeek-V3 eq. 19-20, per-token scores divided by
+    their sum, as Megatron-Core and OLMo-core) or ``raw`` (scores as the gate gives them; with a
+    sigmoid gate the loss can then be lowered without balancing, docs/balancing.md).
     """
 
     strategy: Strategy = "loss_free"
@@ -149,9 +152,11 @@ class BalanceConfig:
     aux_loss_coeff: float = 1e-3
     z_loss_coeff: float = 0.0
     seq_aux_coeff: float = 1e-4
+    aux_loss_scores: Literal["normalized", "raw"] = "normalized"
 
     def __post_init__(self) -> None:
         _check_fields(self, "balance")
+        _check(self.aux_loss_scores in ("normalized", "raw"), "balance.aux_loss_scores", "'normalized' or 'raw'", self.aux_loss_scores)
         _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
         _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
         _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
@@ -167,6 +172,12 @@ class DataConfig:
 
     ``path`` may name a text file, a folder of text files, or a pre-tokenized ``.bin`` file / a
     folder with ``train.bin`` and ``val.bin`` (uint16, nanoGPT layout; ``bin_vocab_size`` required).
+
+    ``val_split`` says how validation is held out (docs/data.md): ``"chunks"`` (default) holds out
+    ``val_fraction`` of the corpus as chunks of ``val_chunk_tokens`` tokens drawn across the whole
+    token stream from ``split_seed`` and the data fingerprint, so validation is the training
+    distribution; ``"files"`` holds out whole files (a distribution shift: its MaxVio_global is
+    reported as ``maxvio_global_shift``).
     """
 
     path: str | None = None
@@ -175,9 +186,15 @@ class DataConfig:
     max_files: int = 0  # 0: every file of the corpus; > 0: the first N (tests)
     bin_vocab_size: int = 0
     cache_dir: str | None = None  # default: $MOEBALANCE_CACHE or ~/.cache/moebalance
+    val_split: Literal["chunks", "files"] = "chunks"
+    val_chunk_tokens: int = 512  # length of one held-out chunk (val_split="chunks")
+    split_seed: int = 0  # which chunks are held out; independent of train.seed, so seeds share one validation set
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
+        _check(self.val_split in ("chunks", "files"), "data.val_split", "'chunks' or 'files'", self.val_split)
+        _check(self.val_chunk_tokens >= 16, "data.val_chunk_tokens", ">= 16", self.val_chunk_tokens)
+        _check(0 <= self.split_seed < 2**63, "data.split_seed", "in [0, 2**63)", self.split_seed)
         _check(self.path is None or self.path.strip() != "", "data.path", "a non-empty path or None (built-in corpus)", self.path)
         _check(257 <= self.vocab_size <= 65535, "data.vocab_size", "in [257, 65535] (uint16 token ids)", self.vocab_size)
         _check(0 < self.val_fraction < 0.5, "data.val_fraction", "in (0, 0.5)", self.val_fraction)

@@ -22,7 +22,7 @@ TINY = [
 def _records(ppl):
     """Records of loss_free and aux_loss over seeds 0.. from {strategy: [ppl per seed]}."""
     return {
-        f"{s}/seed_{i}": {"balance": {"strategy": s}, "seed": i, "val_ppl": p, "maxvio_global": 0.1, "maxvio_batch_last": 0.5}
+        f"seed_{i}/{s}": {"balance": {"strategy": s}, "seed": i, "val_ppl": p, "maxvio_global": 0.1, "maxvio_batch_last": 0.5}
         for s, values in ppl.items()
         for i, p in enumerate(values)
     }
@@ -42,8 +42,8 @@ def test_noise_rule():
 
 def test_seed_configs_share_a_seed_within_and_differ_across():
     runs = compare_mod.seed_configs(get_preset("smoke"), 3)
-    assert list(runs) == [f"{s}/seed_{1234 + i}" for i in range(3) for s in ("loss_free", "aux_loss")]
-    assert runs["loss_free/seed_1235"].train.seed == runs["aux_loss/seed_1235"].train.seed == 1235
+    assert list(runs) == [f"seed_{1234 + i}/{s}" for i in range(3) for s in ("loss_free", "aux_loss")]
+    assert runs["seed_1235/loss_free"].train.seed == runs["seed_1235/aux_loss"].train.seed == 1235
     assert list(compare_mod.seed_configs(get_preset("smoke"), 1)) == ["loss_free", "aux_loss"]
     with pytest.raises(ValueError, match="--seeds must be an integer >= 1"):
         compare_mod.seed_configs(get_preset("smoke"), 0)
@@ -102,7 +102,7 @@ def test_compare_with_seeds_reports_mean_and_spread(tmp_path):
     base = apply_overrides(get_preset("smoke"), TINY)
     report = compare_mod.compare(base, tmp_path, progress=False, command="test", seeds=2)
     assert report["seeds"] == [1234, 1235]
-    assert set(report["runs"]) == {f"{s}/seed_{x}" for s in ("loss_free", "aux_loss") for x in (1234, 1235)}
+    assert set(report["runs"]) == {f"seed_{x}/{s}" for s in ("loss_free", "aux_loss") for x in (1234, 1235)}
     for strategy in ("loss_free", "aux_loss"):
         stats = report["seed_summary"][strategy]
         assert stats["seeds"] == [1234, 1235]
@@ -112,7 +112,7 @@ def test_compare_with_seeds_reports_mean_and_spread(tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "Over 2 seeds (mean ± sample std)" in md and "Rule: |mean difference| > 2 x pooled seed std" in md
     for seed in (1234, 1235):  # the same batches for both strategies within a seed
-        first = [json.loads((tmp_path / s / f"seed_{seed}" / "metrics.jsonl").read_text().splitlines()[0]) for s in ("loss_free", "aux_loss")]
+        first = [json.loads((tmp_path / f"seed_{seed}" / s / "metrics.jsonl").read_text().splitlines()[0]) for s in ("loss_free", "aux_loss")]
         assert first[0]["loss"] == first[1]["loss"]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["ppl_noise"]["rule"] == report["ppl_noise"]["rule"]

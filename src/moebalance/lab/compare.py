@@ -117,7 +117,8 @@ def seed_configs(base: RunConfig, seeds: int) -> dict[str, RunConfig]:
     """Every run of ``compare --seeds N``: run name -> config, seeds ``base.train.seed + i``.
 
     With one seed the names are the strategies (``loss_free``, ``aux_loss``); with more,
-    ``STRATEGY/seed_S``. Within a seed both strategies share initial weights and batches.
+    ``seed_S/STRATEGY`` (so a single-seed folder never holds another run's folder). Within a seed
+    both strategies share initial weights and batches.
 
     Raises:
         ValueError: ``seeds < 1``.
@@ -129,7 +130,7 @@ def seed_configs(base: RunConfig, seeds: int) -> dict[str, RunConfig]:
         d = base.to_dict()
         d["train"]["seed"] = base.train.seed + i
         for strategy, cfg in compare_configs(RunConfig.from_dict(d)).items():
-            runs[strategy if seeds == 1 else f"{strategy}/seed_{cfg.train.seed}"] = cfg
+            runs[strategy if seeds == 1 else f"seed_{cfg.train.seed}/{strategy}"] = cfg
     return runs
 
 
@@ -150,7 +151,7 @@ def compare(
     first run trains.
 
     Writes into ``out_dir``: ``report.json``, ``report.md``, ``maxvio_batch.png``, ``val_loss.png``,
-    ``expert_load.png``, and one sub-folder per run (``STRATEGY/seed_S`` with several seeds) with
+    ``expert_load.png``, and one sub-folder per run (``seed_S/STRATEGY`` with several seeds) with
     its metrics, TensorBoard events and checkpoints.
 
     Returns:

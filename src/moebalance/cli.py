@@ -100,11 +100,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cmp = sub.add_parser("compare", help="Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
+    p_cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy; > 1 reports mean ± std (default 1)")
+    p_cmp.add_argument("--overwrite", action="store_true", help="replace run folders that hold another config")
     from moebalance.lab.sweeps import GRIDS
 
     p_sweep = sub.add_parser("sweep", help="a grid of balancing runs on one seed, data order and initial weights")
     p_sweep.add_argument("grid", choices=GRIDS, help="built-in grid (see docs/balancing.md)")
     _add_common(p_sweep, "runs/sweep/GRID")
+    p_sweep.add_argument("--overwrite", action="store_true", help="replace run folders that hold another config")
     p_leak = sub.add_parser("leakage", help="future-token leakage of expert choice, Loss-Free and a current-batch bias")
     _add_common(p_leak, "runs/leakage")
     p_leak.add_argument("--checkpoint", default=None, help="checkpoint.pt of a trained run (default: the seeded initial model)")
@@ -191,18 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "compare":
             from moebalance.lab.compare import compare
 
-            report = compare(cfg, out, progress=not args.no_progress)
+            report = compare(cfg, out, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite)
             label = "MaxVio_global_shift" if report["data"].get("val_split") == "files" else "MaxVio_global"
             for name, r in report["runs"].items():
                 print(
                     f"{name:10s} val_ppl {r['val_ppl']:.2f}  {label} {r['maxvio_global']:.3f}  "
                     f"MaxVio_batch(last 10%) {r['maxvio_batch_last']:.3f}"
                 )
+            if "ppl_noise" in report:
+                print(report["ppl_noise"]["text"])
             print(f"report: {out}/report.md")
         elif args.command == "sweep":
             from moebalance.lab.sweeps import sweep
 
-            report = sweep(args.grid, cfg, out, progress=not args.no_progress)
+            report = sweep(args.grid, cfg, out, progress=not args.no_progress, overwrite=args.overwrite)
             for name, r in report["runs"].items():
                 print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
             print(f"report: {out}/sweep.md")
@@ -218,4 +223,18 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as exc:  # guards.NonFiniteError with train.on_nonfinite=stop
         print(f"moebalance: stopped: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print(f"moebalance: interrupted; {_resume_hint(args.command, out, cfg.train.checkpoint_every)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _resume_hint(command: str, out: str, checkpoint_every: int) -> str:
+    """One line saying how to continue an interrupted command (checkpoints are written atomically)."""
+    if command == "train" and checkpoint_every:
+        return f"continue with: moebalance train --resume {out}"
+    if command == "train":
+        return "no checkpoint to resume from (train.checkpoint_every=0); set it to make a run resumable"
+    if command in ("compare", "sweep"):
+        return "run the same command again to continue: finished runs are kept, unfinished ones resume from their last checkpoint"
+    return "nothing to resume; run the command again"

@@ -68,7 +68,8 @@ class TokenData:
         vocab_size: number of token ids the model must embed.
         fingerprint: hex digest of the source (file list, sizes and contents, or the ``.bin`` files).
         source: a human description of where the text came from.
-        num_files: (train files, validation files) for text corpora, ``None`` for ``.bin`` data.
+        num_files: (train files, validation files) for text corpora (with ``val_split="chunks"`` both
+            are every file: the chunks are drawn from all of them), ``None`` for ``.bin`` data.
         tokenizer_path: the BPE ``tokenizer.json`` (``None`` for ``.bin`` data).
         val_split: how validation was held out: ``"chunks"`` (same distribution), ``"files"``
             (whole files or the tail of one text/``.bin`` file: a distribution shift) or

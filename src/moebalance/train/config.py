@@ -223,7 +223,7 @@ class TrainConfig:
     seed: int = 1234
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    threads: int = 0  # torch intra-op threads, 0: leave torch's default
+    threads: int = 1  # torch intra-op threads (0: torch's default, one per core); 1 does not collapse on a busy machine (docs/benchmarks.md)
     tensorboard: bool = True
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: only the final one)
     keep_checkpoints: int = 3  # how many periodic checkpoints to keep

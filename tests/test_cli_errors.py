@@ -20,8 +20,19 @@ import torch
 
 from moebalance import cli
 from moebalance.train.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json, write_text
-from moebalance.train.config import apply_overrides, get_preset, preset_config
-from moebalance.train.resume import latest_training_state
+from moebalance.train.config import apply_overrides, get_preset
+
+
+def latest_training_state(run_dir):
+    from moebalance.train.resume import latest_training_state
+
+    return latest_training_state(run_dir)
+
+
+def preset_config(name, overrides):
+    from moebalance.train.config import preset_config
+
+    return preset_config(name, overrides)
 
 TINY = [
     "data.bin_vocab_size=128",

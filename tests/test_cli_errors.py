@@ -141,7 +141,11 @@ def test_ctrl_c_during_training_then_resume(tokens, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
     args = ["train", "--no-progress", "--preset", "smoke", "--out", str(tmp_path), f"data.path={tokens}", *TINY]
     args += ["train.max_steps=400", "train.checkpoint_every=2"]
-    proc = subprocess.Popen([sys.executable, "-m", "moebalance", *args], env=env, stderr=subprocess.PIPE, text=True)
+    # A shell's background job inherits SIGINT ignored, and Python then installs no handler: reset it.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moebalance", *args], env=env, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     while not list((tmp_path / "checkpoints").glob("step_*.pt")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)

@@ -8,6 +8,7 @@ overrides existing keys only (``section.field=value``); an unknown key is an err
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -24,12 +25,21 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "get_preset",
+    "override_keys",
+    "preset_config",
 ]
 
 Strategy = Literal[
     "loss_free", "aux_loss", "none", "batch_aux_loss", "global_aux_loss", "importance_loss", "deepseek_v3"
 ]
 STRATEGY_NAMES = typing.get_args(Strategy)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a config class, computed once (it is slow, and every
+    construction of a section type-checks its fields)."""
+    return typing.get_type_hints(cls)
 
 
 def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
@@ -67,7 +77,7 @@ def _check_fields(obj: Any, section: str) -> None:
     The CLI parser types its values, but ``RunConfig.from_dict`` (JSON) and direct construction do
     not; a string where a number belongs must fail here, not deep inside training.
     """
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     for f in dataclasses.fields(obj):
         _check_type(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
 
@@ -304,7 +314,7 @@ class RunConfig:
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         return cls(**{name: _section_from_dict(hints[name], d.get(name, {}), name) for name in sections})
 
 
@@ -359,7 +369,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         ValueError: malformed override, unknown key, unparsable or out-of-range value.
     """
     d = cfg.to_dict()
-    hints = typing.get_type_hints(RunConfig)
+    hints = _type_hints(RunConfig)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.field=value")
@@ -368,7 +378,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if len(parts) != 2 or parts[0] not in d:
             raise ValueError(f"unknown config key {key!r}; sections are {sorted(d)}")
         section, name = parts
-        field_types = typing.get_type_hints(hints[section])
+        field_types = _type_hints(hints[section])
         if name not in field_types:
             raise ValueError(f"unknown config key {key!r}; {section} has {sorted(field_types)}")
         d[section][name] = _parse_value(text.strip(), field_types[name], key)
@@ -397,6 +407,31 @@ def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys of ``section.field=value`` overrides, in order (malformed items included as given)."""
+    return [item.split("=", 1)[0].strip() for item in overrides]
+
+
+def preset_config(name: str, overrides: list[str]) -> RunConfig:
+    """A named preset with ``overrides`` applied; the preset's warm-up follows a shorter run.
+
+    ``train.warmup_steps`` must not exceed ``train.max_steps``. When the overrides shorten the
+    run below the *preset's* warm-up (``--preset smoke train.max_steps=2`` against its 5 warm-up
+    steps) and do not set ``train.warmup_steps`` themselves, the warm-up is clamped to
+    ``train.max_steps``; a warm-up set explicitly is validated as given.
+
+    Raises:
+        ValueError: unknown preset, or a bad override (see :func:`apply_overrides`).
+    """
+    base = get_preset(name)
+    if "train.warmup_steps" in override_keys(overrides):
+        return apply_overrides(base, overrides)
+    warmup = base.train.warmup_steps
+    base.train.warmup_steps = 0  # always valid; set back below, clamped to the run's length
+    cfg = apply_overrides(base, overrides)
+    return apply_overrides(cfg, [f"train.warmup_steps={min(warmup, cfg.train.max_steps)}"])
 
 
 def dumps(cfg: RunConfig) -> str:

@@ -122,6 +122,11 @@ class ModelConfig:
         routable = self.topk_group * (self.num_experts // self.n_group)
         _check(self.top_k <= routable, "model.top_k", f"<= topk_group * num_experts / n_group = {routable} (group-limited routing)", self.top_k)
         _check(self.routing in ("topk", "expert_choice"), "model.routing", "'topk' or 'expert_choice'", self.routing)
+        _check(
+            not (self.norm_topk_prob and self.top_k == 1 and self.routing == "topk"),
+            "model.norm_topk_prob", "false with model.top_k=1 (normalising one gate makes it 1: the router gets no gradient)",
+            self.norm_topk_prob,
+        )
         _check(self.expert_choice_capacity > 0, "model.expert_choice_capacity", "> 0", self.expert_choice_capacity)
         _check(self.capacity_factor is None or self.capacity_factor > 0, "model.capacity_factor", "> 0 or None (dropless)", self.capacity_factor)
         _check(self.capacity_factor is None or self.routing == "topk", "model.capacity_factor", "None with model.routing='expert_choice' (it has expert_choice_capacity)", self.capacity_factor)

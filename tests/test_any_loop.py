@@ -286,3 +286,16 @@ def test_own_ddp_loops_with_accumulation(tmp_path):
     torch.testing.assert_close(res[0]["core"]["biases"][0], 0.01 * torch.sign(first.mean() - first))
     err = res[0]["timeout"]["error"]
     assert err is not None and "rank 0 of 2" in err and "dist_timeout_s=1 s" in err
+
+
+def test_bias_center_in_the_trainer_config():
+    from moebalance.balancing import Balancing
+    from moebalance.train.config import BalanceConfig
+
+    with pytest.raises(ValueError, match="balance.bias_center"):
+        BalanceConfig(bias_center=True, bias_mode="multiplicative")
+    balancing = Balancing.from_config(BalanceConfig(bias_center=True, bias_update_rate=0.05))
+    layer = _layer()
+    layer(_skewed(64, 0))
+    balancing.after_step(layer)
+    assert abs(layer.router.expert_bias.mean().item()) < 1e-7 and layer.router.expert_bias.abs().max() > 0

@@ -366,6 +366,7 @@ class Balancing:
             Loss-Free loads and the global-batch counts.
         seq_aux_coeff: ``alpha`` of the complementary sequence-wise loss of ``deepseek_v3``
             (DeepSeek-V3 uses 1e-4).
+        bias_center: see :class:`LossFreeBalancer` (``center``).
 
     Raises:
         ValueError: unknown strategy or a negative coefficient.
@@ -380,6 +381,7 @@ class Balancing:
         z_loss_coeff: float = 0.0,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         seq_aux_coeff: float = 1e-4,
+        bias_center: bool = False,
     ) -> None:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
@@ -390,7 +392,7 @@ class Balancing:
         self.aux_kind, uses_bias = STRATEGIES[strategy]
         self.aux_coeff = float(seq_aux_coeff if strategy == "deepseek_v3" else aux_loss_coeff)
         self.all_reduce = all_reduce
-        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce) if uses_bias else None
+        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce, bias_center) if uses_bias else None
         # Kept for callers of the core API: the sequence-wise balancer of the ``aux_loss`` strategy.
         self.aux = AuxLossBalancer(self.aux_coeff) if self.aux_kind == "sequence" else None
         self.global_counts = GlobalBatchCounts(all_reduce) if self.aux_kind == "global" else None
@@ -407,6 +409,7 @@ class Balancing:
             cfg.z_loss_coeff,
             all_reduce,
             cfg.seq_aux_coeff,
+            cfg.bias_center,
         )
 
     def _aux_loss(self, routing: Sequence[RouterOutput]) -> torch.Tensor:

@@ -199,7 +199,7 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    dist_ctx = parallel.init_distributed(cfg.train.device)  # one-process context without torchrun
+    dist_ctx = parallel.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)  # one process without torchrun
     data = data if data is not None else parallel.main_first(dist_ctx, lambda: prepare_data(cfg.data))
     cfg = copy.deepcopy(cfg)
     cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids

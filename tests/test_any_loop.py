@@ -233,6 +233,29 @@ def _hf_part(rank: int) -> dict:
     return {"loads": handle.last_loads, "expected": _gathered_sum(own), "biases": handle.biases(), "steps": handle.steps}
 
 
+def _fsdp2_part(rank: int) -> dict:
+    """FSDP2 (``fully_shard``) on CPU with gloo: the hook's update uses the global loads."""
+    import warnings
+
+    from torch.distributed.fsdp import fully_shard
+
+    from moebalance.parallel import all_reduce_sum_
+
+    layer = _layer()
+    fully_shard(layer)
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    LossFreeBalancer(0.01, all_reduce=all_reduce_sum_).attach(opt, layer)
+    own = torch.zeros(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP2 warns that the layer returns a view; nothing writes to it
+        for micro in range(2):
+            res = layer(_skewed(24, 1000 + 10 * rank + micro))
+            res.output.pow(2).mean().backward()
+            own += res.routing.tokens_per_expert
+    opt.step()
+    return {"expected": _gathered_sum(own), "biases": layer.router.expert_bias.clone()}
+
+
 def _timeout_part(rank: int, out_dir: str) -> dict:
     """Rank 1 hangs (never joins the update); rank 0 must fail fast with a message."""
     from moebalance.integrations.transformers.handle import timed_all_reduce
@@ -254,7 +277,7 @@ def _timeout_part(rank: int, out_dir: str) -> dict:
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    result = {"core": _core_part(rank), "hf": _hf_part(rank)}
+    result = {"core": _core_part(rank), "hf": _hf_part(rank), "fsdp2": _fsdp2_part(rank)}
     torch.distributed.barrier()
     result["timeout"] = _timeout_part(rank, out_dir)
     torch.save(result, f"{out_dir}/tmp{rank}.pt")
@@ -284,6 +307,10 @@ def test_own_ddp_loops_with_accumulation(tmp_path):
     assert torch.equal(res[0]["hf"]["biases"], res[1]["hf"]["biases"])
     first = res[0]["core"]["expected"][0]
     torch.testing.assert_close(res[0]["core"]["biases"][0], 0.01 * torch.sign(first.mean() - first))
+    fsdp = [r["fsdp2"] for r in res]
+    assert torch.equal(fsdp[0]["biases"], fsdp[1]["biases"])
+    total = fsdp[0]["expected"]
+    torch.testing.assert_close(fsdp[0]["biases"], 0.01 * torch.sign(total.mean() - total))
     err = res[0]["timeout"]["error"]
     assert err is not None and "rank 0 of 2" in err and "dist_timeout_s=1 s" in err
 

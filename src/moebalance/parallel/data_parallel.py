@@ -23,10 +23,11 @@ __all__ = ["bias_checksum", "clip_grad_norm_", "gather_bias_checksums", "no_sync
 def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
     """Wrap ``model`` in ``DistributedDataParallel`` (or return it unchanged for one process).
 
-    ``broadcast_buffers=False``: the routers' ``load_counts`` are per-rank buffers that DDP must
-    not overwrite with rank 0's before the all-reduce, and the ``expert_bias`` buffers stay equal
+    ``broadcast_buffers=False``: the only router buffer is ``expert_bias``, which stays equal
     because every rank applies the same update from the same all-reduced loads (a test checks the
-    checksums). Parameters sharded by expert parallelism are excluded from DDP (each rank holds
+    checksums), so broadcasting it every forward would only cost time. The per-rank
+    ``load_counts`` are not buffers at all, so a user's default ``DDP(model)`` (which does
+    broadcast) cannot overwrite them either. Parameters sharded by expert parallelism are excluded from DDP (each rank holds
     different experts; their gradients already arrive through the all-to-all backward) and get a
     gradient hook dividing by the data-parallel size, so they see the same ``mean over the global
     batch`` scale as the averaged replicated parameters.

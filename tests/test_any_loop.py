@@ -326,3 +326,20 @@ def test_bias_center_in_the_trainer_config():
     layer(_skewed(64, 0))
     balancing.after_step(layer)
     assert abs(layer.router.expert_bias.mean().item()) < 1e-7 and layer.router.expert_bias.abs().max() > 0
+
+
+def test_failed_all_reduce_names_the_rank_and_the_timeout(monkeypatch):
+    from moebalance.parallel import process
+
+    dist = torch.distributed
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+
+    def timed_out(*args, **kwargs):
+        raise RuntimeError("[gloo] Timed out waiting 1000ms for recv operation to complete")
+
+    monkeypatch.setattr(dist, "all_reduce", timed_out)
+    monkeypatch.setattr(process, "_TIMEOUT_S", [7.0])
+    with pytest.raises(RuntimeError, match=r"rank 1 of 2: .*train.dist_timeout_s=7 s.*Timed out"):
+        process.all_reduce_sum_(torch.zeros(2, 4))

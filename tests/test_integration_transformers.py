@@ -381,6 +381,12 @@ def test_two_callbacks_of_one_handle_step_once():
         assert handle.steps == step
     n_LE = handle.biases() / 0.01
     assert n_LE.abs().max() <= 2 + 1e-4  # two updates, not four
+    for cb in callbacks:  # a second train() starts again at global_step 1: it updates again
+        cb.on_train_begin(None, state, None)
+    model(_tokens(seed=3))
+    state.global_step = 2
+    callbacks[0].on_step_end(None, state, None)
+    assert handle.steps == 3
 
 
 def test_optimizer_hook_and_callback_do_not_both_update():

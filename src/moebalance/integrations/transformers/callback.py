@@ -43,6 +43,7 @@ class LossFreeBalancingCallback(TrainerCallback):
         # Loads counted by forwards before training (a sanity forward in train mode) are not a step's.
         self.balancing.reset_loads()
         self.balancing.pop_eval_loads()
+        self.balancing._trainer_step = None  # a new train() counts global_step from its own start
 
     def on_step_end(self, args, state, control, **kwargs):
         handle = self.balancing

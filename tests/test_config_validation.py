@@ -43,6 +43,7 @@ BAD = [
     ("balance.bias_update_rate=inf", "a finite number"),
     ("balance.bias_update=raw", "one of ['sign', 'error']"),
     ("balance.bias_mode=affine", "one of ['additive', 'multiplicative']"),
+    ("balance.bias_center=often", "a boolean"),
     ("balance.aux_loss_coeff=-1e-3", ">= 0"),
     ("balance.z_loss_coeff=nan", "a finite number"),
     ("data.path= ", "a non-empty path"),
@@ -80,6 +81,7 @@ BAD = [
     ("train.keep_checkpoints=0", ">= 1"),
     ("train.on_nonfinite=ignore", "one of ['skip', 'stop']"),
     ("train.expert_parallel=maybe", "a boolean"),
+    ("train.dist_timeout_s=0", "> 0 (seconds)"),
 ]
 
 

@@ -132,6 +132,11 @@ class ModelConfig:
         routable = self.topk_group * (self.num_experts // self.n_group)
         _check(self.top_k <= routable, "model.top_k", f"<= topk_group * num_experts / n_group = {routable} (group-limited routing)", self.top_k)
         _check(self.routing in ("topk", "expert_choice"), "model.routing", "'topk' or 'expert_choice'", self.routing)
+        _check(
+            not (self.norm_topk_prob and self.top_k == 1 and self.routing == "topk"),
+            "model.norm_topk_prob", "false with model.top_k=1 (normalising one gate makes it 1: the router gets no gradient)",
+            self.norm_topk_prob,
+        )
         _check(self.expert_choice_capacity > 0, "model.expert_choice_capacity", "> 0", self.expert_choice_capacity)
         _check(self.capacity_factor is None or self.capacity_factor > 0, "model.capacity_factor", "> 0 or None (dropless)", self.capacity_factor)
         _check(self.capacity_factor is None or self.routing == "topk", "model.capacity_factor", "None with model.routing='expert_choice' (it has expert_choice_capacity)", self.capacity_factor)
@@ -159,6 +164,7 @@ class BalanceConfig:
     bias_update_rate: float = 1e-3
     bias_update: Literal["sign", "error"] = "sign"
     bias_mode: Literal["additive", "multiplicative"] = "additive"
+    bias_center: bool = False  # subtract each layer's mean bias after every update (torchtitan)
     aux_loss_coeff: float = 1e-3
     z_loss_coeff: float = 0.0
     seq_aux_coeff: float = 1e-4
@@ -171,6 +177,7 @@ class BalanceConfig:
         _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
         _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
         _check(self.bias_mode in ("additive", "multiplicative"), "balance.bias_mode", "'additive' or 'multiplicative'", self.bias_mode)
+        _check(not (self.bias_center and self.bias_mode != "additive"), "balance.bias_center", "false with balance.bias_mode='multiplicative' (a product is not shift-invariant)", self.bias_center)
         _check(self.aux_loss_coeff >= 0, "balance.aux_loss_coeff", ">= 0", self.aux_loss_coeff)
         _check(self.z_loss_coeff >= 0, "balance.z_loss_coeff", ">= 0", self.z_loss_coeff)
         _check(self.seq_aux_coeff >= 0, "balance.seq_aux_coeff", ">= 0", self.seq_aux_coeff)
@@ -241,6 +248,8 @@ class TrainConfig:
     # Under torchrun: shard the routed experts over all ranks (expert parallelism, see
     # moebalance.parallel.expert_parallel); model.num_experts must be a multiple of the number of ranks.
     expert_parallel: bool = False
+    # seconds a collective waits for the other ranks before this rank exits with an error naming it
+    dist_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")
@@ -256,6 +265,7 @@ class TrainConfig:
         _check(self.eval_tokens >= 0, "train.eval_tokens", ">= 0", self.eval_tokens)
         _check(self.dtype in ("float32", "bfloat16"), "train.dtype", "'float32' or 'bfloat16'", self.dtype)
         _check(0 <= self.threads <= 1024, "train.threads", "in [0, 1024] (0: torch's default)", self.threads)
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "> 0 (seconds)", self.dist_timeout_s)
         _check(0 <= self.seed < 2**63, "train.seed", "in [0, 2**63)", self.seed)
         _check(_is_device(self.device), "train.device", "'cpu', or 'cuda'/'cuda:N' where torch sees that GPU", self.device)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)", self.checkpoint_every)

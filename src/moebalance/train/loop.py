@@ -197,7 +197,7 @@ class _Run:
         self.out = out
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.ctx = parallel.init_distributed(cfg.train.device)  # one-process context without torchrun
+        self.ctx = parallel.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)  # one process without torchrun
         data = data if data is not None else parallel.main_first(self.ctx, lambda: prepare_data(cfg.data))
         cfg = copy.deepcopy(cfg)
         cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids

@@ -21,6 +21,8 @@ of ``benchmarks/sections/``, all timed by ``benchmarks/timing.py``, with the pie
   4 balancing  a training step of the small LM with loss_free / none / aux_loss, the bias update
                alone (64 layers x 256 experts), and training tokens/s against the dense ceiling
   5 scaling    time per token as E grows at fixed active FLOPs
+  7 trainer    tokens/s of `moebalance train` (default preset) against a dense model of the same
+               active parameters
 
 On CUDA the same script runs unchanged (``--device cuda``, the default when a GPU is present):
 times are synchronised and memory is the peak of ``torch.cuda.max_memory_allocated`` over one
@@ -83,6 +85,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-padded-gb", type=float, default=12.0,
                    help="skip the padded layer of section 2 when its activations would exceed this")
     p.add_argument("--lm-batch", type=int, default=16, help="sequences per training step in section 4")
+    p.add_argument("--trainer-steps", type=int, default=20, help="optimizer steps per timed call in section 7")
     p.add_argument("--scaling-experts", default="8,16,32,64,128,256")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
@@ -102,7 +105,7 @@ def _ints(p: argparse.ArgumentParser, flag: str, text: str) -> list[int]:
 
 
 def _check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    for flag in ("tokens", "d_model", "d_ff", "repeats", "lm_batch"):
+    for flag in ("tokens", "d_model", "d_ff", "repeats", "lm_batch", "trainer_steps"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(a, flag)}")
     if a.threads < 0:
@@ -151,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.quick:
         a.tokens, a.d_model, a.d_ff, a.repeats = 128, 32, 64, 1
-        a.experts, a.topk, a.scaling_experts = "4,8", "2", "4,8,16"
+        a.experts, a.topk, a.scaling_experts, a.trainer_steps = "4,8", "2", "4,8,16", 2
     a.experts = _ints(p, "--experts", a.experts)
     a.topk = _ints(p, "--topk", a.topk)
     a.scaling_experts = _ints(p, "--scaling-experts", a.scaling_experts)

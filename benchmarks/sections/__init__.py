@@ -7,7 +7,7 @@ for the settings and the machine). All timing goes through :class:`timing.Timer`
 
 from __future__ import annotations
 
-from sections import balancing, ceiling, imbalance, kernels, memory, peers, scaling
+from sections import balancing, ceiling, imbalance, kernels, memory, peers, scaling, trainer
 
 SECTIONS = {
     "kernels": kernels,
@@ -17,4 +17,5 @@ SECTIONS = {
     "memory": memory,
     "balancing": balancing,
     "scaling": scaling,
+    "trainer": trainer,
 }

@@ -1,0 +1,159 @@
+"""Section 7 "trainer": the trainer's tokens/s against a dense model of the same active parameters.
+
+Three competitors in one round-robin, each call ``--trainer-steps`` optimizer steps of the
+``default`` preset's model and batch (``moebalance train``; ``--quick``: the ``smoke`` preset's):
+
+* ``train``: :func:`moebalance.train.loop.train` itself, as ``moebalance train`` runs it (tqdm
+  off; TensorBoard, ``metrics.jsonl``, the host reads of the per-step record, the final evaluation
+  of a two-batch validation split and the final checkpoint included). Two figures: the wall clock
+  of the whole call, and the loop's own tokens/s (its ``summary.json``: time from the batch draw to
+  the bias update, the logging after it left out).
+* ``moe``: the same model's bare step (batch draw, forward under the run's autocast, backward,
+  gradient clipping, AdamW from ``build_optimizer``, the LR schedule, the Loss-Free bias update),
+  no host reads and no logging.
+* ``dense``: the same bare step of the dense twin: every MoE feed-forward replaced by one SwiGLU
+  of hidden size ``top_k * d_expert`` (plus the shared experts' width), i.e. the same active
+  expert parameters; the router (``D * E`` weights per layer) is what the twin lacks.
+
+The tokens are random ids of the preset's vocabulary (nothing is read from disk); the three start
+from the same seed. Ratios are of medians measured side by side.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moebalance.balancing import Balancing
+from moebalance.experts import SwiGLU
+from moebalance.moe import MoELayer
+from moebalance.train.config import RunConfig, get_preset
+from moebalance.train.data import TokenData, sample_batch
+from moebalance.train.loop import _autocast, build_optimizer, lr_at, train
+from moebalance.train.model import MoETransformer
+from pieces import fmt, model_flops_per_token, table
+from timing import Timer
+
+
+def trainer_config(args) -> RunConfig:
+    """The preset the section runs (``default``; ``smoke`` with ``--quick``) for ``--trainer-steps``
+    steps, on the benchmark's device and first dtype, with no intermediate evaluation."""
+    cfg = get_preset("smoke" if args.quick else "default")
+    t = cfg.train
+    t.max_steps, t.warmup_steps = args.trainer_steps, min(t.warmup_steps, args.trainer_steps)
+    t.eval_every, t.device, t.dtype = args.trainer_steps + 1, args.device, args.dtypes[0]
+    cfg.model.vocab_size = cfg.data.vocab_size  # what the tokenizer gives the model in a real run
+    t.threads = 0  # the benchmark's --threads holds for the whole process
+    t.tensorboard = not args.quick
+    return cfg
+
+
+def random_tokens(cfg: RunConfig, seed: int = 0) -> TokenData:
+    """Random ids of the model's vocabulary: 64 training windows' worth, two batches of validation."""
+    rng = np.random.default_rng(seed)
+    t = cfg.train
+    n_train, n_val = 64 * t.batch_size * (t.seq_len + 1), 2 * t.batch_size * t.seq_len + 1
+    ids = rng.integers(0, cfg.model.vocab_size, n_train + n_val).astype(np.uint16)
+    return TokenData(ids[:n_train], ids[n_train:], cfg.model.vocab_size, f"random-{seed}", "random token ids")
+
+
+def dense_twin(cfg: RunConfig) -> MoETransformer:
+    """:class:`MoETransformer` with every MoE feed-forward replaced by a SwiGLU of the same active
+    expert width (``top_k * d_expert + num_shared_experts * d_expert``), initialised by the model's
+    own :meth:`~MoETransformer.reset_parameters`."""
+    m = cfg.model
+    model = MoETransformer(m, cfg.balance)
+    for block in model.blocks:
+        if isinstance(block.ffn, MoELayer):
+            block.ffn = SwiGLU(m.d_model, (m.top_k + m.num_shared_experts) * m.d_expert)
+    model.reset_parameters()
+    return model
+
+
+def active_parameters(model: MoETransformer) -> int:
+    """Parameters one token uses: all of them, less the routed experts it is not sent to."""
+    m = model.cfg
+    idle = sum((m.num_experts - m.top_k) * 3 * m.d_model * m.d_expert for b in model.blocks if isinstance(b.ffn, MoELayer))
+    return sum(p.numel() for p in model.parameters()) - idle
+
+
+def bare_steps(cfg: RunConfig, model: MoETransformer, data: TokenData, steps: int):
+    """A closure running ``steps`` bare optimizer steps of ``model`` (see the module docstring)."""
+    device = torch.device(cfg.train.device)
+    model.to(device).train()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s % cfg.train.max_steps, cfg) / cfg.train.lr)
+    balancing = Balancing.from_config(cfg.balance) if model.routers else None
+    gen = torch.Generator().manual_seed(cfg.train.seed)
+    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+
+    def run() -> None:
+        for _ in range(steps):
+            x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, gen)
+            with _autocast(cfg):
+                out = model(x.to(device), y.to(device))
+            extra, _ = balancing.loss(out.routing) if balancing is not None else (None, {})
+            (out.loss if extra is None else out.loss + extra).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if balancing is not None:
+                balancing.after_step(model)
+
+    return run
+
+
+def run(args, timer: Timer, device: torch.device) -> dict:
+    """The three competitors in one round-robin; tokens/s and their ratios."""
+    cfg = trainer_config(args)
+    data = random_tokens(cfg)
+    steps = cfg.train.max_steps
+    in_loop: list[float] = []  # the trainer's own tokens/s of each call
+    workdir = tempfile.TemporaryDirectory(prefix="bench_trainer_")
+
+    def train_run() -> None:
+        result = train(cfg, Path(workdir.name) / f"run{len(in_loop)}", data=data, progress=False)
+        in_loop.append(result.tokens_per_s)
+
+    torch.manual_seed(cfg.train.seed)
+    moe = MoETransformer(cfg.model, cfg.balance)
+    torch.manual_seed(cfg.train.seed)
+    dense = dense_twin(cfg)
+    try:
+        t = timer.compare({"train": train_run, "moe": bare_steps(cfg, moe, data, steps), "dense": bare_steps(cfg, dense, data, steps)})
+    finally:
+        workdir.cleanup()
+    tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+    tps = {k: tokens / v for k, v in t.items()}
+    loop_tps = float(np.median(in_loop[1:] or in_loop))  # the warm-up call left out
+    res = {
+        "preset": "smoke" if args.quick else "default", "steps_per_call": steps, "batch": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len, "dtype": cfg.train.dtype, "vocab_size": cfg.model.vocab_size,
+        "params_moe": sum(p.numel() for p in moe.parameters()), "params_moe_active": active_parameters(moe),
+        "params_dense": sum(p.numel() for p in dense.parameters()),
+        "mflop_per_token": model_flops_per_token(cfg.model, cfg.train.seq_len) / 1e6,
+        **{f"s_{k}": v for k, v in t.items()},
+        **{f"tokens_per_s_{k}": v for k, v in tps.items()},
+        "tokens_per_s_train_in_loop": loop_tps,
+        "train_over_dense": tps["train"] / tps["dense"],
+        "train_in_loop_over_dense": loop_tps / tps["dense"],
+        "moe_over_dense": tps["moe"] / tps["dense"],
+        "train_over_moe": tps["train"] / tps["moe"],
+    }
+    print("  trainer " + fmt(res), flush=True)
+    return res
+
+
+def markdown(r: dict, res: dict) -> str:
+    out = (f"\n### 7. Trainer speed: `moebalance train` ({r['preset']} preset) against a dense model of the same active parameters\n\n"
+           f"{r['steps_per_call']} optimizer steps of {r['batch']} x {r['seq_len']} tokens per call, {r['dtype']}, "
+           f"vocabulary {r['vocab_size']}, {r['mflop_per_token']:.2f} MFLOP/token (MoE).\n\n")
+    return out + table([r], [("tokens_per_s_train", "train() tokens/s (wall)", ".0f"), ("tokens_per_s_train_in_loop", "train() tokens/s (its own)", ".0f"),
+                             ("tokens_per_s_moe", "MoE bare step tokens/s", ".0f"), ("tokens_per_s_dense", "dense twin tokens/s", ".0f"),
+                             ("train_over_dense", "train (wall) / dense", ".2f"), ("train_in_loop_over_dense", "train (own) / dense", ".2f"),
+                             ("moe_over_dense", "MoE bare / dense", ".2f"), ("train_over_moe", "train (wall) / MoE bare", ".2f")])

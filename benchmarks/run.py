@@ -64,6 +64,8 @@ from pieces import DTYPES  # noqa: E402
 from sections import SECTIONS  # noqa: E402
 from timing import Timer  # noqa: E402
 
+from moebalance.train.host import keep_freed_memory  # noqa: E402  (re-exported: the runner sets it for its process)
+
 
 # ---------------------------------------------------------------- command line
 
@@ -178,31 +180,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 # ---------------------------------------------------------------- the process and the machine
-
-
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc <malloc.h>
-
-
-def keep_freed_memory() -> str:
-    """Make glibc malloc keep freed memory for reuse instead of returning it to the OS.
-
-    Process-wide and irreversible: the benchmark's own process calls it, tests do not.
-
-    Returns:
-        what was set, for the report; ``"system"`` where the C library is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    if platform.system() != "Linux" or not platform.libc_ver()[0] == "glibc":
-        return "system"
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    big = 2**31 - 1  # mallopt takes an int: at most 2 GiB
-    ok = [libc.mallopt(M_MMAP_THRESHOLD, big), libc.mallopt(M_TRIM_THRESHOLD, big), libc.mallopt(M_TOP_PAD, 256 << 20)]
-    if not all(ok):
-        return "system"
-    return "glibc mallopt: mmap threshold 2 GiB, trim threshold 2 GiB, top pad 256 MiB"
 
 
 def machine(device: torch.device, malloc: str) -> dict:

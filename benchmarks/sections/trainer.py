@@ -14,6 +14,10 @@ Three competitors in one round-robin, each call ``--trainer-steps`` optimizer st
 * ``dense``: the same bare step of the dense twin: every MoE feed-forward replaced by one SwiGLU
   of hidden size ``top_k * d_expert`` (plus the shared experts' width), i.e. the same active
   expert parameters; the router (``D * E`` weights per layer) is what the twin lacks.
+* ``train_malloc_<other>`` (on CPU): ``train()`` again in a child process with the other
+  ``train.malloc`` setting than this process's ``--malloc`` (the allocator setting is
+  process-wide), so that what ``train.malloc=reuse`` gains is one side-by-side ratio too. The
+  child is started before the timing and waits for each call; the time is read in this process.
 
 The tokens are random ids of the preset's vocabulary (nothing is read from disk); the three start
 from the same seed. Ratios are of medians measured side by side.
@@ -21,7 +25,9 @@ from the same seed. Ratios are of medians measured side by side.
 
 from __future__ import annotations
 
+import copy
 import math
+import multiprocessing as mp
 import tempfile
 from pathlib import Path
 
@@ -108,43 +114,98 @@ def bare_steps(cfg: RunConfig, model: MoETransformer, data: TokenData, steps: in
     return run
 
 
-def run(args, timer: Timer, device: torch.device) -> dict:
-    """The three competitors in one round-robin; tokens/s and their ratios."""
-    cfg = trainer_config(args)
-    data = random_tokens(cfg)
+def _train_worker(conn, cfg_dict: dict, data: TokenData, threads: int, workdir: str) -> None:
+    """Child process of ``train_malloc_<other>``: one ``train()`` per request, its own tokens/s back."""
+    torch.set_num_threads(threads)
+    cfg = RunConfig.from_dict(cfg_dict)
+    n = 0
+    while conn.recv():
+        n += 1
+        conn.send(train(cfg, Path(workdir) / f"child{n}", data=data, progress=False).tokens_per_s)
+
+
+def _other_malloc_train(cfg: RunConfig, data: TokenData, workdir: str, in_loop: list[float]):
+    """``(closure, stop)`` of the child-process competitor (see the module docstring): ``train()``
+    with the other ``train.malloc`` setting than ``cfg``'s; its own tokens/s go to ``in_loop``."""
+    other = copy.deepcopy(cfg)
+    other.train.malloc = _other(cfg.train.malloc)
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_train_worker, args=(child, other.to_dict(), data, torch.get_num_threads(), workdir), daemon=True)
+    proc.start()
+
+    def call() -> None:
+        parent.send(True)
+        in_loop.append(parent.recv())
+
+    def stop() -> None:
+        parent.send(False)
+        proc.join(timeout=60)
+
+    return call, stop
+
+
+def _other(malloc: str) -> str:
+    return "system" if malloc == "reuse" else "reuse"
+
+
+def _competitors(cfg: RunConfig, data: TokenData, device: torch.device, workdir: str, in_loop: dict[str, list[float]]):
+    """``({name: closure}, stop, (moe, dense))``: the closures of :func:`run`, what ends the child
+    process (``None`` off CPU), and the two models of the bare steps."""
     steps = cfg.train.max_steps
-    in_loop: list[float] = []  # the trainer's own tokens/s of each call
-    workdir = tempfile.TemporaryDirectory(prefix="bench_trainer_")
+    in_loop["train"] = []
 
     def train_run() -> None:
-        result = train(cfg, Path(workdir.name) / f"run{len(in_loop)}", data=data, progress=False)
-        in_loop.append(result.tokens_per_s)
+        result = train(cfg, Path(workdir) / f"run{len(in_loop['train'])}", data=data, progress=False)
+        in_loop["train"].append(result.tokens_per_s)
 
     torch.manual_seed(cfg.train.seed)
     moe = MoETransformer(cfg.model, cfg.balance)
     torch.manual_seed(cfg.train.seed)
     dense = dense_twin(cfg)
+    fns = {"train": train_run, "moe": bare_steps(cfg, moe, data, steps), "dense": bare_steps(cfg, dense, data, steps)}
+    stop = None
+    if device.type == "cpu":
+        name = f"train_malloc_{_other(cfg.train.malloc)}"
+        fns[name], stop = _other_malloc_train(cfg, data, workdir, in_loop.setdefault(name, []))
+    return fns, stop, (moe, dense)
+
+
+def run(args, timer: Timer, device: torch.device) -> dict:
+    """The competitors in one round-robin; tokens/s and their ratios."""
+    cfg = trainer_config(args)
+    cfg.train.malloc = args.malloc  # as this process is set: train() must not change it
+    data = random_tokens(cfg)
+    in_loop: dict[str, list[float]] = {}  # the trainer's own tokens/s of each call
+    workdir = tempfile.TemporaryDirectory(prefix="bench_trainer_")
+    fns, stop, (moe, dense) = _competitors(cfg, data, device, workdir.name, in_loop)
     try:
-        t = timer.compare({"train": train_run, "moe": bare_steps(cfg, moe, data, steps), "dense": bare_steps(cfg, dense, data, steps)})
+        t = timer.compare(fns)
     finally:
+        if stop is not None:
+            stop()
         workdir.cleanup()
-    tokens = steps * cfg.train.batch_size * cfg.train.seq_len
+    tokens = cfg.train.max_steps * cfg.train.batch_size * cfg.train.seq_len
     tps = {k: tokens / v for k, v in t.items()}
-    loop_tps = float(np.median(in_loop[1:] or in_loop))  # the warm-up call left out
+    own = {k: float(np.median(v[1:] or v)) for k, v in in_loop.items()}  # the warm-up call left out
     res = {
-        "preset": "smoke" if args.quick else "default", "steps_per_call": steps, "batch": cfg.train.batch_size,
-        "seq_len": cfg.train.seq_len, "dtype": cfg.train.dtype, "vocab_size": cfg.model.vocab_size,
+        "preset": "smoke" if args.quick else "default", "steps_per_call": cfg.train.max_steps, "batch": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len, "dtype": cfg.train.dtype, "vocab_size": cfg.model.vocab_size, "malloc": cfg.train.malloc,
         "params_moe": sum(p.numel() for p in moe.parameters()), "params_moe_active": active_parameters(moe),
         "params_dense": sum(p.numel() for p in dense.parameters()),
         "mflop_per_token": model_flops_per_token(cfg.model, cfg.train.seq_len) / 1e6,
         **{f"s_{k}": v for k, v in t.items()},
         **{f"tokens_per_s_{k}": v for k, v in tps.items()},
-        "tokens_per_s_train_in_loop": loop_tps,
+        **{f"tokens_per_s_{k}_in_loop": v for k, v in own.items()},
         "train_over_dense": tps["train"] / tps["dense"],
-        "train_in_loop_over_dense": loop_tps / tps["dense"],
+        "train_in_loop_over_dense": own["train"] / tps["dense"],
         "moe_over_dense": tps["moe"] / tps["dense"],
         "train_over_moe": tps["train"] / tps["moe"],
     }
+    for name in (n for n in tps if n.startswith("train_malloc_")):
+        reuse, system = ("train", name) if cfg.train.malloc == "reuse" else (name, "train")
+        res["malloc_reuse_over_system"] = tps[reuse] / tps[system]
+        res["malloc_reuse_over_system_in_loop"] = own[reuse] / own[system]
     print("  trainer " + fmt(res), flush=True)
     return res
 
@@ -156,4 +217,6 @@ def markdown(r: dict, res: dict) -> str:
     return out + table([r], [("tokens_per_s_train", "train() tokens/s (wall)", ".0f"), ("tokens_per_s_train_in_loop", "train() tokens/s (its own)", ".0f"),
                              ("tokens_per_s_moe", "MoE bare step tokens/s", ".0f"), ("tokens_per_s_dense", "dense twin tokens/s", ".0f"),
                              ("train_over_dense", "train (wall) / dense", ".2f"), ("train_in_loop_over_dense", "train (own) / dense", ".2f"),
-                             ("moe_over_dense", "MoE bare / dense", ".2f"), ("train_over_moe", "train (wall) / MoE bare", ".2f")])
+                             ("moe_over_dense", "MoE bare / dense", ".2f"), ("train_over_moe", "train (wall) / MoE bare", ".2f"),
+                             ("malloc_reuse_over_system", "train.malloc reuse / system (wall)", ".2f"),
+                             ("malloc_reuse_over_system_in_loop", "reuse / system (own)", ".2f")])

@@ -207,6 +207,9 @@ class TrainConfig:
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = 0  # torch intra-op threads, 0: leave torch's default
+    # CPU: "reuse" keeps freed memory in the process (glibc mallopt; see moebalance.train.host),
+    # "system" leaves the C library's defaults. Speed only: the numbers are the same.
+    malloc: Literal["reuse", "system"] = "reuse"
     tensorboard: bool = True
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: only the final one)
     keep_checkpoints: int = 3  # how many periodic checkpoints to keep

@@ -50,6 +50,7 @@ from moebalance.train.data import (
     sample_local_batch,
 )
 from moebalance.train.guards import NonFiniteError, nonfinite_reason
+from moebalance.train.host import keep_freed_memory
 from moebalance.train.logs import RunLogger, load_heatmap_image
 from moebalance.train.model import MoETransformer
 from moebalance.train.resume import capture_state, restore_state
@@ -104,7 +105,9 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+    # foreach: one multi-tensor kernel per update op instead of one per parameter; on CPU it gives
+    # the same bits as the per-parameter loop (checked in tests/test_train_speed.py).
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True)
 
 
 @torch.no_grad()
@@ -199,6 +202,8 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.malloc == "reuse" and torch.device(cfg.train.device).type == "cpu":
+        keep_freed_memory()
     dist_ctx = parallel.init_distributed(cfg.train.device)  # one-process context without torchrun
     data = data if data is not None else parallel.main_first(dist_ctx, lambda: prepare_data(cfg.data))
     cfg = copy.deepcopy(cfg)

@@ -211,7 +211,7 @@ def to_markdown(res: dict) -> str:
         f"Device: {m['device']} ({m['device_name']}), torch {m['torch']}, threads {m['threads']}, "
         f"native bf16 GEMM: {m['native_bf16']}, allocator: {m.get('malloc', 'system')}. Shapes: T={s['tokens']}, D={s['d_model']}, F={s['d_ff']}; "
         f"median of {s['repeats']} round-robin repeats after a warm-up; forward+backward "
-        f"(section 4 runs its own small LM; see its table).\n",
+        f"(sections 4 and 7 run the small LM; see their tables).\n",
     ]
     out += [module.markdown(res[name], res) for name, module in SECTIONS.items() if name in res]
     return "".join(out)

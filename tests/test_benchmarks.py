@@ -46,6 +46,7 @@ def test_quick_benchmark_writes_tables_and_json(tmp_path):
     for k in ("train", "train_in_loop", "moe", "dense", "train_malloc_reuse", "train_malloc_reuse_in_loop"):
         assert math.isfinite(tr[f"tokens_per_s_{k}"]) and tr[f"tokens_per_s_{k}"] > 0, k
     assert tr["malloc_reuse_over_system"] > 0 and "reuse / system" in md
+    assert all(tr[f"ms_adamw_{k}"] > 0 for k in ("loop", "foreach", "fused")) and "foreach share" in md
 
 
 def test_dense_twin_has_the_active_parameters_of_the_moe_model():

@@ -47,6 +47,14 @@ def test_build_optimizer_gives_the_bits_of_the_per_parameter_adamw():
         assert torch.equal(ours[k], ref[k]), k
 
 
+def test_fused_adamw_is_an_explicit_choice():
+    model = MoETransformer(ModelConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, max_seq_len=16, num_experts=4, d_expert=16))
+    fused = build_optimizer(model, apply_overrides(RunConfig(), ["train.adamw_impl=fused"]))
+    assert fused.defaults["fused"] is True and not fused.defaults["foreach"]
+    with pytest.raises(ValueError, match=r"train.adamw_impl must be one of \['foreach', 'fused'\]"):
+        apply_overrides(RunConfig(), ["train.adamw_impl=loop"])
+
+
 def test_malloc_field_is_checked():
     assert RunConfig().train.malloc == "reuse"
     assert apply_overrides(RunConfig(), ["train.malloc=system"]).train.malloc == "system"

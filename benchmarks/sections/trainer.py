@@ -114,6 +114,21 @@ def bare_steps(cfg: RunConfig, model: MoETransformer, data: TokenData, steps: in
     return run
 
 
+def adamw_step_seconds(cfg: RunConfig, model: MoETransformer, device: torch.device, timer: Timer) -> dict[str, float]:
+    """AdamW's step alone on ``model``'s parameters (a copy each) with fixed gradients, side by side:
+    PyTorch's per-parameter loop (its CPU default, and the trainer's before ``train.adamw_impl``),
+    ``foreach`` and ``fused``, with ``build_optimizer``'s groups. Median seconds per step."""
+    fns = {}
+    for impl, flags in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        m = copy.deepcopy(model).to(device)
+        gen = torch.Generator().manual_seed(0)
+        for p in m.parameters():
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
+        groups = [{k: v for k, v in g.items() if k not in ("foreach", "fused")} for g in build_optimizer(m, cfg).param_groups]
+        fns[impl] = torch.optim.AdamW(groups, **flags).step
+    return timer.compare(fns)
+
+
 def _train_worker(conn, cfg_dict: dict, data: TokenData, threads: int, workdir: str) -> None:
     """Child process of ``train_malloc_<other>``: one ``train()`` per request, its own tokens/s back."""
     torch.set_num_threads(threads)
@@ -185,6 +200,7 @@ def run(args, timer: Timer, device: torch.device) -> dict:
         if stop is not None:
             stop()
         workdir.cleanup()
+    adamw = adamw_step_seconds(cfg, moe, device, timer)
     tokens = cfg.train.max_steps * cfg.train.batch_size * cfg.train.seq_len
     tps = {k: tokens / v for k, v in t.items()}
     own = {k: float(np.median(v[1:] or v)) for k, v in in_loop.items()}  # the warm-up call left out
@@ -201,6 +217,10 @@ def run(args, timer: Timer, device: torch.device) -> dict:
         "train_in_loop_over_dense": own["train"] / tps["dense"],
         "moe_over_dense": tps["moe"] / tps["dense"],
         "train_over_moe": tps["train"] / tps["moe"],
+        **{f"ms_adamw_{k}": v * 1e3 for k, v in adamw.items()},
+        "adamw_loop_over_foreach": adamw["loop"] / adamw["foreach"],
+        "adamw_loop_over_fused": adamw["loop"] / adamw["fused"],
+        "adamw_foreach_share_of_moe_step": adamw["foreach"] / (t["moe"] / cfg.train.max_steps),
     }
     for name in (n for n in tps if n.startswith("train_malloc_")):
         reuse, system = ("train", name) if cfg.train.malloc == "reuse" else (name, "train")
@@ -211,12 +231,16 @@ def run(args, timer: Timer, device: torch.device) -> dict:
 
 
 def markdown(r: dict, res: dict) -> str:
-    out = (f"\n### 7. Trainer speed: `moebalance train` ({r['preset']} preset) against a dense model of the same active parameters\n\n"
-           f"{r['steps_per_call']} optimizer steps of {r['batch']} x {r['seq_len']} tokens per call, {r['dtype']}, "
-           f"vocabulary {r['vocab_size']}, {r['mflop_per_token']:.2f} MFLOP/token (MoE).\n\n")
-    return out + table([r], [("tokens_per_s_train", "train() tokens/s (wall)", ".0f"), ("tokens_per_s_train_in_loop", "train() tokens/s (its own)", ".0f"),
-                             ("tokens_per_s_moe", "MoE bare step tokens/s", ".0f"), ("tokens_per_s_dense", "dense twin tokens/s", ".0f"),
-                             ("train_over_dense", "train (wall) / dense", ".2f"), ("train_in_loop_over_dense", "train (own) / dense", ".2f"),
-                             ("moe_over_dense", "MoE bare / dense", ".2f"), ("train_over_moe", "train (wall) / MoE bare", ".2f"),
-                             ("malloc_reuse_over_system", "train.malloc reuse / system (wall)", ".2f"),
-                             ("malloc_reuse_over_system_in_loop", "reuse / system (own)", ".2f")])
+    head = (f"\n### 7. Trainer speed: `moebalance train` ({r['preset']} preset) against a dense model of the same active parameters\n\n"
+            f"{r['steps_per_call']} optimizer steps of {r['batch']} x {r['seq_len']} tokens per call, {r['dtype']}, "
+            f"vocabulary {r['vocab_size']}, {r['mflop_per_token']:.2f} MFLOP/token (MoE), `train.malloc={r['malloc']}` in this process.\n\n")
+    speeds = table([r], [("tokens_per_s_train", "train() tokens/s (wall)", ".0f"), ("tokens_per_s_train_in_loop", "train() tokens/s (its own)", ".0f"),
+                         ("tokens_per_s_moe", "MoE bare step tokens/s", ".0f"), ("tokens_per_s_dense", "dense twin tokens/s", ".0f")])
+    ratios = table([r], [("train_over_dense", "train (wall) / dense", ".2f"), ("train_in_loop_over_dense", "train (own) / dense", ".2f"),
+                         ("moe_over_dense", "MoE bare / dense", ".2f"), ("train_over_moe", "train (wall) / MoE bare", ".2f"),
+                         ("malloc_reuse_over_system", "train.malloc reuse / system (wall)", ".2f"),
+                         ("malloc_reuse_over_system_in_loop", "reuse / system (own)", ".2f")])
+    adamw = table([r], [("ms_adamw_loop", "per-parameter loop ms", ".1f"), ("ms_adamw_foreach", "foreach ms", ".1f"), ("ms_adamw_fused", "fused ms", ".1f"),
+                        ("adamw_loop_over_foreach", "loop / foreach", ".2f"), ("adamw_loop_over_fused", "loop / fused", ".2f"),
+                        ("adamw_foreach_share_of_moe_step", "foreach share of a bare MoE step", ".1%")])
+    return head + speeds + "\n" + ratios + "\nAdamW step alone on the MoE model's parameters (fixed gradients, one round-robin):\n\n" + adamw

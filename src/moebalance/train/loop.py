@@ -106,8 +106,9 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         {"params": no_decay, "weight_decay": 0.0},
     ]
     # foreach: one multi-tensor kernel per update op instead of one per parameter; on CPU it gives
-    # the same bits as the per-parameter loop (checked in tests/test_train_speed.py).
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), foreach=True)
+    # the same bits as the per-parameter loop (tests/test_train_speed.py). fused: see the config.
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.train.adamw_impl]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), **impl)
 
 
 @torch.no_grad()

@@ -16,8 +16,12 @@ Output directory:
     summary.json    the final numbers (see :func:`train`)
     bias_checksums.json  distributed runs only: SHA-256 of every rank's final biases
 
+The loop is :class:`_Run`, phase by phase: set-up (``__init__``, ``_build_model``), one optimizer
+step (``_forward_backward``, then ``_update`` or ``_skip``), logging (``_log_step``), evaluation
+(``_evaluate``), checkpoints (``_checkpoint``) and the final files (``finish``).
+
 Under ``torchrun`` (or ``moebalance train --nproc N``) the loop runs data-parallel through the
-hooks of :mod:`moebalance.distributed`: each rank trains on its share of the global batch, the
+hooks of :mod:`moebalance.parallel`: each rank trains on its share of the global batch, the
 loads are all-reduced before the bias update, evaluation covers the validation set across ranks,
 and rank 0 alone writes files. ``train.batch_size`` is per rank.
 """
@@ -168,6 +172,296 @@ def _autocast(cfg: RunConfig):
     return torch.autocast(device_type=torch.device(cfg.train.device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
+# Fields of a step record that also go to TensorBoard, as ``train/<field>``.
+_TRAIN_SCALARS = ("loss", "lr", "maxvio_batch", "bias_min", "bias_max", "tokens_per_s", "dropped_frac")
+
+
+@dataclass
+class _StepOutcome:
+    """What the micro-batches of one optimizer step produced (this rank's sums)."""
+
+    lm_sum: float = 0.0
+    parts_sum: dict[str, float] = field(default_factory=dict)
+    dropped: int = 0
+    reason: str | None = None  # why the step must be skipped (a non-finite value), or None
+    grad_norm: float = math.nan
+
+
+class _Run:
+    """One training run, phase by phase: :meth:`__init__` sets up, :meth:`fit` loops over
+    optimizer steps (:meth:`_forward_backward`, :meth:`_skip` or :meth:`_update`, :meth:`_log_step`,
+    :meth:`_evaluate`, :meth:`_checkpoint`), :meth:`finish` writes the final files.
+
+    The running statistics (``skipped``, ``maxvio_history``, ``last_eval``, ``train_time``) live in
+    ``self.stats``, the dict a checkpoint saves and a resume restores.
+    """
+
+    def __init__(self, cfg: RunConfig, out: Path, data: TokenData | None, resume: bool) -> None:
+        self.out = out
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        if cfg.train.malloc == "reuse" and torch.device(cfg.train.device).type == "cpu":
+            keep_freed_memory()
+        self.ctx = parallel.init_distributed(cfg.train.device)  # one-process context without torchrun
+        data = data if data is not None else parallel.main_first(self.ctx, lambda: prepare_data(cfg.data))
+        cfg = copy.deepcopy(cfg)
+        cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
+        cfg.train.device = self.ctx.device  # cuda:<LOCAL_RANK> on a CUDA job
+        check_data(data, cfg.train.seq_len)
+        self.cfg, self.data = cfg, data
+        self.expert_parallel = cfg.train.expert_parallel and self.ctx.enabled
+        if self.expert_parallel and (resume or cfg.train.checkpoint_every):
+            # Resumable checkpoints hold one model and one optimizer state; sharded experts are not in them.
+            raise ValueError("train.checkpoint_every and resume are not supported with train.expert_parallel yet")
+        self._build_model()
+        self.ckpts = CheckpointDir(out / "checkpoints", cfg.train.keep_checkpoints)
+        self.start_step = 0
+        self.stats: dict[str, Any] = {"skipped": 0, "maxvio_history": [], "last_eval": None, "train_time": 0.0}
+        if resume:
+            ckpt_path, state = self.ckpts.load_latest()
+            self.start_step, self.stats = restore_state(
+                state, **self._objects(), config=cfg.to_dict(), data_fingerprint=data.fingerprint, source=str(ckpt_path)
+            )
+            log.info("resumed from %s after step %d", ckpt_path, self.start_step)
+        # Written only now: a refused resume must leave the run's config.json as it was.
+        if self.ctx.is_main:
+            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+        resume_step = self.start_step if resume else None
+        self.logger = RunLogger(out, cfg.train.tensorboard, resume_step, enabled=self.ctx.is_main)
+        t = cfg.train
+        self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * self.ctx.world_size
+
+    def _build_model(self) -> None:
+        """Model, DDP wrapper, optimizer, LR schedule, data generator and balancing, from the seed."""
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)  # same seed on every rank: identical initial weights
+        self.device = torch.device(cfg.train.device)
+        self.model = MoETransformer(cfg.model, cfg.balance).to(self.device)
+        if self.expert_parallel:
+            parallel.apply_expert_parallel(self.model)
+        self.train_model = parallel.wrap_data_parallel(self.model, self.ctx)  # the model itself for one process
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s, cfg) / cfg.train.lr)
+        self.data_gen = torch.Generator().manual_seed(cfg.train.seed)
+        # The bias update uses the global batch's load: all-reduced over the ranks before the update.
+        self.balancing = Balancing.from_config(cfg.balance, all_reduce=self.ctx.loads_all_reduce())
+
+    def _objects(self) -> dict[str, Any]:
+        return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, data_gen=self.data_gen)
+
+    def _state(self, steps_done: int) -> dict[str, Any]:
+        """The resumable state after ``steps_done`` loop iterations (see :mod:`moebalance.train.resume`)."""
+        return capture_state(
+            **self._objects(),
+            config=self.cfg.to_dict(),
+            data_fingerprint=self.data.fingerprint,
+            step=steps_done,
+            stats=self.stats,
+        )
+
+    def fit(self, progress: bool, desc: str | None) -> None:
+        """Run the optimizer steps from ``start_step`` to ``train.max_steps``."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        bar = tqdm(
+            range(self.start_step, cfg.train.max_steps),
+            initial=self.start_step,
+            total=cfg.train.max_steps,
+            desc=desc or cfg.balance.strategy,
+            disable=not (progress and self.ctx.is_main),
+            dynamic_ncols=True,
+        )
+        self.model.train()
+        try:
+            for step in bar:
+                # Periodic checkpoint of the state after `step` iterations, taken at the top of the
+                # loop so that a skipped step cannot jump over it.
+                if cfg.train.checkpoint_every and step > self.start_step and step % cfg.train.checkpoint_every == 0:
+                    self._checkpoint(step)
+                t0 = time.perf_counter()
+                outcome = self._forward_backward()
+                if outcome.reason is not None:
+                    self._skip(step, outcome.reason)
+                    continue
+                loads_LE = self._update()
+                rec = self._log_step(step, outcome, loads_LE, time.perf_counter() - t0)
+                if (step + 1) % cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
+                last_step = step + 1 == cfg.train.max_steps
+                if (step + 1) % cfg.train.eval_every == 0 or last_step:
+                    # The final evaluation reads the whole validation split: MaxVio_global (paper §4.1).
+                    self._evaluate(step, max_tokens=0 if last_step else None)
+        finally:
+            bar.close()
+            self.logger.close()
+
+    def _checkpoint(self, step: int) -> None:
+        self.logger.sync()  # the records the checkpoint refers to are on disk first
+        state = self._state(step)  # every rank holds the same state (data parallel only)
+        if self.ctx.is_main:
+            self.ckpts.save(step, state)
+
+    def _forward_backward(self) -> _StepOutcome:
+        """The ``grad_accum`` micro-batches of one step: forward, losses, guards, backward."""
+        cfg, ctx, out = self.cfg, self.ctx, _StepOutcome()
+        for micro in range(cfg.train.grad_accum):
+            if ctx.enabled:  # this rank's slice of the global batch
+                x, y = sample_local_batch(self.data.train, cfg.train.batch_size, cfg.train.seq_len, self.data_gen, ctx)
+            else:
+                x, y = sample_batch(self.data.train, cfg.train.batch_size, cfg.train.seq_len, self.data_gen)
+            x, y = x.to(self.device), y.to(self.device)
+            # DDP all-reduces gradients in the last micro-batch's backward only.
+            with parallel.no_sync(self.train_model, sync=micro == cfg.train.grad_accum - 1):
+                with _autocast(cfg):
+                    res = self.train_model(x, y)
+                extra, parts = self.balancing.loss(res.routing)
+                loss = res.loss if extra is None else res.loss + extra
+                for k, v in parts.items():
+                    out.parts_sum[k] = out.parts_sum.get(k, 0.0) + v
+                out.reason = out.reason or nonfinite_reason(loss, res.routing)
+                if out.reason is not None and not ctx.enabled:
+                    break
+                # Several ranks: the others wait in this backward's collectives; join them and
+                # skip the step on every rank below.
+                (loss / cfg.train.grad_accum).backward()
+            out.lm_sum += res.loss.item()
+            out.dropped += sum(int(r.dropped_tokens) for r in res.routing if r.dropped_tokens is not None)
+        out.reason = parallel.any_rank_reason(out.reason, ctx)
+        if out.reason is None:
+            # max_norm=inf measures without scaling (the clip coefficient clamps to exactly 1).
+            max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
+            # The global norm (sharded experts included), the same on every rank.
+            out.grad_norm = parallel.clip_grad_norm_(self.model, max_norm, ctx)
+            if not math.isfinite(out.grad_norm):
+                out.reason = f"gradient norm is {out.grad_norm}"
+        return out
+
+    def _skip(self, step: int, reason: str) -> None:
+        """Skip the whole step: no weight update, and neither the bias nor the load counters take
+        anything from it (its counts, all micro-batches, are dropped)."""
+        self.stats["skipped"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.balancing.discard_step(self.model)
+        if self.cfg.train.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {step + 1}: {reason} (train.on_nonfinite=stop)")
+        log.warning("step %d: %s; step skipped", step + 1, reason)
+
+    def _update(self) -> torch.Tensor:
+        """Optimizer and LR step, then the one Loss-Free bias update of this step (Algorithm 1).
+
+        Returns:
+            ``[L, E]`` loads of this step's (global) batch, which the bias update used.
+        """
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.balancing.after_step(self.model)
+
+    def _log_step(self, step: int, outcome: _StepOutcome, loads_LE: torch.Tensor, dt: float) -> dict[str, Any]:
+        """Write the step's record to ``metrics.jsonl`` and TensorBoard; return the record."""
+        self.stats["train_time"] += dt
+        vio_L = max_violation(loads_LE)
+        self.stats["maxvio_history"].append(vio_L.mean().item())
+        biases = torch.stack([r.expert_bias for r in self.model.routers])
+        n, world = self.cfg.train.grad_accum, self.ctx.world_size
+        # Logged losses are means over the global batch (over the ranks as well).
+        parts = outcome.parts_sum
+        sums = [outcome.lm_sum, outcome.dropped, *parts.values()]
+        lm_sum, dropped, *part_sums = parallel.mean_over_ranks(sums, self.ctx)
+        parts = dict(zip(parts, part_sums))
+        dropped *= world  # all ranks' dropped pairs, like the all-reduced loads
+        rec = {
+            "kind": "train",
+            "step": step + 1,
+            "lr": self.scheduler.get_last_lr()[0],
+            "loss": lm_sum / n,
+            **{k: v / n for k, v in parts.items()},
+            "grad_norm": outcome.grad_norm,
+            "maxvio_batch": self.stats["maxvio_history"][-1],
+            "maxvio_batch_per_layer": vio_L.tolist(),
+            "loads": loads_LE.long().tolist(),
+            "bias_min": biases.min().item(),
+            "bias_max": biases.max().item(),
+            "tokens_per_s": self.tokens_per_step / dt,
+            # Capacity factor: share of the step's (token, slot) pairs dropped, over all MoE layers.
+            "dropped_frac": dropped / max(1.0, loads_LE.sum().item()),
+        }
+        scalars = {f"train/{k}": rec[k] for k in _TRAIN_SCALARS}
+        scalars.update({f"train/{k}": rec[k] for k in parts})
+        scalars.update({f"maxvio_batch/layer{i}": v for i, v in enumerate(rec["maxvio_batch_per_layer"])})
+        span_L = biases.max(-1).values - biases.min(-1).values
+        scalars.update({f"bias_range/layer{i}": v for i, v in enumerate(span_L.tolist())})
+        self.logger.record(rec, scalars, step + 1)
+        return rec
+
+    def _evaluate(self, step: int, max_tokens: int | None) -> None:
+        """Evaluate, log the record and the load heatmap, keep it as ``stats['last_eval']``."""
+        ev = evaluate(self.model, self.data, self.cfg, max_tokens=max_tokens, ctx=self.ctx)
+        self.stats["last_eval"] = ev
+        scalars = {"val/loss": ev["val_loss"], "val/ppl": ev["val_ppl"], "val/maxvio_global": ev["maxvio_global"]}
+        scalars.update({f"maxvio_global/layer{i}": v for i, v in enumerate(ev["maxvio_global_per_layer"])})
+        self.logger.record({"kind": "eval", "step": step + 1, **ev}, scalars, step + 1)
+        if self.logger.tb is not None:
+            heatmap = load_heatmap_image(ev["loads"], f"step {step + 1}: load / mean load")
+            self.logger.image("val/expert_load", heatmap, step + 1)
+
+    def finish(self) -> TrainResult:
+        """Check the run trained, write the final checkpoint, bias checksums and ``summary.json``."""
+        cfg, ctx, stats = self.cfg, self.ctx, self.stats
+        if stats["last_eval"] is None:
+            stats["last_eval"] = evaluate(self.model, self.data, cfg, max_tokens=0, ctx=ctx)
+        last_eval = stats["last_eval"]
+        steps_done = cfg.train.max_steps - stats["skipped"]
+        # A run that learned nothing, or evaluates to NaN, must not end in a summary that looks like one.
+        if steps_done == 0:
+            raise NonFiniteError(
+                f"all {cfg.train.max_steps} steps met a non-finite value and were skipped; nothing was trained"
+            )
+        if not math.isfinite(last_eval["val_loss"]):
+            raise NonFiniteError(
+                f"the final validation loss is {last_eval['val_loss']}; no summary or final checkpoint written"
+            )
+        self._write_final_checkpoint()
+        history = stats["maxvio_history"]
+        tail = history[-max(1, len(history) // 10) :] if history else [float("nan")]
+        result = TrainResult(
+            val_loss=last_eval["val_loss"],
+            val_ppl=last_eval["val_ppl"],
+            maxvio_global=last_eval["maxvio_global"],
+            maxvio_global_per_layer=last_eval["maxvio_global_per_layer"],
+            maxvio_batch_last=sum(tail) / len(tail),
+            tokens_per_s=self.tokens_per_step * steps_done / max(stats["train_time"], 1e-9),
+            steps=steps_done,
+            tokens=self.tokens_per_step * steps_done,
+            skipped_steps=stats["skipped"],
+            out_dir=str(self.out),
+            extra={"final_loads": last_eval["loads"]},
+        )
+        if ctx.is_main:
+            (self.out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+        parallel.shutdown(ctx)
+        return result
+
+    def _write_final_checkpoint(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        final_state = self._state(cfg.train.max_steps)
+        if self.expert_parallel:
+            # The full model, expert shards gathered (a collective); the optimizer state in the file
+            # is rank 0's, whose expert part covers rank 0's experts only.
+            final_state["model"] = {k: v.cpu() for k, v in parallel.full_state_dict(self.model, ctx).items()}
+        if ctx.enabled:
+            # SHA-256 of every rank's final biases, so anyone can check they ended bit-identical.
+            sums = parallel.gather_bias_checksums(self.model, ctx)
+            if ctx.is_main:
+                checksums = {"world_size": ctx.world_size, "checksums": sums, "identical": len(set(sums)) == 1}
+                write_json(self.out / "bias_checksums.json", checksums)
+        if ctx.is_main:
+            if cfg.train.checkpoint_every:
+                self.ckpts.save(cfg.train.max_steps, final_state)
+            save_checkpoint(self.out / "checkpoint.pt", final_state)
+
+
 def train(
     cfg: RunConfig,
     out_dir: str | Path,
@@ -197,228 +491,8 @@ def train(
         NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``;
             every step skipped; or a non-finite final validation loss.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if cfg.train.malloc == "reuse" and torch.device(cfg.train.device).type == "cpu":
-        keep_freed_memory()
-    dist_ctx = parallel.init_distributed(cfg.train.device)  # one-process context without torchrun
-    data = data if data is not None else parallel.main_first(dist_ctx, lambda: prepare_data(cfg.data))
-    cfg = copy.deepcopy(cfg)
-    cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
-    cfg.train.device = dist_ctx.device  # cuda:<LOCAL_RANK> on a CUDA job
-    check_data(data, cfg.train.seq_len)
-    expert_parallel = cfg.train.expert_parallel and dist_ctx.enabled
-    if expert_parallel and (resume or cfg.train.checkpoint_every):
-        # Resumable checkpoints hold one model and one optimizer state; sharded experts are not in them.
-        raise ValueError("train.checkpoint_every and resume are not supported with train.expert_parallel yet")
-
-    torch.manual_seed(cfg.train.seed)  # same seed on every rank: identical initial weights
-    device = torch.device(cfg.train.device)
-    model = MoETransformer(cfg.model, cfg.balance).to(device)
-    if expert_parallel:
-        parallel.apply_expert_parallel(model)
-    train_model = parallel.wrap_data_parallel(model, dist_ctx)  # the model itself for one process
-    routers = model.routers
-    optimizer = build_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg) / cfg.train.lr)
-    data_gen = torch.Generator().manual_seed(cfg.train.seed)
-
-    # The bias update uses the global batch's load: all-reduced over the ranks before the update.
-    balancing = Balancing.from_config(cfg.balance, all_reduce=dist_ctx.loads_all_reduce())
-
-    ckpts = CheckpointDir(out / "checkpoints", cfg.train.keep_checkpoints)
-    objects = dict(model=model, optimizer=optimizer, scheduler=scheduler, data_gen=data_gen)
-    start_step, stats = 0, {"skipped": 0, "maxvio_history": [], "last_eval": None, "train_time": 0.0}
-    if resume:
-        ckpt_path, state = ckpts.load_latest()
-        start_step, stats = restore_state(
-            state, **objects, config=cfg.to_dict(), data_fingerprint=data.fingerprint, source=str(ckpt_path)
-        )
-        log.info("resumed from %s after step %d", ckpt_path, start_step)
-    # Written only now: a refused resume must leave the run's config.json as it was.
-    if dist_ctx.is_main:
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-
-    def state_now(steps_done: int) -> dict[str, Any]:
-        run_stats = {"skipped": skipped, "maxvio_history": maxvio_history, "last_eval": last_eval, "train_time": train_time}
-        return capture_state(
-            **objects, config=cfg.to_dict(), data_fingerprint=data.fingerprint, step=steps_done, stats=run_stats
-        )
-
-    logger = RunLogger(out, cfg.train.tensorboard, start_step if resume else None, enabled=dist_ctx.is_main)
-    tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len * dist_ctx.world_size
-    maxvio_history: list[float] = stats["maxvio_history"]
-    skipped: int = stats["skipped"]
-    last_eval: dict[str, Any] | None = stats["last_eval"]
-    train_time: float = stats["train_time"]
-    bar = tqdm(
-        range(start_step, cfg.train.max_steps),
-        initial=start_step,
-        total=cfg.train.max_steps,
-        desc=desc or cfg.balance.strategy,
-        disable=not (progress and dist_ctx.is_main),
-        dynamic_ncols=True,
-    )
-    model.train()
-    try:
-        for step in bar:
-            # Periodic checkpoint of the state after `step` iterations, taken at the top of the loop
-            # so that a skipped step cannot jump over it.
-            if cfg.train.checkpoint_every and step > start_step and step % cfg.train.checkpoint_every == 0:
-                logger.sync()
-                state = state_now(step)  # every rank holds the same state (data parallel only)
-                if dist_ctx.is_main:
-                    ckpts.save(step, state)
-            t0 = time.perf_counter()
-            lm_sum, reason, dropped = 0.0, None, 0
-            parts_sum: dict[str, float] = {}
-            for micro in range(cfg.train.grad_accum):
-                if dist_ctx.enabled:  # this rank's slice of the global batch
-                    x, y = sample_local_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen, dist_ctx)
-                else:
-                    x, y = sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, data_gen)
-                x, y = x.to(device), y.to(device)
-                # DDP all-reduces gradients in the last micro-batch's backward only.
-                with parallel.no_sync(train_model, sync=micro == cfg.train.grad_accum - 1):
-                    with _autocast(cfg):
-                        res = train_model(x, y)
-                    extra, parts = balancing.loss(res.routing)
-                    loss = res.loss if extra is None else res.loss + extra
-                    for k, v in parts.items():
-                        parts_sum[k] = parts_sum.get(k, 0.0) + v
-                    reason = reason or nonfinite_reason(loss, res.routing)
-                    if reason is not None and not dist_ctx.enabled:
-                        break
-                    # Several ranks: the others wait in this backward's collectives; join them and
-                    # skip the step on every rank below.
-                    (loss / cfg.train.grad_accum).backward()
-                lm_sum += res.loss.item()
-                dropped += sum(int(r.dropped_tokens) for r in res.routing if r.dropped_tokens is not None)
-            reason = parallel.any_rank_reason(reason, dist_ctx)
-            if reason is None:
-                # max_norm=inf measures without scaling (the clip coefficient clamps to exactly 1).
-                max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else math.inf
-                # The global norm (sharded experts included), the same on every rank.
-                grad_norm = parallel.clip_grad_norm_(model, max_norm, dist_ctx)
-                if not math.isfinite(grad_norm):
-                    reason = f"gradient norm is {grad_norm}"
-            if reason is not None:
-                # Skip the whole step: no weight update, and neither the bias nor the load
-                # counters take anything from it (its counts, all micro-batches, are dropped).
-                skipped += 1
-                optimizer.zero_grad(set_to_none=True)
-                balancing.discard_step(model)
-                if cfg.train.on_nonfinite == "stop":
-                    raise NonFiniteError(f"step {step + 1}: {reason} (train.on_nonfinite=stop)")
-                log.warning("step %d: %s; step skipped", step + 1, reason)
-                continue
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            # Algorithm 1: one bias update per optimizer step, from the loads of this step's batch.
-            loads_LE = balancing.after_step(model)
-            dt = time.perf_counter() - t0
-            train_time += dt
-            vio_L = max_violation(loads_LE)
-            maxvio_history.append(vio_L.mean().item())
-            biases = torch.stack([r.expert_bias for r in routers])
-            n = cfg.train.grad_accum
-            # Logged losses are means over the global batch (over the ranks as well).
-            lm_sum, dropped, *part_sums = parallel.mean_over_ranks([lm_sum, dropped, *parts_sum.values()], dist_ctx)
-            parts_sum = dict(zip(parts_sum, part_sums))
-            dropped *= dist_ctx.world_size  # all ranks' dropped pairs, like the all-reduced loads
-            rec = {
-                "kind": "train",
-                "step": step + 1,
-                "lr": scheduler.get_last_lr()[0],
-                "loss": lm_sum / n,
-                **{k: v / n for k, v in parts_sum.items()},
-                "grad_norm": grad_norm,
-                "maxvio_batch": maxvio_history[-1],
-                "maxvio_batch_per_layer": vio_L.tolist(),
-                "loads": loads_LE.long().tolist(),
-                "bias_min": biases.min().item(),
-                "bias_max": biases.max().item(),
-                "tokens_per_s": tokens_per_step / dt,
-                # Capacity factor: share of the step's (token, slot) pairs dropped, over all MoE layers.
-                "dropped_frac": dropped / max(1.0, loads_LE.sum().item()),
-            }
-            scalars = {
-                "train/loss": rec["loss"],
-                "train/lr": rec["lr"],
-                "train/maxvio_batch": rec["maxvio_batch"],
-                "train/bias_min": rec["bias_min"],
-                "train/bias_max": rec["bias_max"],
-                "train/tokens_per_s": rec["tokens_per_s"],
-                "train/dropped_frac": rec["dropped_frac"],
-            }
-            scalars.update({f"train/{k}": rec[k] for k in parts_sum})
-            scalars.update({f"maxvio_batch/layer{i}": v for i, v in enumerate(rec["maxvio_batch_per_layer"])})
-            span_L = biases.max(-1).values - biases.min(-1).values
-            scalars.update({f"bias_range/layer{i}": v for i, v in enumerate(span_L.tolist())})
-            logger.record(rec, scalars, step + 1)
-            if (step + 1) % cfg.train.log_every == 0:
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
-            last_step = step + 1 == cfg.train.max_steps
-            if (step + 1) % cfg.train.eval_every == 0 or last_step:
-                # The final evaluation reads the whole validation split: MaxVio_global (paper §4.1).
-                last_eval = evaluate(model, data, cfg, max_tokens=0 if last_step else None, ctx=dist_ctx)
-                erec = {"kind": "eval", "step": step + 1, **last_eval}
-                escalars = {
-                    "val/loss": last_eval["val_loss"],
-                    "val/ppl": last_eval["val_ppl"],
-                    "val/maxvio_global": last_eval["maxvio_global"],
-                }
-                escalars.update({f"maxvio_global/layer{i}": v for i, v in enumerate(last_eval["maxvio_global_per_layer"])})
-                logger.record(erec, escalars, step + 1)
-                if logger.tb is not None:
-                    heatmap = load_heatmap_image(last_eval["loads"], f"step {step + 1}: load / mean load")
-                    logger.image("val/expert_load", heatmap, step + 1)
-    finally:
-        bar.close()
-        logger.close()
-
-    if last_eval is None:
-        last_eval = evaluate(model, data, cfg, max_tokens=0, ctx=dist_ctx)
-    steps_done = cfg.train.max_steps - skipped
-    # A run that learned nothing, or evaluates to NaN, must not end in a summary that looks like one.
-    if steps_done == 0:
-        raise NonFiniteError(f"all {cfg.train.max_steps} steps met a non-finite value and were skipped; nothing was trained")
-    if not math.isfinite(last_eval["val_loss"]):
-        raise NonFiniteError(f"the final validation loss is {last_eval['val_loss']}; no summary or final checkpoint written")
-    final_state = state_now(cfg.train.max_steps)
-    if expert_parallel:
-        # The full model, expert shards gathered (a collective); the optimizer state in the file
-        # is rank 0's, whose expert part covers rank 0's experts only.
-        final_state["model"] = {k: v.cpu() for k, v in parallel.full_state_dict(model, dist_ctx).items()}
-    if dist_ctx.enabled:
-        # SHA-256 of every rank's final biases, so anyone can check they ended bit-identical.
-        sums = parallel.gather_bias_checksums(model, dist_ctx)
-        if dist_ctx.is_main:
-            write_json(out / "bias_checksums.json", {"world_size": dist_ctx.world_size, "checksums": sums, "identical": len(set(sums)) == 1})
-    if dist_ctx.is_main:
-        if cfg.train.checkpoint_every:
-            ckpts.save(cfg.train.max_steps, final_state)
-        save_checkpoint(out / "checkpoint.pt", final_state)
-    tail = maxvio_history[-max(1, len(maxvio_history) // 10) :] if maxvio_history else [float("nan")]
-    result = TrainResult(
-        val_loss=last_eval["val_loss"],
-        val_ppl=last_eval["val_ppl"],
-        maxvio_global=last_eval["maxvio_global"],
-        maxvio_global_per_layer=last_eval["maxvio_global_per_layer"],
-        maxvio_batch_last=sum(tail) / len(tail),
-        tokens_per_s=tokens_per_step * steps_done / max(train_time, 1e-9),
-        steps=steps_done,
-        tokens=tokens_per_step * steps_done,
-        skipped_steps=skipped,
-        out_dir=str(out),
-        extra={"final_loads": last_eval["loads"]},
-    )
-    if dist_ctx.is_main:
-        (out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
-    parallel.shutdown(dist_ctx)
-    return result
+    run = _Run(cfg, out, data, resume)
+    run.fit(progress, desc)
+    return run.finish()

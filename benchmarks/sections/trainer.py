@@ -116,8 +116,9 @@ def bare_steps(cfg: RunConfig, model: MoETransformer, data: TokenData, steps: in
 
 def adamw_step_seconds(cfg: RunConfig, model: MoETransformer, device: torch.device, timer: Timer) -> dict[str, float]:
     """AdamW's step alone on ``model``'s parameters (a copy each) with fixed gradients, side by side:
-    PyTorch's per-parameter loop (its CPU default, and the trainer's before ``train.adamw_impl``),
-    ``foreach`` and ``fused``, with ``build_optimizer``'s groups. Median seconds per step."""
+    PyTorch's per-parameter loop (its CPU default, so ``train.adamw_impl=default`` there),
+    ``foreach`` (its CUDA default) and ``fused`` (``train.adamw_impl=fused``), with
+    ``build_optimizer``'s groups. Median seconds per step."""
     fns = {}
     for impl, flags in (("loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
         m = copy.deepcopy(model).to(device)

@@ -210,9 +210,9 @@ class TrainConfig:
     # CPU: "reuse" keeps freed memory in the process (glibc mallopt; see moebalance.train.host),
     # "system" leaves the C library's defaults. Speed only: the numbers are the same.
     malloc: Literal["reuse", "system"] = "reuse"
-    # AdamW kernels: "foreach" (multi-tensor; on CPU the same bits as the per-parameter loop) or
-    # "fused" (one kernel per parameter: faster, but it rounds differently, about 1e-7 per step).
-    adamw_impl: Literal["foreach", "fused"] = "foreach"
+    # AdamW kernels: "default" (PyTorch's choice: multi-tensor on CUDA, the per-parameter loop on
+    # CPU) or "fused" (one kernel per parameter: faster, but it rounds differently, ~1e-7 a step).
+    adamw_impl: Literal["default", "fused"] = "default"
     tensorboard: bool = True
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: only the final one)
     keep_checkpoints: int = 3  # how many periodic checkpoints to keep

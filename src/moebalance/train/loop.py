@@ -109,10 +109,8 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # foreach: one multi-tensor kernel per update op instead of one per parameter; on CPU it gives
-    # the same bits as the per-parameter loop (tests/test_train_speed.py). fused: see the config.
-    impl = {"foreach": {"foreach": True}, "fused": {"fused": True}}[cfg.train.adamw_impl]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), **impl)
+    fused = True if cfg.train.adamw_impl == "fused" else None  # None: PyTorch's default kernels
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
 
 
 @torch.no_grad()

@@ -77,6 +77,8 @@ BAD = [
     ("train.threads=-1", "in [0, 1024]"),
     ("train.threads=100000", "in [0, 1024]"),
     ("train.tensorboard=perhaps", "a boolean"),
+    ("train.malloc=jemalloc", "one of ['reuse', 'system']"),
+    ("train.adamw_impl=foreach", "one of ['default', 'fused']"),
     ("train.checkpoint_every=-1", ">= 0"),
     ("train.keep_checkpoints=0", ">= 1"),
     ("train.on_nonfinite=ignore", "one of ['skip', 'stop']"),

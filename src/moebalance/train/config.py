@@ -241,6 +241,12 @@ class TrainConfig:
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
     threads: int = 1  # torch intra-op threads (0: torch's default, one per core); 1 does not collapse on a busy machine (docs/benchmarks.md)
+    # CPU: "reuse" keeps freed memory in the process (glibc mallopt; see moebalance.train.host),
+    # "system" leaves the C library's defaults. Speed only: the numbers are the same.
+    malloc: Literal["reuse", "system"] = "reuse"
+    # AdamW kernels: "default" (PyTorch's choice: multi-tensor on CUDA, the per-parameter loop on
+    # CPU) or "fused" (one kernel per parameter: faster, but it rounds differently, ~1e-7 a step).
+    adamw_impl: Literal["default", "fused"] = "default"
     tensorboard: bool = True
     checkpoint_every: int = 0  # write a resumable checkpoint every N steps (0: only the final one)
     keep_checkpoints: int = 3  # how many periodic checkpoints to keep

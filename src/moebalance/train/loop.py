@@ -55,6 +55,7 @@ from moebalance.train.data import (
     sample_local_batch,
 )
 from moebalance.train.guards import NonFiniteError, nonfinite_reason
+from moebalance.train.host import keep_freed_memory
 from moebalance.train.logs import RunLogger, load_heatmap_image
 from moebalance.train.model import MoETransformer
 from moebalance.train.resume import capture_state, latest_training_state, restore_state
@@ -109,7 +110,8 @@ def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optim
         {"params": decay, "weight_decay": cfg.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2))
+    fused = True if cfg.train.adamw_impl == "fused" else None  # None: PyTorch's default kernels
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused)
 
 
 @torch.no_grad()
@@ -197,6 +199,8 @@ class _Run:
         self.out = out
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        if cfg.train.malloc == "reuse" and torch.device(cfg.train.device).type == "cpu":
+            keep_freed_memory()
         self.ctx = parallel.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)  # one process without torchrun
         data = data if data is not None else parallel.main_first(self.ctx, lambda: prepare_data(cfg.data))
         cfg = copy.deepcopy(cfg)

@@ -46,6 +46,7 @@ RESUMABLE_KEYS = frozenset(
         "train.eval_tokens",
         "train.log_every",
         "train.threads",
+        "train.malloc",
         "train.tensorboard",
         "train.device",
         "train.on_nonfinite",

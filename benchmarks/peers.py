@@ -92,3 +92,39 @@ def qwen2_block(ours: MoELayer, implementation: str = "grouped_mm") -> nn.Module
         nn.init.normal_(block.shared_expert_gate.weight, std=0.02)
     _load_experts(block.experts, ours)
     return block
+
+
+def peer_blocks(
+    x: torch.Tensor, d_ff: int, num_experts: int, top_k: int, implementations: list[str], max_gather_gb: float
+) -> tuple[dict, dict[str, str]]:
+    """Our layers and the transformers blocks with the same weights, on ``x``'s device and dtype.
+
+    Args:
+        x: ``[1, T, D]`` input every block's forward reads.
+        implementations: Mixtral experts implementations to build (of :data:`MIXTRAL_IMPLEMENTATIONS`).
+        max_gather_gb: skip Mixtral ``batched_mm`` when the weights it gathers exceed this (GiB).
+
+    Returns:
+        ``({name: (module, forward)}, skipped)``: ``ours``, ``mixtral_<impl>``..., ``ours_shared``,
+        ``qwen2_grouped_mm``; ``skipped`` maps a left-out block to the reason.
+    """
+    _, T, D = x.shape
+    torch.manual_seed(0)
+    mix = ours_like_mixtral(D, d_ff, num_experts, top_k)
+    qwen = ours_like_qwen2(D, d_ff, num_experts, top_k)
+    blocks = {"ours": (mix, lambda m=mix: m(x).output)}
+    skipped = {}
+    for impl in implementations:
+        # batched_mm gathers one [2F, D] and one [D, F] weight matrix per (token, slot) pair.
+        gathered = T * top_k * 3 * d_ff * D * x.element_size()
+        if impl == "batched_mm" and gathered > max_gather_gb * 2**30:
+            skipped[f"mixtral_{impl}"] = f"would gather {gathered / 2**30:.1f} GiB of expert weights"
+            continue
+        blk = mixtral_block(mix, impl)
+        blocks[f"mixtral_{impl}"] = (blk, lambda m=blk: m(x))
+    blocks["ours_shared"] = (qwen, lambda m=qwen: m(x).output)
+    blk = qwen2_block(qwen, "grouped_mm")
+    blocks["qwen2_grouped_mm"] = (blk, lambda m=blk: m(x))
+    for m, _ in blocks.values():
+        m.to(x.device, x.dtype)
+    return blocks, skipped

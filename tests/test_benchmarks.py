@@ -27,7 +27,8 @@ def test_quick_benchmark_writes_tables_and_json(tmp_path):
     saved = json.loads((tmp_path / "bench_cpu.json").read_text())
     md = (tmp_path / "bench_cpu.md").read_text()
     for section, title in [("kernels", "Expert kernel"), ("ceiling", "1. Ceiling"), ("imbalance", "2. Imbalance"),
-                           ("peers", "3. Peers"), ("memory", "6. Memory"), ("balancing", "4. The price"), ("scaling", "5. Scaling")]:
+                           ("peers", "3. Peers"), ("memory", "6. Memory"), ("balancing", "4. The price"), ("scaling", "5. Scaling"),
+                           ("trainer", "7. Trainer speed")]:
         assert section in saved and title in md
     assert len(res["ceiling"]) == 2  # float32 and bfloat16
     assert res["imbalance"][0]["maxvio"] > 0.3 and res["ceiling"][0]["maxvio"] == 0
@@ -40,6 +41,31 @@ def test_quick_benchmark_writes_tables_and_json(tmp_path):
     b = res["balancing"]
     assert b["bias_update_us_64x256"] > 0 and b["tokens_per_s"] > 0
     assert 0 < b["bias_update_share_of_step"] < 1 and "its share of the step" in md
+    tr = res["trainer"]
+    assert tr["preset"] == "smoke" and tr["malloc"] == "system"  # the test process keeps glibc's defaults
+    for k in ("train", "train_in_loop", "moe", "dense", "train_malloc_reuse", "train_malloc_reuse_in_loop"):
+        assert math.isfinite(tr[f"tokens_per_s_{k}"]) and tr[f"tokens_per_s_{k}"] > 0, k
+    assert tr["malloc_reuse_over_system"] > 0 and "reuse / system" in md
+    assert all(tr[f"ms_adamw_{k}"] > 0 for k in ("loop", "foreach", "fused")) and "foreach share" in md
+
+
+def test_dense_twin_has_the_active_parameters_of_the_moe_model():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "src"))
+    from types import SimpleNamespace
+
+    from sections import trainer
+
+    cfg = trainer.trainer_config(SimpleNamespace(quick=True, trainer_steps=3, device="cpu", dtypes=["float32"]))
+    moe, dense = trainer.MoETransformer(cfg.model, cfg.balance), trainer.dense_twin(cfg)
+    m = cfg.model
+    assert not dense.routers and len(moe.routers) == m.n_layers
+    # What the twin lacks is the routers' [E, D] weights; everything else a token uses is the same size.
+    router_weights = m.n_layers * m.num_experts * m.d_model
+    assert trainer.active_parameters(moe) - sum(p.numel() for p in dense.parameters()) == router_weights
+    assert cfg.train.max_steps == 3 and cfg.model.vocab_size == cfg.data.vocab_size
 
 
 def test_peer_blocks_match_our_layer():

@@ -93,7 +93,7 @@ def test_compare_resumes_after_an_interruption_and_never_overwrites(tmp_path, mo
         compare_mod.compare(apply_overrides(base, ["balance.aux_loss_coeff=1e-2"]), out, progress=False)
     assert (out / "loss_free" / "summary.json").read_bytes() == finished
     rc = cli.main(["compare", "--preset", "smoke", "--out", str(out), "--no-progress", *TINY, "train.seed=5"])
-    assert rc == 2  # the CLI prints the one-line refusal
+    assert rc == 4  # the CLI prints the one-line refusal (exit 4: the work cannot use its files)
     assert (out / "loss_free" / "summary.json").read_bytes() == finished
 
 

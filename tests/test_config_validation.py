@@ -44,6 +44,7 @@ BAD = [
     ("balance.bias_update_rate=inf", "a finite number"),
     ("balance.bias_update=raw", "one of ['sign', 'error']"),
     ("balance.bias_mode=affine", "one of ['additive', 'multiplicative']"),
+    ("balance.bias_center=often", "a boolean"),
     ("balance.aux_loss_coeff=-1e-3", ">= 0"),
     ("balance.z_loss_coeff=nan", "a finite number"),
     ("data.path= ", "a non-empty path"),
@@ -77,10 +78,13 @@ BAD = [
     ("train.threads=-1", "in [0, 1024]"),
     ("train.threads=100000", "in [0, 1024]"),
     ("train.tensorboard=perhaps", "a boolean"),
+    ("train.malloc=jemalloc", "one of ['reuse', 'system']"),
+    ("train.adamw_impl=foreach", "one of ['default', 'fused']"),
     ("train.checkpoint_every=-1", ">= 0"),
     ("train.keep_checkpoints=0", ">= 1"),
     ("train.on_nonfinite=ignore", "one of ['skip', 'stop']"),
     ("train.expert_parallel=maybe", "a boolean"),
+    ("train.dist_timeout_s=0", "> 0 (seconds)"),
 ]
 
 

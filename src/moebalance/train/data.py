@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from moebalance.parallel.process import DistContext, shard_rows
+from moebalance.train.checkpoint import current_umask, folder_problem
 from moebalance.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -225,9 +226,23 @@ def fingerprint_files(root: Path, rels: list[str]) -> str:
 
 
 def cache_root(cfg: DataConfig) -> Path:
+    """The token cache folder: ``data.cache_dir``, else ``$MOEBALANCE_CACHE``, else
+    ``~/.cache/moebalance``.
+
+    Raises:
+        ValueError: the chosen path cannot be a folder (a file is in the way, ...); the message
+            names where the path came from.
+    """
     if cfg.cache_dir:
-        return Path(cfg.cache_dir)
-    return Path(os.environ.get("MOEBALANCE_CACHE", Path.home() / ".cache" / "moebalance"))
+        root, source = Path(cfg.cache_dir), "data.cache_dir"
+    elif os.environ.get("MOEBALANCE_CACHE"):
+        root, source = Path(os.environ["MOEBALANCE_CACHE"]), "MOEBALANCE_CACHE"
+    else:
+        root, source = Path.home() / ".cache" / "moebalance", "the default cache folder"
+    problem = folder_problem(root)
+    if problem is not None:
+        raise ValueError(f"{source} {str(root)!r} cannot hold the token cache: {problem}")
+    return root
 
 
 def _read_texts(root: Path, rels: list[str]) -> tuple[list[str], int]:
@@ -332,6 +347,7 @@ def _build_cache(cache: Path, build) -> None:
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
     try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0o700 would keep a shared cache private
         build(tmp)
         try:
             os.rename(tmp, cache)

@@ -32,6 +32,7 @@ BAD = [
     ("model.rope_theta=-1", "> 0"),
     ("model.tie_embeddings=2", "a boolean"),
     ("model.init_std=0", "> 0"),
+    ("model.router_init_std=0", "> 0 or None (model.init_std)"),
     ("model.activation_checkpointing=sometimes", "a boolean"),
     ("balance.strategy=magic", "one of ['loss_free', 'aux_loss', 'none', 'batch_aux_loss'"),
     ("balance.seq_aux_coeff=-1", ">= 0"),

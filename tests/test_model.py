@@ -46,3 +46,17 @@ def test_one_training_step_moves_biases_not_via_optimizer():
     assert all(torch.equal(r.expert_bias, torch.zeros(4)) for r in model.routers)
     LossFreeBalancer().step(model)
     assert all(r.expert_bias.abs().max() > 0 for r in model.routers)
+
+
+def test_router_init_follows_init_std_unless_set():
+    """Routers get the model's init_std by default; a set router_init_std wins for routers only."""
+    torch.manual_seed(0)
+    cfg = tiny(d_model=256, n_heads=4, num_experts=64, init_std=0.02)
+    m = MoETransformer(cfg)
+    for r in m.routers:
+        assert abs(r.weight.std().item() - 0.02) < 0.002
+    assert abs(m.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002
+    m = MoETransformer(tiny(d_model=256, n_heads=4, num_experts=64, router_init_std=256**-0.5))
+    for r in m.routers:
+        assert abs(r.weight.std().item() - 256**-0.5) < 0.1 * 256**-0.5
+    assert abs(m.blocks[0].attn.qkv.weight.std().item() - 0.02) < 0.002

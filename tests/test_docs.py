@@ -42,6 +42,8 @@ COMMAND = re.compile(r"`[^`]*(moebalance \w|make (demo|bench)|benchmarks/run\.py
 # cell) -> why. Each is a gap to close, not a licence.
 UNSTORED = {
     ("distributed.md", "run"): "an expert-parallel replay of runs under runs/rep, which are not stored",
+    ("reproduction.md", ""): "the paper's published figures (arXiv 2408.15664 Table 2); ours are the README's stored demo report",
+    ("reproduction.md", 'change'): "measured runs of the research session (commands beside them); their run folders are not stored",
     ("benchmarks.md", "section"): "what each benchmark section compares: a description, no measured figures",
 }
 

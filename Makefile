@@ -1,11 +1,14 @@
 # Two entry points, each creating .venv and installing what it needs.
-#   make demo  -> trains the default comparison (Loss-Free vs auxiliary loss) on the built-in corpus
+#   make demo  -> trains the default comparison (Loss-Free vs auxiliary loss) on the built-in corpus;
+#                 ARGS passes options and overrides through, e.g. make demo ARGS="--seeds 3 train.threads=1";
+#                 run it again after an interruption to continue where it stopped
 #   make test  -> runs the test suite
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
+ARGS ?=
 
 .PHONY: demo test test-quick bench clean
 
@@ -18,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/moebalance compare --out $(OUT)
+	$(BIN)/moebalance compare --out $(OUT) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -4,6 +4,7 @@ from torch import nn
 
 from moebalance import AuxLossBalancer, LossFreeBalancer, MoELayer, TopKRouter
 from moebalance.balancing import find_routers, router_z_loss, sequence_aux_loss
+from moebalance.losses import normalize_scores
 
 
 def _fill(router: TopKRouter, loads):
@@ -128,6 +129,9 @@ def test_aux_balancer_scales_and_sums_layers():
     x = torch.randn(2, 6, 8)
     r1, r2 = layer(x).routing, layer(x * 2).routing
     manual = 1e-2 * (sequence_aux_loss(r1.scores, r1.indices, 6) + sequence_aux_loss(r2.scores, r2.indices, 6))
+    torch.testing.assert_close(AuxLossBalancer(1e-2, scores="raw")([r1, r2]), manual)
+    norm = [normalize_scores(r.scores) for r in (r1, r2)]
+    manual = 1e-2 * (sequence_aux_loss(norm[0], r1.indices, 6) + sequence_aux_loss(norm[1], r2.indices, 6))
     torch.testing.assert_close(AuxLossBalancer(1e-2)([r1, r2]), manual)
     loss = AuxLossBalancer(1e-2)(r1)
     loss.backward()

@@ -43,6 +43,7 @@ BAD = [
     ("balance.bias_update_rate=inf", "a finite number"),
     ("balance.bias_update=raw", "one of ['sign', 'error']"),
     ("balance.bias_mode=affine", "one of ['additive', 'multiplicative']"),
+    ("balance.bias_center=often", "a boolean"),
     ("balance.aux_loss_coeff=-1e-3", ">= 0"),
     ("balance.z_loss_coeff=nan", "a finite number"),
     ("data.path= ", "a non-empty path"),
@@ -50,6 +51,10 @@ BAD = [
     ("data.val_fraction=0.5", "in (0, 0.5)"),
     ("data.max_files=-1", ">= 0"),
     ("data.bin_vocab_size=70000", "in [0, 65536]"),
+    ("data.val_split=random", "one of ['chunks', 'files']"),
+    ("data.val_chunk_tokens=8", ">= 16"),
+    ("data.split_seed=-1", "in [0, 2**63)"),
+    ("balance.aux_loss_scores=softmax", "one of ['normalized', 'raw']"),
     ("train.seq_len=0", ">= 1"),
     ("train.seq_len=257", "<= model.max_seq_len=256"),
     ("train.batch_size=0", ">= 1"),
@@ -78,6 +83,7 @@ BAD = [
     ("train.keep_checkpoints=0", ">= 1"),
     ("train.on_nonfinite=ignore", "one of ['skip', 'stop']"),
     ("train.expert_parallel=maybe", "a boolean"),
+    ("train.dist_timeout_s=0", "> 0 (seconds)"),
 ]
 
 

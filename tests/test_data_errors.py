@@ -33,7 +33,11 @@ def make(tmp_path, kind):
         return DataConfig(path=str(root), cache_dir=cache), ValueError, "holds no text files"
     if kind == "single_line_file":
         (root / "one.txt").write_text("hello world, " * 100)
-        return DataConfig(path=str(root / "one.txt"), cache_dir=cache), ValueError, "at least 2 non-empty lines"
+        cfg = DataConfig(path=str(root / "one.txt"), cache_dir=cache, val_split="files")
+        return cfg, ValueError, "at least 2 non-empty lines"
+    if kind == "too_short_for_chunks":
+        (root / "one.txt").write_text("hello world, " * 100)
+        return DataConfig(path=str(root / "one.txt"), cache_dir=cache), ValueError, "fewer than 2 chunks of data.val_chunk_tokens=512"
     if kind == "bin_no_vocab":
         path = write_bin(root / "t.bin", range(100))
         return DataConfig(path=str(path)), ValueError, "data.bin_vocab_size must be set"
@@ -60,6 +64,7 @@ KINDS = [
     "empty_files",
     "binary_files",
     "single_line_file",
+    "too_short_for_chunks",
     "bin_no_vocab",
     "bin_odd_size",
     "bin_empty",
@@ -88,7 +93,7 @@ def test_bad_data_stops_before_training(tmp_path, kind):
 def test_a_single_text_file_is_split_by_lines(tmp_path):
     path = tmp_path / "one.txt"
     path.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(200)))
-    data = prepare_data(DataConfig(path=str(path), vocab_size=300, cache_dir=str(tmp_path / "cache")))
+    data = prepare_data(DataConfig(path=str(path), vocab_size=300, cache_dir=str(tmp_path / "cache"), val_split="files"))
     assert len(data.train) > 10 * len(data.val) > 0  # about 5% held out, by the last lines
     check_data(data, seq_len=16)
 
@@ -114,7 +119,8 @@ def test_check_data(train_tokens, val_tokens, vocab, match):
 
 def test_too_short_split_fails_before_training(tmp_path):
     path = write_bin(tmp_path / "t.bin", list(range(100)) * 2)  # 10 validation tokens
-    cfg = apply_overrides(get_preset("smoke"), [f"data.path={path}", "data.bin_vocab_size=100"])
+    overrides = [f"data.path={path}", "data.bin_vocab_size=100", "data.val_split=files"]  # the tail is held out
+    cfg = apply_overrides(get_preset("smoke"), overrides)
     with pytest.raises(ValueError, match="validation split has 10 tokens"):
         train(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

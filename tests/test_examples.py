@@ -39,3 +39,32 @@ def test_hf_trainer_example_tiny(tmp_path, balance):
     else:  # the baseline is measured only
         assert lo == hi == 0.0
     assert list((tmp_path / "runs").iterdir())  # TensorBoard events
+
+
+TINY = ["--steps", "3", "--batch-size", "2", "--grad-accum", "2", "--seq-len", "32", "--hidden-size", "32",
+        "--vocab-size", "300", "--max-files", "20", "--val-windows", "4", "--threads", "1", "--update-rate", "0.01"]
+
+
+def _check_loop_summary(summary, out):
+    assert summary["steps"] == 3
+    assert json.loads((out / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+    assert len(summary["maxvio_global_per_layer"]) == 2
+    lo, hi = summary["bias_range"]
+    assert lo < hi and -0.03 - 1e-6 <= lo and hi <= 0.03 + 1e-6  # 3 sign updates of 0.01, not 6
+
+
+@pytest.mark.slow
+def test_plain_loop_example_tiny(tmp_path):
+    summary = _load("plain_loop_loss_free").main(TINY + ["--out", str(tmp_path)])
+    _check_loop_summary(summary, tmp_path)
+
+
+@pytest.mark.slow
+def test_accelerate_example_tiny(tmp_path):
+    import accelerate
+
+    try:
+        summary = _load("accelerate_loss_free").main(TINY + ["--out", str(tmp_path)])
+    finally:
+        accelerate.state.AcceleratorState._reset_state(True)
+    _check_loop_summary(summary, tmp_path)

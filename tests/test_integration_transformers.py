@@ -242,9 +242,14 @@ def test_trainer_reduces_maxvio_and_eval_does_not_update(tmp_path):
     assert "moe/bias_range_layer1" in trainer.state.log_history[-2]
 
     before = handle.biases()
-    trainer.evaluate()
+    metrics = trainer.evaluate()
     assert torch.equal(handle.biases(), before)
     assert handle.pending_loads().sum() == 0
+    # MaxVio_global of the validation loads, bias applied: the same as validation_loads gives.
+    expected = max_violation(handle.validation_loads([_Windows(8)[:]["input_ids"]]))
+    assert metrics["eval_moe/maxvio_global"] == pytest.approx(expected.mean().item())
+    assert metrics["eval_moe/maxvio_global_layer1"] == pytest.approx(expected[1].item())
+    assert trainer.state.log_history[-1]["eval_moe/maxvio_global"] == metrics["eval_moe/maxvio_global"]
 
     # The biases did it, not the few small weight updates: with them zeroed the skew is back.
     with torch.no_grad():
@@ -317,3 +322,181 @@ def test_ddp_loads_are_summed_and_biases_agree(tmp_path):
     for res in results:
         torch.testing.assert_close(res["loads"], total)
         torch.testing.assert_close(res["biases"], 0.01 * torch.sign(total.mean(-1, keepdim=True) - total))
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharp edges (issue 12): reloading, applying twice, meta device, top-1, padding, portability
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_with_bias(family: str, folder, value: float):
+    model = _model(family)
+    handle = apply_loss_free_balancing(model)
+    with torch.no_grad():
+        for b in handle.bias_tensors():
+            b.fill_(value)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_load_biases_from_is_read_and_missing_path_refused(tmp_path, family):
+    _save_with_bias(family, tmp_path, 0.25)
+    fresh = _model(family)  # built from a config: its own biases are 0
+    handle = apply_loss_free_balancing(fresh, load_biases_from=tmp_path)
+    assert handle.biases().unique().tolist() == [0.25]
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        apply_loss_free_balancing(_model(family), load_biases_from=tmp_path / "missing")
+
+
+def test_second_apply_returns_the_handle_and_keeps_trained_biases(tmp_path):
+    _save_with_bias("mixtral", tmp_path, 0.5)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    handle = apply_loss_free_balancing(reloaded, update_rate=0.01)
+    assert handle.biases().unique().tolist() == [0.5]
+    with torch.no_grad():
+        for b in handle.bias_tensors():
+            b.fill_(0.9)  # "trained"
+    assert apply_loss_free_balancing(reloaded, update_rate=0.01) is handle
+    torch.testing.assert_close(handle.biases(), torch.full_like(handle.biases(), 0.9))
+    with pytest.raises(ValueError, match=r"update_rate=0.02 \(was 0.01\)"):
+        apply_loss_free_balancing(reloaded, update_rate=0.02)
+    with pytest.raises(ValueError, match="load_biases"):
+        apply_loss_free_balancing(reloaded, update_rate=0.01, load_biases_from=tmp_path)
+    with pytest.raises(ValueError, match="once, to the whole model"):
+        apply_loss_free_balancing(reloaded.model.layers[0], update_rate=0.01)
+
+
+def test_two_callbacks_of_one_handle_step_once():
+    model = _model("olmoe")
+    handle = apply_loss_free_balancing(model, update_rate=0.01)
+    callbacks = [handle.callback(), handle.callback()]
+    state = transformers.TrainerState()
+    model.train()
+    for step in (1, 2):
+        model(_tokens(seed=step))
+        state.global_step = step
+        for cb in callbacks:
+            cb.on_step_end(None, state, None)
+        assert handle.steps == step
+    n_LE = handle.biases() / 0.01
+    assert n_LE.abs().max() <= 2 + 1e-4  # two updates, not four
+    for cb in callbacks:  # a second train() starts again at global_step 1: it updates again
+        cb.on_train_begin(None, state, None)
+    model(_tokens(seed=3))
+    state.global_step = 2
+    callbacks[0].on_step_end(None, state, None)
+    assert handle.steps == 3
+
+
+def test_optimizer_hook_and_callback_do_not_both_update():
+    model = _model("olmoe")
+    handle = apply_loss_free_balancing(model, update_rate=0.01)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    hook = handle.attach(opt)
+    assert handle.attach(opt) is hook  # attaching twice keeps one hook
+    cb = handle.callback()
+    model.train()
+    x = _tokens()
+    model(x, labels=x).loss.backward()
+    opt.step()
+    state = transformers.TrainerState()
+    state.global_step = 1
+    cb.on_step_end(None, state, None)
+    assert handle.steps == 1 and hook.steps == 1
+    handle.detach()
+    opt.step()
+    assert handle.steps == 1
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_meta_device_init(family):
+    cfg = tiny_moe_config(family, vocab_size=VOCAB)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    handle = apply_loss_free_balancing(model)
+    model.to_empty(device="cpu")
+    assert all(b.device.type == "cpu" and b.dtype == torch.float32 for b in handle.bias_tensors())
+    assert handle.biases().abs().sum() == 0 and handle.pending_loads().abs().sum() == 0
+    ref = _model(family)
+    ref_handle = apply_loss_free_balancing(ref)
+    with torch.no_grad():
+        for b in ref_handle.bias_tensors():
+            b.fill_(0.125)
+    model.load_state_dict(ref.state_dict())
+    assert handle.biases().unique().tolist() == [0.125]
+    model.train()
+    model(_tokens())
+    assert handle.pending_loads().sum(-1).tolist() == [2 * 32] * 2
+
+
+def test_top1_with_normalised_gates_follows_transformers_and_warns(caplog):
+    model = _model("qwen3_moe", top_k=1, norm_topk_prob=True)
+    ref = copy.deepcopy(model)
+    with caplog.at_level("WARNING", logger="moebalance.integrations.transformers"):
+        handle = apply_loss_free_balancing(model)
+    assert "no gradient" in caplog.text
+    _, weights_TK, _ = handle.routers[0](torch.randn(6, model.config.hidden_size))
+    assert torch.equal(weights_TK, torch.ones_like(weights_TK))  # transformers' rule: one gate, normalised
+    x = _tokens()
+    assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_padding_is_not_counted():
+    model = _model("qwen3_moe")
+    handle = apply_loss_free_balancing(model)
+    model.train()
+    x = _tokens(batch=2, seq=16)
+    mask = torch.ones_like(x)
+    mask[1, 10:] = 0
+    model(input_ids=x, attention_mask=mask)
+    assert handle.pending_loads().sum(-1).tolist() == [2 * int(mask.sum())] * 2
+    handle.reset_loads()
+    model(x)  # no mask: every token counts
+    assert handle.pending_loads().sum(-1).tolist() == [2 * x.numel()] * 2
+    loads = handle.validation_loads([{"input_ids": x, "attention_mask": mask}])
+    assert loads.sum(-1).tolist() == [2 * int(mask.sum())] * 2
+
+
+def test_config_records_loss_free_and_plain_reload_warns(tmp_path, caplog):
+    model = _save_with_bias("qwen2_moe", tmp_path, 0.1)
+    record = model.config.moebalance_loss_free
+    assert record["bias_update_rate"] == 1e-3 and record["bias_name"] == "expert_bias"
+    assert record["bias_keys"][0] == "model.layers.0.mlp.gate.expert_bias"
+    saved = __import__("json").loads((tmp_path / "config.json").read_text())
+    assert saved["moebalance_loss_free"]["used_by_plain_transformers"] is False
+    transformers.logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path)  # without apply_loss_free_balancing
+    finally:
+        transformers.logging.disable_propagation()
+    assert "mlp.gate.expert_bias" in caplog.text and "UNEXPECTED" in caplog.text  # names what is lost
+
+
+def test_export_biases_uses_deepseek_naming():
+    model = _model("mixtral")
+    handle = apply_loss_free_balancing(model)
+    exported = handle.export_biases()
+    assert sorted(exported) == [f"model.layers.{i}.mlp.gate.e_score_correction_bias" for i in range(2)]
+    assert all(t.dtype == torch.float32 and t.shape == (8,) for t in exported.values())
+    with pytest.raises(ValueError, match="without dots"):
+        handle.export_biases("a.b")
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="dist_timeout_s"):
+        apply_loss_free_balancing(_model("olmoe"), dist_timeout_s=0)
+    with pytest.raises(ValueError, match="update_rate"):
+        apply_loss_free_balancing(_model("olmoe"), update_rate=-1)
+
+
+def test_center_through_the_integration():
+    model = _model("olmoe")
+    handle = apply_loss_free_balancing(model, update_rate=0.01, center=True)
+    model.train()
+    for seed in range(3):
+        model(_tokens(seed=seed))
+        handle.step()
+    assert handle.biases().mean(-1).abs().max() < 1e-6
+    assert handle.biases().abs().max() > 0

@@ -5,7 +5,14 @@ import torch
 from torch import nn
 
 from moebalance.balancing import STRATEGIES, Balancing, GlobalBatchCounts
-from moebalance.losses import batch_aux_loss, global_batch_aux_loss, importance_loss, router_z_loss, sequence_aux_loss
+from moebalance.losses import (
+    batch_aux_loss,
+    global_batch_aux_loss,
+    importance_loss,
+    normalize_scores,
+    router_z_loss,
+    sequence_aux_loss,
+)
 from moebalance.moe import MoELayer
 from moebalance.train.config import BalanceConfig, RunConfig, apply_overrides, get_preset
 
@@ -18,11 +25,12 @@ def _two_layers(x):
 EXPECTED = {  # strategy -> (unscaled per-layer loss, bias updated)
     "none": (None, False),
     "loss_free": (None, True),
-    "aux_loss": (lambda r: sequence_aux_loss(r.scores, r.indices, r.seq_len, r.mask), False),
-    "batch_aux_loss": (lambda r: batch_aux_loss(r.scores, r.indices, r.mask), False),
-    "global_aux_loss": (lambda r: batch_aux_loss(r.scores, r.indices, r.mask), False),  # one micro-batch
-    "importance_loss": (lambda r: importance_loss(r.scores, r.mask), False),
-    "deepseek_v3": (lambda r: sequence_aux_loss(r.scores, r.indices, r.seq_len, r.mask), True),
+    # P from per-token normalised scores (the default balance.aux_loss_scores="normalized").
+    "aux_loss": (lambda r: sequence_aux_loss(normalize_scores(r.scores), r.indices, r.seq_len, r.mask), False),
+    "batch_aux_loss": (lambda r: batch_aux_loss(normalize_scores(r.scores), r.indices, r.mask), False),
+    "global_aux_loss": (lambda r: batch_aux_loss(normalize_scores(r.scores), r.indices, r.mask), False),  # one micro-batch
+    "importance_loss": (lambda r: importance_loss(normalize_scores(r.scores), r.mask), False),
+    "deepseek_v3": (lambda r: sequence_aux_loss(normalize_scores(r.scores), r.indices, r.seq_len, r.mask), True),
 }
 
 
@@ -61,10 +69,10 @@ def test_global_counts_accumulate_over_micro_batches_and_reset_after_step():
     bal = Balancing("global_aux_loss", aux_loss_coeff=1.0, all_reduce=fake_all_reduce)
     r1, r2 = layer(torch.randn(2, 4, 8)).routing, layer(torch.randn(2, 4, 8)).routing
     l1, _ = bal.loss([r1])
-    torch.testing.assert_close(l1, global_batch_aux_loss(r1.scores, 2 * r1.tokens_per_expert.float(), 2))
+    torch.testing.assert_close(l1, global_batch_aux_loss(normalize_scores(r1.scores), 2 * r1.tokens_per_expert.float(), 2))
     l2, _ = bal.loss([r2])
     both = 2 * (r1.tokens_per_expert + r2.tokens_per_expert).float()
-    torch.testing.assert_close(l2, global_batch_aux_loss(r2.scores, both, 2))
+    torch.testing.assert_close(l2, global_batch_aux_loss(normalize_scores(r2.scores), both, 2))
     assert [c.sum().item() for c in calls] == [16.0, 16.0]  # each micro-batch reduced once, not the running sum
     bal.after_step(layer)
     assert bal.global_counts.counts_LE is None

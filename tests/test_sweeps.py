@@ -6,6 +6,7 @@ import pytest
 
 from moebalance import cli
 from moebalance.lab import sweeps
+from moebalance.lab.runs import RunFolderError
 from moebalance.balancing import STRATEGIES
 from moebalance.train.config import apply_overrides, get_preset
 
@@ -60,10 +61,12 @@ def test_sweep_writes_reports_and_resumes(tmp_path, monkeypatch):
     second = sweeps.sweep("alpha", base, tmp_path, progress=False, command="test")
     assert all(r["resumed"] for r in second["runs"].values())
     assert second["runs"]["loss_free"]["val_ppl"] == first["runs"]["loss_free"]["val_ppl"]
-    # A changed config in the same folder is not read back.
+    # A changed config in the same folder is neither read back nor silently overwritten.
     changed = apply_overrides(base, ["train.seed=7"])
-    with pytest.raises(AssertionError, match="trained again"):
+    with pytest.raises(RunFolderError, match="holds a run of a different config.*--overwrite"):
         sweeps.sweep("alpha", changed, tmp_path, progress=False, command="test")
+    with pytest.raises(AssertionError, match="trained again"):  # --overwrite: trained again
+        sweeps.sweep("alpha", changed, tmp_path, progress=False, command="test", overwrite=True)
 
 
 def test_cli_takes_overrides_after_the_grid(capsys):
@@ -71,5 +74,4 @@ def test_cli_takes_overrides_after_the_grid(capsys):
     assert json.loads(capsys.readouterr().out)["train"]["max_steps"] == 7
     with pytest.raises(SystemExit):
         cli.main(["sweep", "everything", "--preset", "smoke"])
-    with pytest.raises(SystemExit):
-        cli.main(["sweep", "alpha", "--preset", "smoke", "--bogus"])
+    assert cli.main(["sweep", "alpha", "--preset", "smoke", "--bogus"]) == 2

@@ -27,12 +27,14 @@ from moebalance.losses import (
     batch_aux_loss,
     global_batch_aux_loss,
     importance_loss,
+    normalize_scores,
     router_z_loss,
     sequence_aux_loss,
 )
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
 
 UpdateMode = Literal["sign", "error"]
+AuxScores = Literal["normalized", "raw"]
 
 #: Balancing strategies by name: which auxiliary loss (if any) and whether the Loss-Free bias is
 #: updated. ``aux_loss`` is the paper's sequence-wise baseline (eq. 2); ``deepseek_v3`` is
@@ -52,11 +54,13 @@ __all__ = [
     "Balancing",
     "GlobalBatchCounts",
     "LossFreeBalancer",
+    "OptimizerHook",
     "STRATEGIES",
     "find_routers",
     "pop_expert_loads",
     "router_z_loss",
     "sequence_aux_loss",
+    "unwrap_optimizer",
 ]
 
 
@@ -101,9 +105,19 @@ class LossFreeBalancer:
         all_reduce: optional function applied in place to the ``[L, E]`` float32 load matrix
             before the update, e.g. a data-parallel all-reduce, so every rank updates from the
             global batch's load and keeps identical biases.
+        center: after each update subtract each layer's mean bias, so the biases of a layer sum
+            to 0 (torchtitan does this). Routing does not change: the top-K of ``s + b`` is the
+            same as that of ``s + b - c`` for any constant ``c`` (also group-limited routing,
+            whose group scores all shift by ``2c``), and the gates never contain ``b``. What
+            changes: the biases stay bounded near 0 in long runs (with the sign rule all of them
+            can drift together, e.g. when most experts are under-loaded), which keeps their
+            float32 resolution and makes a bfloat16 export of the bias lose less; the values
+            differ from the paper's rule by a per-layer constant, and ``s + b`` may round
+            differently in the last bit. Default False: Algorithm 1 as published. Additive
+            bias only.
 
     Raises:
-        ValueError: ``update_rate <= 0`` or an unknown ``update``.
+        ValueError: ``update_rate <= 0``, an unknown ``update`` or a non-boolean ``center``.
     """
 
     def __init__(
@@ -111,14 +125,18 @@ class LossFreeBalancer:
         update_rate: float = 1e-3,
         update: UpdateMode = "sign",
         all_reduce: Callable[[torch.Tensor], None] | None = None,
+        center: bool = False,
     ) -> None:
         if not is_finite_number(update_rate) or update_rate <= 0:
             raise ValueError(f"update_rate must be a number > 0 and finite, got {update_rate!r}")
         if update not in ("sign", "error"):
             raise ValueError(f"update must be 'sign' or 'error', got {update!r}")
+        if not isinstance(center, bool):
+            raise ValueError(f"center must be True or False, got {center!r}")
         self.update_rate = float(update_rate)
         self.update = update
         self.all_reduce = all_reduce
+        self.center = center
 
     @torch.no_grad()
     def step(self, model: nn.Module) -> torch.Tensor:
@@ -132,28 +150,137 @@ class LossFreeBalancer:
             A layer whose load is all zero (no training forward since the last step) is left as is.
         """
         routers = find_routers(model)
+        if self.center and any(r.bias_mode != "additive" for r in routers):
+            raise ValueError("center=True needs bias_mode='additive' (a multiplicative bias is not shift-invariant)")
         loads_LE = pop_expert_loads(routers)
         if self.all_reduce is not None:
             self.all_reduce(loads_LE)
-        delta_LE = self.bias_delta(loads_LE)
         biases = [r.expert_bias for r in routers]
+        delta_LE = self.bias_delta(loads_LE, torch.stack(biases) if self.center else None)
         # In place through one fused call: ``router.expert_bias += d`` per router would cost a
         # Module.__setattr__ per layer, most of the update's time for many layers.
         torch._foreach_add_(biases, list(delta_LE.to(biases[0].device).unbind(0)))
         return loads_LE
 
-    def bias_delta(self, loads_LE: torch.Tensor) -> torch.Tensor:
+    def bias_delta(self, loads_LE: torch.Tensor, bias_LE: torch.Tensor | None = None) -> torch.Tensor:
         """The change Algorithm 1 makes to the biases for loads ``c`` (``[E]`` or ``[L, E]``).
 
         ``e_i = c_mean - c_i`` with ``c_mean = K*T/E``, the mean of the row; ``delta = u*sign(e)``
         (or ``u * e / c_mean``). Rows that sum to 0 give a zero delta.
+
+        Args:
+            loads_LE: ``[L, E]`` (or ``[E]``) tokens per expert of the step.
+            bias_LE: the current biases, same shape; needed (and only used) with ``center=True``,
+                where the delta also removes the row mean of ``bias + delta`` (rows with no load
+                stay untouched).
+
+        Raises:
+            ValueError: ``center=True`` without ``bias_LE``.
         """
         loads = loads_LE.float()
         mean = loads.mean(dim=-1, keepdim=True)
         error = mean - loads
         if self.update == "sign":
-            return self.update_rate * torch.sign(error)
-        return self.update_rate * error / mean.clamp_min(1e-12)
+            delta = self.update_rate * torch.sign(error)
+        else:
+            delta = self.update_rate * error / mean.clamp_min(1e-12)
+        if not self.center:
+            return delta
+        if bias_LE is None:
+            raise ValueError("bias_delta(center=True) needs the current biases (bias_LE)")
+        updated = bias_LE.to(delta) + delta
+        shift = updated.mean(dim=-1, keepdim=True) * (mean > 0)
+        return delta - shift
+
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimizerHook:
+        """Run :meth:`step` on ``model`` after every real step of ``optimizer`` (a step post-hook).
+
+        Works in any loop, because the update is tied to the optimizer step itself: plain loops,
+        own DDP loops with gradient accumulation, Accelerate (whose wrapped ``optimizer.step()``
+        skips the inner step on accumulation micro-batches; the hook sits on the inner torch
+        optimizer, so it fires only when the weights really change) and Lightning. A step that
+        a ``GradScaler`` skips (inf/nan gradients) does not fire it; its loads carry into the
+        next step's update. Do not also call :meth:`step` by hand.
+
+        Args:
+            optimizer: a ``torch.optim.Optimizer``, or a wrapper holding one as ``.optimizer``
+                (Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``).
+            model: the model (or DDP/FSDP wrapper) whose routers are balanced.
+
+        Returns:
+            An :class:`OptimizerHook`; its :meth:`~OptimizerHook.detach` removes the hook.
+
+        Raises:
+            TypeError: ``optimizer`` is not (and does not wrap) a ``torch.optim.Optimizer``.
+            ValueError: ``model`` holds no :class:`TopKRouter`.
+        """
+        if not find_routers(model):
+            raise ValueError("no TopKRouter found: the model has no MoE layer")
+        return OptimizerHook(optimizer, lambda: self.step(model))
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside Accelerate's / Lightning's wrappers (``.optimizer`` or
+    ``._optimizer``), or ``optimizer`` itself.
+
+    Raises:
+        TypeError: no ``torch.optim.Optimizer`` inside.
+    """
+    seen = optimizer
+    for _ in range(8):  # wrappers nest at most a few levels
+        inner = getattr(seen, "optimizer", None)
+        inner = getattr(seen, "_optimizer", None) if inner is None else inner
+        if inner is None or inner is seen or not hasattr(inner, "step"):
+            break
+        seen = inner
+    if not isinstance(seen, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+    return seen
+
+
+class OptimizerHook:
+    """A bias update registered as a step post-hook of one optimizer (see :meth:`LossFreeBalancer.attach`).
+
+    Args:
+        optimizer: the optimizer or a wrapper of one (see :func:`unwrap_optimizer`).
+        update: called with no argument after each real ``step()`` of the inner optimizer.
+
+    Attributes:
+        optimizer: the inner ``torch.optim.Optimizer`` the hook is registered on.
+        steps: how many times the hook has run.
+    """
+
+    def __init__(self, optimizer, update: Callable[[], object]) -> None:
+        self.optimizer = unwrap_optimizer(optimizer)
+        self._update = update
+        self.steps = 0
+        self._handle = self.optimizer.register_step_post_hook(self._after_step)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self.steps += 1
+        self._update()
+
+    @property
+    def attached(self) -> bool:
+        return self._handle is not None
+
+    def detach(self) -> None:
+        """Remove the hook (idempotent); later optimizer steps no longer update the biases."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def check_aux_scores(scores: str) -> None:
+    """Raise ``ValueError`` unless ``scores`` is ``"normalized"`` or ``"raw"``."""
+    if scores not in ("normalized", "raw"):
+        raise ValueError(f"aux_loss_scores must be 'normalized' or 'raw', got {scores!r}")
+
+
+def aux_scores(routing: RouterOutput, scores: AuxScores) -> torch.Tensor:
+    """The ``[T, E]`` scores an auxiliary loss averages into ``P``: normalised per token
+    (:func:`~moebalance.losses.normalize_scores`) or raw."""
+    return normalize_scores(routing.scores) if scores == "normalized" else routing.scores
 
 
 class AuxLossBalancer:
@@ -164,15 +291,21 @@ class AuxLossBalancer:
 
     Args:
         coeff: ``alpha >= 0`` (paper baseline 1e-3; its Figure 2 sweeps 0, 1e-4, 1e-3, 1e-2).
+        scores: ``"normalized"`` (default): ``P`` from each token's scores divided by their sum
+            over experts (DeepSeek-V3 eq. 19-20; what Megatron-Core and OLMo-core do for sigmoid
+            gates, the identity for softmax); ``"raw"``: ``P`` from the scores as the gate gives
+            them, which a sigmoid gate can lower without balancing (docs/balancing.md).
 
     Raises:
-        ValueError: ``coeff < 0``.
+        ValueError: ``coeff < 0`` or an unknown ``scores``.
     """
 
-    def __init__(self, coeff: float = 1e-3) -> None:
+    def __init__(self, coeff: float = 1e-3, scores: AuxScores = "normalized") -> None:
         if not is_finite_number(coeff) or coeff < 0:
             raise ValueError(f"coeff must be a number >= 0 and finite, got {coeff!r}")
+        check_aux_scores(scores)
         self.coeff = float(coeff)
+        self.scores = scores
 
     def __call__(self, routing: RouterOutput | Iterable[RouterOutput]) -> torch.Tensor:
         """The scaled loss for one layer's or several layers' router outputs.
@@ -189,7 +322,7 @@ class AuxLossBalancer:
         for out in outputs:
             if out.seq_len is None:
                 raise ValueError("sequence-wise aux loss needs router outputs from [B, S, D] inputs")
-            layer = sequence_aux_loss(out.scores, out.indices, out.seq_len, out.mask)
+            layer = sequence_aux_loss(aux_scores(out, self.scores), out.indices, out.seq_len, out.mask)
             total = layer if total is None else total + layer
         return self.coeff * total
 
@@ -253,9 +386,13 @@ class Balancing:
             Loss-Free loads and the global-batch counts.
         seq_aux_coeff: ``alpha`` of the complementary sequence-wise loss of ``deepseek_v3``
             (DeepSeek-V3 uses 1e-4).
+        aux_loss_scores: ``"normalized"`` (default) or ``"raw"``: which scores every auxiliary
+            loss (the ``f . P`` losses and the importance loss) averages into ``P``; see
+            :class:`AuxLossBalancer`. With ``"normalized"``, ``deepseek_v3`` is DeepSeek-V3 eq. 17-20.
+        bias_center: see :class:`LossFreeBalancer` (``center``).
 
     Raises:
-        ValueError: unknown strategy or a negative coefficient.
+        ValueError: unknown strategy or ``aux_loss_scores``, or a negative coefficient.
     """
 
     def __init__(
@@ -267,7 +404,10 @@ class Balancing:
         z_loss_coeff: float = 0.0,
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         seq_aux_coeff: float = 1e-4,
+        aux_loss_scores: AuxScores = "normalized",
+        bias_center: bool = False,
     ) -> None:
+        check_aux_scores(aux_loss_scores)
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
         for name, value in (("aux_loss_coeff", aux_loss_coeff), ("z_loss_coeff", z_loss_coeff), ("seq_aux_coeff", seq_aux_coeff)):
@@ -277,9 +417,10 @@ class Balancing:
         self.aux_kind, uses_bias = STRATEGIES[strategy]
         self.aux_coeff = float(seq_aux_coeff if strategy == "deepseek_v3" else aux_loss_coeff)
         self.all_reduce = all_reduce
-        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce) if uses_bias else None
+        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce, bias_center) if uses_bias else None
         # Kept for callers of the core API: the sequence-wise balancer of the ``aux_loss`` strategy.
-        self.aux = AuxLossBalancer(self.aux_coeff) if self.aux_kind == "sequence" else None
+        self.aux_scores = aux_loss_scores
+        self.aux = AuxLossBalancer(self.aux_coeff, aux_loss_scores) if self.aux_kind == "sequence" else None
         self.global_counts = GlobalBatchCounts(all_reduce) if self.aux_kind == "global" else None
         self.z_loss_coeff = float(z_loss_coeff)
 
@@ -294,6 +435,8 @@ class Balancing:
             cfg.z_loss_coeff,
             all_reduce,
             cfg.seq_aux_coeff,
+            cfg.aux_loss_scores,
+            cfg.bias_center,
         )
 
     def _aux_loss(self, routing: Sequence[RouterOutput]) -> torch.Tensor:
@@ -301,14 +444,15 @@ class Balancing:
             raise ValueError(f"strategy {self.strategy!r} adds an auxiliary loss, which expert-choice routing does not use")
         if self.aux is not None:
             return self.aux(routing)
+        kind = self.aux_scores
         if self.aux_kind == "batch":
-            total = sum(batch_aux_loss(r.scores, r.indices, r.mask) for r in routing)
+            total = sum(batch_aux_loss(aux_scores(r, kind), r.indices, r.mask) for r in routing)
         elif self.aux_kind == "importance":
-            total = sum(importance_loss(r.scores, r.mask) for r in routing)
+            total = sum(importance_loss(aux_scores(r, kind), r.mask) for r in routing)
         else:  # global
             counts_LE = self.global_counts.add(routing)
             total = sum(
-                global_batch_aux_loss(r.scores, counts_E, r.indices.shape[1], r.mask)
+                global_batch_aux_loss(aux_scores(r, kind), counts_E, r.indices.shape[1], r.mask)
                 for r, counts_E in zip(routing, counts_LE)
             )
         return self.aux_coeff * total

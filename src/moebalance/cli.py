@@ -6,55 +6,107 @@ Any config key can be overridden as ``section.field=value`` after the options, e
 ``moebalance train --preset smoke train.max_steps=50 balance.strategy=aux_loss``.
 An unknown key or a value out of range is an error that names the field.
 
-``moebalance train --resume DIR`` continues the run in ``DIR`` from its newest good checkpoint
-(``DIR/checkpoints``), with the config saved in ``DIR/config.json``; only the keys of
-:data:`moebalance.train.resume.RESUMABLE_KEYS` (e.g. ``train.max_steps``) may be overridden.
+``moebalance train --resume DIR`` continues the run in ``DIR`` from its newest verified checkpoint
+(``DIR/checkpoints/step_*.pt`` or the final ``DIR/checkpoint.pt``: a finished run is extended by
+raising ``train.max_steps``), with the config saved in ``DIR/config.json``; only the keys of
+:data:`moebalance.train.resume.RESUMABLE_KEYS` may be overridden.
+
+Failures: :func:`main` turns every expected failure into one line on stderr and an exit code of
+:data:`EXIT_CODES` in one place (:func:`_fail`); it never shows a Python traceback (set
+``MOEBALANCE_TRACEBACK=1`` to see one for an internal error). The phases: the command line, the
+config and the paths it names are checked first (exit 2, nothing written); then the work runs
+(exit 3, 4 or 130). A folder the command created is removed again when the work fails on its
+inputs (exit 4) and holds no checkpoint; every file is written atomically, so a failure never
+leaves a half-written one.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
+import shutil
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moebalance.train.config import PRESETS, RunConfig, apply_overrides, get_preset
+from moebalance.train.config import PRESETS, RunConfig, apply_overrides, override_keys, preset_config
 
-__all__ = ["main"]
+__all__ = ["EXIT_CODES", "UsageError", "build_parser", "main"]
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_STOPPED, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+#: Exit status -> meaning (also in ``moebalance --help`` and the README).
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_BUG: "internal error: a bug in moebalance (MOEBALANCE_TRACEBACK=1 shows the traceback)",
+    EXIT_USAGE: "bad command line: an unknown option or config key, a value out of range, or a path "
+    "named on it that cannot serve (missing, a file where a folder is expected, a corrupt checkpoint "
+    "or run folder); found before anything was written",
+    EXIT_STOPPED: "training stopped on a non-finite value (train.on_nonfinite=stop)",
+    EXIT_INPUT: "the work failed on its data or files: data that cannot be trained on, a checkpoint "
+    "that does not fit, a file that cannot be read or written; a folder it created is removed",
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C); complete files are kept, and `train --resume` continues "
+    "from the newest checkpoint (`compare` and `sweep`: run the same command again)",
+}
+
+DEFAULT_OUT = {"train": "runs/train", "compare": "runs/compare", "leakage": "runs/leakage", "plot": "runs/plots"}
 
 
-def _config(args: argparse.Namespace) -> RunConfig:
-    if getattr(args, "resume", None):
-        return _resume_config(args)
-    cfg = get_preset(args.preset or "default")
-    overrides = list(args.overrides)
-    if getattr(args, "data", None):
-        overrides.append(f"data.path={args.data}")
-    return apply_overrides(cfg, overrides)
+class UsageError(Exception):
+    """The command line is wrong (exit 2, with the sub-command's usage line)."""
 
 
 def _resume_config(args: argparse.Namespace) -> RunConfig:
     """The saved config of the run in ``args.resume``, with the allowed overrides applied."""
-    from moebalance.train.resume import RESUMABLE_KEYS
+    from moebalance.train.resume import RESUMABLE_KEYS, latest_training_state
 
     run_dir = Path(args.resume)
     for flag in ("preset", "data", "out"):
         if getattr(args, flag) is not None and not (flag == "out" and Path(args.out) == run_dir):
-            raise ValueError(f"--{flag} cannot be combined with --resume: the run's config and folder are {run_dir}")
+            raise UsageError(f"--{flag} cannot be combined with --resume: the run's config and folder are {run_dir}")
     config_path = run_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"--resume {run_dir}: no config.json there (not a moebalance run folder)")
-    keys = [item.split("=", 1)[0].strip() for item in args.overrides]
-    bad = [k for k in keys if k not in RESUMABLE_KEYS]
+    if not config_path.is_file():
+        raise UsageError(f"--resume {run_dir}: no config.json there (not a moebalance run folder)")
+    bad = [k for k in override_keys(args.overrides) if k not in RESUMABLE_KEYS]
     if bad:
-        raise ValueError(f"--resume: {bad} cannot change on resume; allowed: {sorted(RESUMABLE_KEYS)}")
+        raise UsageError(f"--resume: {bad} cannot change on resume; allowed: {sorted(RESUMABLE_KEYS)}")
     try:
         saved = RunConfig.from_dict(json.loads(config_path.read_text()))
     except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
-        raise ValueError(f"--resume {run_dir}: config.json is not a moebalance run config: {exc}") from exc
-    return apply_overrides(saved, list(args.overrides))
+        raise UsageError(f"--resume {run_dir}: config.json is not a moebalance run config: {exc}") from exc
+    cfg = apply_overrides(saved, list(args.overrides))
+    try:  # verified here, before any data is prepared; train() reads it again
+        path, state = latest_training_state(run_dir)
+    except (ValueError, OSError) as exc:
+        raise UsageError(f"--resume {run_dir}: {_message(exc)}") from exc
+    if cfg.train.max_steps < state["step"]:
+        raise UsageError(
+            f"--resume: train.max_steps={cfg.train.max_steps} is below step {state['step']} of {path}; "
+            f"raise it to extend the run (e.g. train.max_steps={2 * state['step']})"
+        )
+    return cfg
+
+
+def _config(args: argparse.Namespace) -> RunConfig:
+    """The run config of ``train`` / ``compare`` / ``sweep`` / ``leakage`` (raises ``ValueError``)."""
+    if getattr(args, "resume", None):
+        return _resume_config(args)
+    if getattr(args, "checkpoint", None):
+        from moebalance.lab.leakage import checkpoint_config
+
+        for flag in ("preset", "data"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag} cannot be combined with --checkpoint: the checkpoint's own config is used")
+        return checkpoint_config(args.checkpoint, args.overrides)
+    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    cfg = preset_config(args.preset or "default", overrides)
+    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+        raise UsageError(f"data.path {cfg.data.path!r} does not exist")
+    return cfg
 
 
 def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -78,19 +130,39 @@ def _without_nproc(argv: list[str]) -> list[str]:
     return out
 
 
+@functools.cache
+def _exit_codes_epilog() -> str:
+    import textwrap
+
+    rows = (textwrap.fill(text, 96, initial_indent=f"  {code:<4d} ", subsequent_indent=" " * 7) for code, text in EXIT_CODES.items())
+    return "exit status:\n" + "\n".join(rows)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser; every sub-parser stores itself as ``args.subparser`` (for its usage line)."""
+    from moebalance.lab.sweeps import GRIDS
+
     parser = argparse.ArgumentParser(
         prog="moebalance",
         description="Auxiliary-Loss-Free Load Balancing for MoE (arXiv 2408.15664): train and compare.",
+        epilog=_exit_codes_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p_train = sub.add_parser("train", help="train the small MoE LM with one balancing strategy")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, epilog=_exit_codes_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(subparser=p)
+        return p
+
+    p_train = add("train", "train the small MoE LM with one balancing strategy")
     _add_common(p_train, "runs/train")
     p_train.add_argument(
         "--resume",
         metavar="DIR",
         default=None,
-        help="continue the run in DIR from its newest good checkpoint (needs train.checkpoint_every > 0)",
+        help="continue (or, with a larger train.max_steps, extend) the run in DIR from its newest verified "
+        "checkpoint: DIR/checkpoints/step_*.pt or the final DIR/checkpoint.pt",
     )
     p_train.add_argument(
         "--nproc",
@@ -98,123 +170,246 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="data-parallel processes on this machine: runs the same command under torchrun (default 1)",
     )
-    p_cmp = sub.add_parser("compare", help="Loss-Free vs auxiliary loss on the same model, data and seed")
+    p_cmp = add("compare", "Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
-    from moebalance.lab.sweeps import GRIDS
-
-    p_sweep = sub.add_parser("sweep", help="a grid of balancing runs on one seed, data order and initial weights")
+    p_cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy; > 1 reports mean ± std (default 1)")
+    p_cmp.add_argument("--overwrite", action="store_true", help="replace run folders that hold another config")
+    p_sweep = add("sweep", "a grid of balancing runs on one seed, data order and initial weights")
     p_sweep.add_argument("grid", choices=GRIDS, help="built-in grid (see docs/balancing.md)")
     _add_common(p_sweep, "runs/sweep/GRID")
-    p_leak = sub.add_parser("leakage", help="future-token leakage of expert choice, Loss-Free and a current-batch bias")
+    p_sweep.add_argument("--overwrite", action="store_true", help="replace run folders that hold another config")
+    p_leak = add("leakage", "future-token leakage of expert choice, Loss-Free and a current-batch bias")
     _add_common(p_leak, "runs/leakage")
-    p_leak.add_argument("--checkpoint", default=None, help="checkpoint.pt of a trained run (default: the seeded initial model)")
+    p_leak.add_argument(
+        "--checkpoint",
+        default=None,
+        help="checkpoint.pt of a trained run: its model is rebuilt from the run's own config "
+        "(default: the seeded initial model)",
+    )
     p_leak.add_argument("--position", type=int, default=None, help="last unchanged position p (default: seq_len/2 - 1)")
     p_leak.add_argument("--trials", type=int, default=4, help="perturbed sequences averaged (default 4)")
-    p_plot = sub.add_parser("plot", help="redraw the report plots of finished runs (no training)")
+    p_plot = add("plot", "redraw the report plots of finished runs (no training)")
     p_plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare folders holding runs")
-    p_plot.add_argument("--out", default="runs/plots", help="output folder (default runs/plots)")
-    p_rep = sub.add_parser("replay", help="replay finished runs' expert loads onto expert-parallel ranks")
-    p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders holding a metrics.jsonl")
+    p_plot.add_argument("--out", default=None, help="output folder (default runs/plots)")
+    p_rep = add("replay", "replay finished runs' expert loads onto expert-parallel ranks")
+    p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare / sweep folders holding runs")
     p_rep.add_argument("--ranks", default="2,4,8,16,64,256", help="comma-separated EP rank counts")
     return parser
 
 
-def _replay(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _ranks(text: str) -> tuple[int, ...]:
+    try:
+        ranks = tuple(int(r) for r in text.split(","))
+    except ValueError:
+        raise UsageError(f"--ranks must be comma-separated integers, got {text!r}") from None
+    if any(r < 1 for r in ranks):
+        raise UsageError(f"--ranks must be >= 1, got {text!r}")
+    return ranks
 
+
+def _check_out(args: argparse.Namespace, out: str) -> None:
+    from moebalance.train.checkpoint import folder_problem
+
+    problem = folder_problem(out)
+    if problem is not None:
+        raise UsageError(f"--{'resume' if getattr(args, 'resume', None) else 'out'} {out!r}: {problem}")
+
+
+def _check_measurement(args: argparse.Namespace, cfg: RunConfig) -> None:
+    seq_len = cfg.train.seq_len
+    if args.position is not None and not 0 <= args.position <= seq_len - 2:
+        raise UsageError(f"--position must be in [0, train.seq_len-2={seq_len - 2}], got {args.position}")
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+
+
+def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
+    """The config phase: parse the config and check every path the command names (exit 2)."""
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command in ("plot", "replay")]
+    if unknown:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    cfg = None
+    try:
+        if args.command in ("plot", "replay"):
+            from moebalance.lab.reporting import find_run_dirs
+
+            args.runs = find_run_dirs(args.run_dirs)
+            args.ranks_tuple = _ranks(args.ranks) if args.command == "replay" else None
+        else:
+            args.overrides = list(args.overrides) + extra
+            cfg = _config(args)
+            if args.command == "leakage":
+                _check_measurement(args, cfg)
+    except (ValueError, OSError) as exc:
+        raise UsageError(_message(exc)) from exc
+    if args.command != "replay":
+        default = DEFAULT_OUT.get(args.command) or f"runs/sweep/{getattr(args, 'grid', '')}"
+        args.out_dir = getattr(args, "resume", None) or args.out or default
+        _check_out(args, args.out_dir)
+    return cfg
+
+
+def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from moebalance.train.loop import train
+
+    result = train(cfg, args.out_dir, progress=not args.no_progress, resume=bool(args.resume))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
+    return EXIT_OK
+
+
+def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from moebalance.lab.compare import compare
+
+    report = compare(cfg, args.out_dir, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite)
+    label = "MaxVio_global_shift" if report["data"].get("val_split") == "files" else "MaxVio_global"
+    for name, r in report["runs"].items():
+        print(
+            f"{name:10s} val_ppl {r['val_ppl']:.2f}  {label} {r['maxvio_global']:.3f}  "
+            f"MaxVio_batch(last 10%) {r['maxvio_batch_last']:.3f}"
+        )
+    if "ppl_noise" in report:
+        print(report["ppl_noise"]["text"])
+    print(f"report: {args.out_dir}/report.md")
+    return EXIT_OK
+
+
+def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from moebalance.lab.sweeps import sweep
+
+    report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
+    for name, r in report["runs"].items():
+        print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
+    print(f"report: {args.out_dir}/sweep.md")
+    return EXIT_OK
+
+
+def _cmd_leakage(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from moebalance.lab.leakage import leakage, render_leakage_table
+
+    result = leakage(cfg, args.out_dir, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
+    print(render_leakage_table(result))
+    print(f"written: {args.out_dir}/leakage.json")
+    return EXIT_OK
+
+
+def _cmd_plot(args: argparse.Namespace, cfg: None) -> int:
+    from moebalance.lab.reporting import plot_runs
+
+    for path in plot_runs(list(args.runs.values()), args.out_dir):
+        print(path)
+    return EXIT_OK
+
+
+def _cmd_replay(args: argparse.Namespace, cfg: None) -> int:
     from moebalance.lab.replay import replay_markdown, replay_runs
 
+    print("\n".join(replay_markdown(replay_runs(args.runs, args.ranks_tuple))))
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, RunConfig | None], int]] = {
+    "train": _cmd_train,
+    "compare": _cmd_compare,
+    "sweep": _cmd_sweep,
+    "leakage": _cmd_leakage,
+    "plot": _cmd_plot,
+    "replay": _cmd_replay,
+}
+
+
+@contextlib.contextmanager
+def _output_folder(out: str | None) -> Iterator[None]:
+    """Remove what the work created under ``out`` if it fails on its inputs (not when it was stopped
+    or interrupted: then the complete files it wrote are the run's record) and holds no checkpoint."""
+    top = None
+    if out is not None:
+        top = Path(out).absolute()
+        if top.exists():
+            top = None
+        else:
+            while not top.parent.exists():
+                top = top.parent
     try:
-        ranks = tuple(int(r) for r in args.ranks.split(","))
-    except ValueError:
-        parser.error(f"--ranks must be comma-separated integers, got {args.ranks!r}")
-    if any(r < 1 for r in ranks):
-        parser.error(f"--ranks must be >= 1, got {args.ranks!r}")
-    try:
-        replay = replay_runs({Path(d).name or d: d for d in args.run_dirs}, ranks)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"moebalance: error: {exc}", file=sys.stderr)
-        return 2
-    print("\n".join(replay_markdown(replay)))
-    return 0
+        yield
+    except (KeyboardInterrupt, FloatingPointError):
+        if top is not None and top.is_dir() and not any(p.is_file() for p in top.rglob("*")):
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+    except BaseException:
+        if top is not None and top.is_dir() and not any(top.rglob("*.pt")):
+            shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _message(exc: BaseException) -> str:
+    from moebalance.train.checkpoint import describe_os_error
+
+    text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace | None, exc: BaseException) -> int:
+    """The one place where a failure becomes one line on stderr and an exit code (:data:`EXIT_CODES`)."""
+    sub = getattr(args, "subparser", None) or parser
+    if isinstance(exc, UsageError):
+        sub.print_usage(sys.stderr)
+        print(f"{sub.prog}: error: {_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(exc, KeyboardInterrupt):
+        code, kind, text = EXIT_INTERRUPTED, "interrupted", _interrupted_hint(args)
+    elif isinstance(exc, FloatingPointError):  # guards.NonFiniteError with train.on_nonfinite=stop
+        code, kind, text = EXIT_STOPPED, "stopped", _message(exc)
+    elif isinstance(exc, (OSError, ValueError)):
+        code, kind, text = EXIT_INPUT, "error", _message(exc)
+    else:
+        if os.environ.get("MOEBALANCE_TRACEBACK"):
+            raise exc
+        code, kind = EXIT_BUG, "internal error"
+        text = f"{type(exc).__name__}: {_message(exc)} (a bug in moebalance; MOEBALANCE_TRACEBACK=1 shows the traceback)"
+    print(f"{sub.prog}: {kind}: {text}", file=sys.stderr)
+    return code
+
+
+def _interrupted_hint(args: argparse.Namespace | None) -> str:
+    out = getattr(args, "out_dir", None)
+    if getattr(args, "command", None) == "train" and out and (Path(out) / "config.json").exists():
+        if any((Path(out) / "checkpoints").glob("step_*.pt")) or (Path(out) / "checkpoint.pt").exists():
+            return f"continue with: moebalance train --resume {out}"
+        return "no checkpoint was written yet (train.checkpoint_every=N writes one every N steps)"
+    if getattr(args, "command", None) in ("compare", "sweep"):
+        return "run the same command again to continue: finished runs are kept, unfinished ones resume from their last checkpoint"
+    return "stopped by Ctrl-C"
+
+
+def _launch(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from moebalance.parallel.process import launch
+
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    # Same arguments minus --nproc; torchrun starts the workers and sets RANK / WORLD_SIZE.
+    return launch(args.nproc, _without_nproc(sys.argv[1:] if argv is None else list(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit status (:data:`EXIT_CODES`).
+
+    argparse's own errors (an unknown option or choice) and ``--help`` exit through
+    ``SystemExit`` as usual; every other failure comes back as a status, with one line on stderr.
+    """
     parser = build_parser()
     # parse_known_args: after `sweep GRID`, argparse has already filled the `overrides`
     # positional when it meets them behind options; they come back as extras.
     args, extra = parser.parse_known_args(argv)
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "replay":
-        return _replay(parser, args)
-    if args.command == "plot":  # no config: it reads finished runs
-        from moebalance.lab.reporting import plot_runs
-
-        try:
-            for path in plot_runs(args.run_dirs, args.out):
-                print(path)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"moebalance: error: {exc}", file=sys.stderr)
-            return 2
-        return 0
-    args.overrides = list(args.overrides) + extra
     try:
-        cfg = _config(args)
-    except (ValueError, FileNotFoundError) as exc:
-        parser.error(str(exc))
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    if getattr(args, "nproc", 1) != 1 and "WORLD_SIZE" not in os.environ:
-        from moebalance.parallel.process import launch
-
-        if args.nproc < 1:
-            parser.error(f"--nproc must be >= 1, got {args.nproc}")
-        # Same arguments minus --nproc; torchrun starts the workers and sets RANK / WORLD_SIZE.
-        return launch(args.nproc, _without_nproc(sys.argv[1:] if argv is None else list(argv)))
-    resume = getattr(args, "resume", None)
-    default_out = {"train": "runs/train", "compare": "runs/compare", "leakage": "runs/leakage"}
-    out = resume or args.out or default_out.get(args.command) or f"runs/sweep/{args.grid}"
-    if Path(out).exists() and not Path(out).is_dir():
-        parser.error(f"--out {out!r} is a file; it must be a folder (it is created if missing)")
-    try:
-        if args.command == "train":
-            from moebalance.train.loop import train
-
-            result = train(cfg, out, progress=not args.no_progress, resume=bool(resume))
-            if int(os.environ.get("RANK", "0")) != 0:
-                return 0
-            print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
-        elif args.command == "compare":
-            from moebalance.lab.compare import compare
-
-            report = compare(cfg, out, progress=not args.no_progress)
-            for name, r in report["runs"].items():
-                print(
-                    f"{name:10s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}  "
-                    f"MaxVio_batch(last 10%) {r['maxvio_batch_last']:.3f}"
-                )
-            print(f"report: {out}/report.md")
-        elif args.command == "sweep":
-            from moebalance.lab.sweeps import sweep
-
-            report = sweep(args.grid, cfg, out, progress=not args.no_progress)
-            for name, r in report["runs"].items():
-                print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
-            print(f"report: {out}/sweep.md")
-        elif args.command == "leakage":
-            from moebalance.lab.leakage import leakage, render_leakage_table
-
-            result = leakage(cfg, out, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
-            print(render_leakage_table(result))
-            print(f"written: {out}/leakage.json")
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"moebalance: error: {exc}", file=sys.stderr)
-        return 2
-    except FloatingPointError as exc:  # guards.NonFiniteError with train.on_nonfinite=stop
-        print(f"moebalance: stopped: {exc}", file=sys.stderr)
-        return 3
-    return 0
+        cfg = _prepare(args, extra)
+        if getattr(args, "print_config", False):
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return EXIT_OK
+        if getattr(args, "nproc", 1) != 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(args, argv)
+        with _output_folder(getattr(args, "out_dir", None)):
+            return COMMANDS[args.command](args, cfg)
+    except (Exception, KeyboardInterrupt) as exc:
+        return _fail(parser, args, exc)

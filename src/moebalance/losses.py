@@ -17,8 +17,16 @@ normalisation::
 and they differ only in the set of tokens ``T'`` over which ``f`` (and ``P``) are counted: one
 sequence (:func:`sequence_aux_loss`), the whole micro-batch (:func:`batch_aux_loss`) or the whole
 global batch (:func:`global_batch_aux_loss`). With ``f_i = 1`` for every expert (perfectly uniform
-routing) the loss equals ``sum_i P_i``: 1 for a softmax gate, and the mean over tokens of the
-summed sigmoid scores for a sigmoid gate.
+routing) the loss equals ``sum_i P_i``.
+
+Which scores enter ``P``: the functions take ``s_{i,t}`` as given. With a sigmoid gate the raw
+scores do not sum to 1 per token, and ``sum_i f_i P_i`` can then be lowered by shrinking every
+score without moving a single token (all logits near -50 put the loss near 1e-21 whatever the
+routing). DeepSeek-V3 (arXiv 2412.19437 eq. 19-20), Megatron-Core and OLMo-core therefore
+normalise each token's scores over all experts first, ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}``
+(:func:`normalize_scores`); :class:`~moebalance.balancing.Balancing` does so unless
+``balance.aux_loss_scores="raw"``. With normalised scores (or a softmax gate, whose rows already
+sum to 1) ``sum_i P_i = 1`` and the balanced value of every ``f . P`` loss is exactly 1.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ __all__ = [
     "expert_counts",
     "global_batch_aux_loss",
     "importance_loss",
+    "normalize_scores",
     "router_z_loss",
     "sequence_aux_loss",
 ]
@@ -41,6 +50,26 @@ def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.d
     if mask_T.numel() != num_tokens:
         raise ValueError(f"mask has {mask_T.numel()} entries for {num_tokens} tokens")
     return mask_T.reshape(-1).to(device, torch.float32)
+
+
+def normalize_scores(scores_TE: torch.Tensor) -> torch.Tensor:
+    """Each token's scores divided by their sum over all experts (DeepSeek-V3 eq. 19).
+
+    ``s'_{i,t} = s_{i,t} / sum_j s_{j,t}``, computed in float32 with the gradient flowing through
+    the sum (as Megatron-Core's ``compute_routing_scores_for_aux_loss`` and OLMo-core do for sigmoid
+    routers). For softmax scores it is the identity (up to rounding). The sum is clamped at the
+    smallest normal float32 (1.2e-38) only to keep an all-zero row finite; Megatron-Core adds 1e-20
+    instead, which would swamp rows of tiny sigmoid scores (logits near -50 sum to ~1e-21) and hide
+    exactly the collapse this normalisation exists to show.
+
+    Args:
+        scores_TE: ``[T, E]`` non-negative scores after the score function.
+
+    Returns:
+        ``[T, E]`` float32; each row sums to 1 (to rounding) unless it was all zero.
+    """
+    scores = scores_TE.float()
+    return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def expert_counts(indices_TK: torch.Tensor, num_experts: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:

@@ -149,7 +149,9 @@ class TopKRouter(nn.Module):
         top_k: ``K`` in ``[1, E]``.
         score_func: ``"sigmoid"`` (the paper's default gate) or ``"softmax"``.
         norm_topk_prob: divide the K gate values of a token by their sum (DeepSeek-V3 with
-            sigmoid; Mixtral/Qwen-MoE with softmax).
+            sigmoid; Mixtral/Qwen-MoE with softmax). Refused with ``top_k=1``: normalising one
+            gate makes it 1 for every token, so the language-model loss gives the router no
+            gradient (transformers does normalise there; see docs/transformers.md).
         route_scale: multiply gate values by this factor (DeepSeek-V3's routed scaling factor).
         bias_mode: ``"additive"`` (eq. 3) or ``"multiplicative"`` (ablation, §5). The bias starts
             at 0 (additive) or 1 (multiplicative), so an untouched bias changes nothing.
@@ -159,8 +161,16 @@ class TopKRouter(nn.Module):
         ``expert_bias`` ``[E]`` float32, persistent (saved in ``state_dict``), no gradient. It stays
         float32 when the module is cast (``.to(torch.bfloat16)``, ``.half()``): an update of
         ``1e-3`` on a bias near 1 vanishes in bfloat16.
-        ``load_counts`` ``[E]`` float32, not persistent: tokens routed to each expert since the
-        balancer last read them. Filled under ``no_grad`` and only in training mode.
+        ``load_counts`` ``[E]`` float32: tokens routed to each expert *by this rank* since the
+        balancer last read them. Filled under ``no_grad`` and only in training mode. A plain
+        tensor attribute, not a buffer, so that ``DistributedDataParallel`` (which broadcasts rank
+        0's buffers at every forward by default) cannot overwrite one rank's counts with
+        another's under gradient accumulation; it is not in the ``state_dict``, follows the
+        weight's device and is zero after ``to_empty``.
+
+    Meta-device initialisation works: build under ``torch.device("meta")``, then
+    ``to_empty(device=...)`` gives a zero ``expert_bias`` (one for multiplicative mode) and zero
+    counts; ``load_state_dict`` then reads a saved bias.
 
     Precision: logits, scores, gates and the top-K choice are computed in float32 whatever the
     input dtype (bf16 and float16 are widened; float64 is narrowed, so a float64 ``gradcheck``
@@ -184,6 +194,11 @@ class TopKRouter(nn.Module):
     ) -> None:
         super().__init__()
         check_routing_args(num_experts, top_k, score_func, route_scale, bias_mode, n_group, topk_group)
+        if norm_topk_prob and top_k == 1 and type(self)._normalises_top1:
+            raise ValueError(
+                "norm_topk_prob=True with top_k=1 makes every gate 1 (times route_scale), so the "
+                "router gets no gradient from the loss; set norm_topk_prob=False for top-1 routing"
+            )
         if d_model < 1:
             raise ValueError(f"d_model must be >= 1, got {d_model}")
         self.d_model = d_model
@@ -198,21 +213,25 @@ class TopKRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))  # expert centroids e_i
         init_bias = 1.0 if bias_mode == "multiplicative" else 0.0
         self.register_buffer("expert_bias", torch.full((num_experts,), init_bias), persistent=True)
-        self.register_buffer("load_counts", torch.zeros(num_experts), persistent=False)
+        self.load_counts = torch.zeros(num_experts)  # per-rank: deliberately not a buffer
         self.reset_parameters()
+
+    #: ``norm_topk_prob`` with ``top_k=1`` is refused (token choice); expert choice normalises
+    #: over the experts that took a token, which is not constant.
+    _normalises_top1 = True
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.d_model**-0.5)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # Keep the balancing state float32 through dtype casts; follow the weight's device.
-        state = {name: self._buffers.pop(name) for name in ("expert_bias", "load_counts")}
+        init = 1.0 if self.bias_mode == "multiplicative" else 0.0
+        bias = self._buffers.pop("expert_bias")
         try:
             super()._apply(fn, recurse)
         finally:
-            device = self.weight.device
-            for name, buf in state.items():
-                self._buffers[name] = buf.to(device=device, dtype=torch.float32)
+            self._buffers["expert_bias"] = float32_state_after_apply(bias, fn, self.weight.device, init)
+            self.load_counts = float32_state_after_apply(self.load_counts, fn, self.weight.device, 0.0)
         return self
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
@@ -272,6 +291,8 @@ class TopKRouter(nn.Module):
         """Add a forward's load to ``load_counts``: in training mode only, and not during an
         activation-checkpoint recomputation (the same tokens again)."""
         if self.training and not _in_backward_recompute():
+            if self.load_counts.device != tokens_per_expert.device:  # moved without _apply (FSDP2)
+                self.load_counts = self.load_counts.to(tokens_per_expert.device)
             self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
 
     def extra_repr(self) -> str:
@@ -281,6 +302,30 @@ class TopKRouter(nn.Module):
             f"route_scale={self.route_scale}, bias_mode={self.bias_mode}, "
             f"n_group={self.n_group}, topk_group={self.topk_group}"
         )
+
+
+def float32_state_after_apply(state: torch.Tensor, fn, device: torch.device, init: float) -> torch.Tensor:
+    """Where a float32 balancing tensor (bias, load counts) goes when its module's ``_apply(fn)``
+    runs: to ``device`` (the router weight's, after ``fn``), staying float32 through dtype casts.
+
+    A meta tensor is passed through ``fn``; when that materialises it (``to_empty``), its
+    uninitialised memory is filled with ``init`` (0 for an additive bias and for counts), because
+    ``to_empty`` leaves memory uninitialised and ``reset_parameters`` does not cover buffers.
+    Used by :class:`TopKRouter` and by the transformers integration's patched routers.
+
+    Args:
+        state: ``[E]`` tensor. fn: the function ``Module._apply`` was given.
+        device: the device of the router's weight after ``fn``. init: the value of a fresh tensor.
+
+    Returns:
+        ``[E]`` float32 tensor on ``device`` (or still on meta when ``fn`` kept it there).
+    """
+    if state.is_meta:
+        moved = fn(state)
+        if moved.is_meta:
+            return moved.to(torch.float32)
+        return torch.full(moved.shape, init, dtype=torch.float32, device=moved.device)
+    return state.to(device=device, dtype=torch.float32)
 
 
 def _in_backward_recompute() -> bool:
@@ -413,6 +458,8 @@ class ExpertChoiceRouter(TopKRouter):
     Raises:
         ValueError: for a field outside its range.
     """
+
+    _normalises_top1 = False
 
     def __init__(
         self,

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.reporting import plot_loads, plot_maxvio_batch, plot_val_loss
+from moebalance.lab.runs import RunFolderError, run_or_resume, run_state
+from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
+from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
 from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig
 from moebalance.train.data import prepare_data
-from moebalance.train.loop import train
 
-__all__ = ["compare", "compare_configs"]
+__all__ = ["check_run_folders", "compare", "compare_configs", "resumable", "seed_configs"]
 
 REPORT_FIELDS = (
     "val_loss",
@@ -80,49 +81,131 @@ def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
     return runs
 
 
-def _verdict(lf: dict[str, Any], aux: dict[str, Any]) -> str:
+def _verdict(lf: dict[str, Any], aux: dict[str, Any], val_split: str | None = None) -> str:
     ppl = (
         f"Loss-Free reached a validation perplexity of {lf['val_ppl']:.2f} against {aux['val_ppl']:.2f} "
         f"for the auxiliary loss ({'lower' if lf['val_ppl'] < aux['val_ppl'] else 'not lower'}, "
         f"{100 * (lf['val_ppl'] / aux['val_ppl'] - 1):+.2f}%)"
     )
     bal = (
-        f"and a MaxVio_global of {lf['maxvio_global']:.3f} against {aux['maxvio_global']:.3f} "
+        f"and a {maxvio_global_label(val_split)} of {lf['maxvio_global']:.3f} against {aux['maxvio_global']:.3f} "
         f"({'better' if lf['maxvio_global'] < aux['maxvio_global'] else 'not better'} balanced)"
     )
-    return f"{ppl}, {bal}. The paper reports 9.50 vs 9.56 perplexity and 0.04 vs 0.72 MaxVio_global at 1B parameters."
+    paper = "The paper reports 9.50 vs 9.56 perplexity and 0.04 vs 0.72 MaxVio_global at 1B parameters"
+    if val_split == "files":
+        paper += (
+            ", measured on validation data of the training distribution; this validation split holds out whole "
+            "files, another distribution, so its MaxVio is not the paper's metric (data.val_split=chunks is)"
+        )
+    return f"{ppl}, {bal}. {paper}."
 
 
-def compare(base: RunConfig, out_dir: str | Path, progress: bool = True, command: str | None = None) -> dict[str, Any]:
-    """Train the ``loss_free`` and ``aux_loss`` runs of :func:`compare_configs` and write the report.
+def resumable(base: RunConfig) -> RunConfig:
+    """``base`` with periodic checkpoints, so an interrupted multi-run experiment can continue.
+
+    A ``train.checkpoint_every`` of 0 becomes ``max(1, max_steps // 10)``; a set value is kept.
+    Checkpoints change nothing a step computes.
+    """
+    if base.train.checkpoint_every:
+        return base
+    d = base.to_dict()
+    d["train"]["checkpoint_every"] = max(1, base.train.max_steps // 10)
+    return RunConfig.from_dict(d)
+
+
+def seed_configs(base: RunConfig, seeds: int) -> dict[str, RunConfig]:
+    """Every run of ``compare --seeds N``: run name -> config, seeds ``base.train.seed + i``.
+
+    With one seed the names are the strategies (``loss_free``, ``aux_loss``); with more,
+    ``seed_S/STRATEGY`` (so a single-seed folder never holds another run's folder). Within a seed
+    both strategies share initial weights and batches.
+
+    Raises:
+        ValueError: ``seeds < 1``.
+    """
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    runs = {}
+    for i in range(seeds):
+        d = base.to_dict()
+        d["train"]["seed"] = base.train.seed + i
+        for strategy, cfg in compare_configs(RunConfig.from_dict(d)).items():
+            runs[strategy if seeds == 1 else f"seed_{cfg.train.seed}/{strategy}"] = cfg
+    return runs
+
+
+def compare(
+    base: RunConfig,
+    out_dir: str | Path,
+    progress: bool = True,
+    command: str | None = None,
+    seeds: int = 1,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Train the ``loss_free`` and ``aux_loss`` runs of :func:`compare_configs` for ``seeds`` seeds
+    and write the report.
+
+    Resumable (:func:`~moebalance.lab.runs.run_or_resume`): a re-run reads finished runs back,
+    continues unfinished ones from their checkpoints (:func:`resumable` turns them on) and refuses
+    a folder that holds another config unless ``overwrite``; every folder is checked before the
+    first run trains.
 
     Writes into ``out_dir``: ``report.json``, ``report.md``, ``maxvio_batch.png``, ``val_loss.png``,
-    ``expert_load.png``, and one sub-folder per run with its metrics, TensorBoard events and
-    checkpoint.
+    ``expert_load.png``, and one sub-folder per run (``seed_S/STRATEGY`` with several seeds) with
+    its metrics, TensorBoard events and checkpoints.
 
     Returns:
-        the ``report.json`` content.
+        the ``report.json`` content; with ``seeds > 1`` it adds ``seed_summary`` (see
+        :func:`~moebalance.lab.seeds.seed_summary`) and ``ppl_noise`` (see
+        :func:`~moebalance.lab.seeds.ppl_noise_verdict`).
+
+    Raises:
+        RunFolderError: a run folder holds another config and ``overwrite`` is false.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data, base = prepare_base(base)
+    base = resumable(base)
+    configs = seed_configs(base, seeds)  # validates every run before the first one starts
+    check_run_folders({name: (cfg, out / name) for name, cfg in configs.items()}, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
-    configs = compare_configs(base)  # validates both before the first run starts
     for name, cfg in configs.items():
         run_dirs[name] = out / name
-        res = train(cfg, run_dirs[name], data=data, progress=progress, desc=name).to_dict()
+        res, state = run_or_resume(cfg, run_dirs[name], data, overwrite, progress, desc=name)
         results[name] = {k: res[k] for k in REPORT_FIELDS} | {
             "balance": cfg.balance.__dict__.copy(),
             "run_dir": name,
+            "seed": cfg.train.seed,
+            "state": state,
         }
     plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
     plot_val_loss(run_dirs, out / "val_loss.png")
     plot_loads(run_dirs, out / "expert_load.png")
-    report = report_context(data, base, run_dirs, command) | {"runs": results}
+    report = report_context(data, base, run_dirs, command) | {"seeds": sorted({r["seed"] for r in results.values()})}
+    report["runs"] = results
+    if seeds > 1:
+        report["seed_summary"] = seed_summary(results)
+        report["ppl_noise"] = ppl_noise_verdict(report["seed_summary"])
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_compare_markdown(report))
     return report
+
+
+def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) -> None:
+    """Refuse, before anything trains, when a run folder of ``plan`` holds another config.
+
+    Raises:
+        RunFolderError: the first conflicting folder, unless ``overwrite``.
+    """
+    if overwrite:
+        return
+    for name, (cfg, run_dir) in plan.items():
+        if run_state(run_dir, cfg) == "conflict":
+            raise RunFolderError(
+                f"{run_dir} holds a run of a different config than {name!r} now has; not overwritten "
+                "(use --overwrite to replace it, or choose another --out)"
+            )
 
 
 def render_compare_markdown(report: dict[str, Any]) -> str:
@@ -130,6 +213,8 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
     runs = report["runs"]
     cfg = report["config"]
     m, t = cfg["model"], cfg["train"]
+    val_split = report["data"].get("val_split")
+    label = maxvio_global_label(val_split)
     lines = [
         "# moebalance compare: Loss-Free Balancing vs auxiliary loss",
         "",
@@ -137,11 +222,13 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
         "",
         f"Model: {m['n_layers']} layers, d_model {m['d_model']}, {m['num_experts']} experts (top-{m['top_k']}, "
         f"{m['score_func']} gate), expert hidden {m['d_expert']}. Training: {t['max_steps']} steps of "
-        f"{t['batch_size'] * t['grad_accum']} x {t['seq_len']} tokens, seed {t['seed']}.",
+        f"{t['batch_size'] * t['grad_accum']} x {t['seq_len']} tokens, "
+        f"seed{'s' if len(report.get('seeds', [])) > 1 else ''} {', '.join(str(x) for x in report.get('seeds', [t['seed']]))}.",
         f"Data: {report['data']['source']} (fingerprint `{report['corpus_fingerprint']}`, "
-        f"{report['data']['train_tokens']:,} train / {report['data']['val_tokens']:,} validation tokens).",
+        f"{report['data']['train_tokens']:,} train / {report['data']['val_tokens']:,} validation tokens, "
+        f"validation split `{val_split}`).",
         "",
-        "| run | val loss | val ppl | MaxVio_global | MaxVio_batch (last 10%) | tokens/s |",
+        f"| run | val loss | val ppl | {label} | MaxVio_batch (last 10%) | tokens/s |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in runs.items():
@@ -149,11 +236,13 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
             f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
         )
-    lines += ["", "MaxVio_global per layer:", ""]
+    lines += ["", f"{label} per layer:", ""]
     for name, r in runs.items():
         lines.append(f"- {name}: " + ", ".join(f"{v:.3f}" for v in r["maxvio_global_per_layer"]))
     if "loss_free" in runs and "aux_loss" in runs:
-        lines += ["", _verdict(runs["loss_free"], runs["aux_loss"])]
+        lines += ["", _verdict(runs["loss_free"], runs["aux_loss"], val_split)]
+    if "seed_summary" in report:
+        lines += [""] + seed_markdown(report["seed_summary"], report.get("ppl_noise"), label)
     if "ep_replay" in report:
         lines += [""] + replay_markdown(report["ep_replay"])
     lines += [""] + RUN_PLOTS_MARKDOWN + [

@@ -26,11 +26,13 @@ import torch
 from moebalance.balancing import LossFreeBalancer
 from moebalance.routing import chosen_experts
 from moebalance.train.checkpoint import write_json
-from moebalance.train.config import RunConfig
+from moebalance.train.config import RunConfig, apply_overrides, override_keys
 from moebalance.train.model import MoETransformer
 
 __all__ = [
+    "CHECKPOINT_KEYS",
     "changed_fraction",
+    "checkpoint_config",
     "current_batch_bias_router",
     "leakage",
     "measure_leakage",
@@ -154,6 +156,86 @@ def measure_leakage(
     }
 
 
+#: Keys that ``moebalance leakage --checkpoint`` may still set: how the measurement is taken, not
+#: what was trained (model, balancing and data are the checkpoint's own, so its weights fit).
+CHECKPOINT_KEYS = frozenset(
+    {"train.batch_size", "train.seq_len", "train.seed", "train.threads", "train.device", "data.cache_dir"}
+)
+
+
+def checkpoint_config(checkpoint: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """The run config saved in a training checkpoint, with measurement ``overrides`` applied.
+
+    The model is rebuilt from this config, so a checkpoint of any model size or vocabulary loads.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an override outside :data:`CHECKPOINT_KEYS` (it would be ignored: the
+            checkpoint decides it), or a file that is corrupt or not a moebalance training
+            checkpoint (the message names the file).
+    """
+    refused = [k for k in override_keys(list(overrides)) if k not in CHECKPOINT_KEYS]
+    if refused:
+        raise ValueError(
+            f"--checkpoint: {refused} would be ignored: model, balancing and data are the checkpoint's own; "
+            f"only {sorted(CHECKPOINT_KEYS)} may be set"
+        )
+    return apply_overrides(_load_trained(checkpoint)[1], list(overrides))
+
+
+def _load_trained(checkpoint: str | Path) -> tuple[dict[str, Any], RunConfig]:
+    """``(state, saved config)`` of a verified training checkpoint (errors: :func:`checkpoint_config`)."""
+    from moebalance.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    if not (isinstance(state, dict) and isinstance(state.get("config"), dict) and isinstance(state.get("model"), dict)):
+        raise ValueError(f"checkpoint {checkpoint} is not a moebalance training checkpoint (no saved config and model)")
+    try:
+        return state, RunConfig.from_dict(state["config"])
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"checkpoint {checkpoint}: its saved config is not a moebalance run config: {exc}") from exc
+
+
+def _trained_state(cfg: RunConfig, checkpoint: str | Path, fingerprint: str) -> dict[str, torch.Tensor]:
+    """The model weights of ``checkpoint``, checked against ``cfg`` (see :func:`checkpoint_config`)."""
+    from moebalance.train.resume import config_differences
+
+    state, saved = _load_trained(checkpoint)
+    kept = ("model.", "balance.", "data.")
+    differ = [k for k in config_differences(saved.to_dict(), cfg.to_dict()) if k.startswith(kept) and k not in CHECKPOINT_KEYS]
+    if differ:
+        raise ValueError(f"checkpoint {checkpoint} was trained with other {differ}; measure with checkpoint_config(checkpoint)")
+    if state.get("data_fingerprint", fingerprint) != fingerprint:
+        raise ValueError(
+            f"checkpoint {checkpoint} was trained on data with fingerprint {state['data_fingerprint']}, "
+            f"but its data.path now gives {fingerprint}: the tokens would not be the ones it learnt"
+        )
+    return state["model"]
+
+
+def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generator) -> tuple[MoETransformer, MoETransformer]:
+    """The top-K model (trained weights, or the seeded initial model with ``warmup_batches``
+    Loss-Free updates from past batches) and an expert-choice twin with the same parameters."""
+    from moebalance.train.data import sample_batch
+
+    torch.manual_seed(cfg.train.seed)
+    topk = MoETransformer(cfg.model, cfg.balance)
+    if state is not None:
+        topk.load_state_dict(state)
+    else:  # a bias learnt from past batches only
+        balancer = LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update)
+        topk.train()
+        with torch.no_grad():
+            for _ in range(warmup_batches):
+                topk(sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, gen)[0])
+                balancer.step(topk)
+    ec_cfg = copy.deepcopy(cfg.model)
+    ec_cfg.routing = "expert_choice"
+    expert_choice = MoETransformer(ec_cfg)
+    expert_choice.load_state_dict(topk.state_dict())  # same parameters; the bias is unused
+    return topk, expert_choice
+
+
 def leakage(
     base: RunConfig,
     out_dir: str | Path,
@@ -176,56 +258,39 @@ def leakage(
       rate ``current_batch_rate`` computed from the current batch's own load
       (:func:`current_batch_bias_router`).
 
-    The model is the seeded initial model of ``base`` or, with ``checkpoint``, a trained one (its
-    saved config replaces ``base``'s model section). The batch is ``train.batch_size`` validation
-    windows of ``train.seq_len`` tokens; ``position`` defaults to the middle of the sequence.
+    The model is the seeded initial model of ``base`` or, with ``checkpoint``, a trained one:
+    then ``base`` must be that checkpoint's config (:func:`checkpoint_config`, which rebuilds the
+    model of any size or vocabulary from it). The batch is ``train.batch_size`` validation windows
+    of ``train.seq_len`` tokens; ``position`` defaults to the middle of the sequence.
 
     Returns:
         the ``leakage.json`` content: ``{"expert_choice": fraction, "loss_free": fraction,
         "current_batch_bias": fraction, "per_layer": {...}, "position": p, ...}``.
+
+    Raises:
+        ValueError: bad data, a checkpoint of another model, balancing or data than ``base``,
+            ``position`` outside ``[0, seq_len-2]`` or ``trials < 1``.
     """
-    from moebalance.train.checkpoint import load_checkpoint
     from moebalance.train.data import prepare_data, sample_batch
 
     cfg = copy.deepcopy(base)
-    state = None
-    if checkpoint is not None:
-        ckpt = load_checkpoint(checkpoint)
-        cfg = RunConfig.from_dict({**cfg.to_dict(), "model": ckpt["config"]["model"]})
-        state = ckpt["model"]
-    data = prepare_data(cfg.data)
-    cfg.model.vocab_size = data.vocab_size
-    cfg.model.routing = "topk"
     batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
     position = seq_len // 2 - 1 if position is None else position
-
-    torch.manual_seed(cfg.train.seed)
-    topk = MoETransformer(cfg.model, cfg.balance)
+    if not 0 <= position <= seq_len - 2 or trials < 1:
+        raise ValueError(f"--position must be in [0, train.seq_len-2={seq_len - 2}] and --trials >= 1, got {position} and {trials}")
+    data = prepare_data(cfg.data)
+    state = None if checkpoint is None else _trained_state(cfg, checkpoint, data.fingerprint)
+    cfg.model.vocab_size = data.vocab_size
+    cfg.model.routing = "topk"
     gen = torch.Generator().manual_seed(cfg.train.seed)
-    if state is not None:
-        topk.load_state_dict(state)
-    else:  # a bias learnt from past batches only
-        balancer = LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update)
-        topk.train()
-        with torch.no_grad():
-            for _ in range(warmup_batches):
-                topk(sample_batch(data.train, batch, seq_len, gen)[0])
-                balancer.step(topk)
-    ec_cfg = copy.deepcopy(cfg.model)
-    ec_cfg.routing = "expert_choice"
-    expert_choice = MoETransformer(ec_cfg)
-    expert_choice.load_state_dict(topk.state_dict())  # same parameters; the bias is unused
-
+    topk, expert_choice = _models(cfg, data, state, warmup_batches, gen)
     tokens_BS = sample_batch(data.val, batch, seq_len, gen)[0]
     rules = {
         "expert_choice": model_router(expert_choice),
         "loss_free": model_router(topk),
         "current_batch_bias": current_batch_bias_router(topk, current_batch_rate, current_batch_iterations),
     }
-    measured = {
-        name: measure_leakage(rule, tokens_BS, position, data.vocab_size, trials, cfg.train.seed)
-        for name, rule in rules.items()
-    }
+    measured = {name: measure_leakage(rule, tokens_BS, position, data.vocab_size, trials, cfg.train.seed) for name, rule in rules.items()}
     result: dict[str, Any] = {name: m["fraction"] for name, m in measured.items()}
     result |= {
         "per_layer": {name: m["per_layer"] for name, m in measured.items()},
@@ -237,13 +302,11 @@ def leakage(
         "current_batch_rate": current_batch_rate,
         "current_batch_iterations": current_batch_iterations,
         "bias_source": f"checkpoint {checkpoint}" if checkpoint else f"{warmup_batches} Loss-Free updates from past batches",
-        "expert_choice_capacity": ec_cfg.expert_choice_capacity,
+        "expert_choice_capacity": cfg.model.expert_choice_capacity,
         "command": command or " ".join(["moebalance"] + sys.argv[1:]),
         "config": cfg.to_dict(),
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "leakage.json", result)
+    write_json(Path(out_dir) / "leakage.json", result)
     return result
 
 

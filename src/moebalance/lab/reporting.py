@@ -23,6 +23,7 @@ __all__ = [
     "plot_loads",
     "plot_maxvio_batch",
     "plot_runs",
+    "maxvio_global_label",
     "plot_tradeoff",
     "plot_val_loss",
 ]
@@ -31,16 +32,28 @@ __all__ = [
 def load_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     """``(train_records, eval_records)`` of a run's ``metrics.jsonl``.
 
-    A last line cut short by a kill is ignored.
+    A line that is not a JSON object (a last line cut short by a kill) is ignored.
+
+    Raises:
+        OSError: the file cannot be read.
     """
     train, evals = [], []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+    for line in (Path(run_dir) / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        (train if rec.get("kind") == "train" else evals).append(rec)
+        if isinstance(rec, dict):
+            (train if rec.get("kind") == "train" else evals).append(rec)
     return train, evals
+
+
+def _check_fields(run: str, records: list[dict], fields: tuple[str, ...]) -> None:
+    """Every record holds ``fields`` as numbers or lists (what the plots read), else ``ValueError``."""
+    for rec in records:
+        bad = [k for k in fields if isinstance(rec.get(k), bool) or not isinstance(rec.get(k), (int, float, list))]
+        if bad:
+            raise ValueError(f"{run}: a metrics.jsonl record of step {rec.get('step')!r} lacks {bad}; not a moebalance run")
 
 
 def _save(fig, path: str | Path) -> None:
@@ -59,20 +72,44 @@ def _smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
+def _smoothing_note(windows: set[int]) -> str:
+    """Title suffix naming the moving-average window; nothing when no run was smoothed."""
+    if windows <= {1}:
+        return ""
+    if len(windows) == 1:
+        return f" (moving average over {windows.pop()} steps)"
+    return " (moving average over 1/50 of each run's steps)"
+
+
+def _plain_log_axis(ax) -> None:
+    """A log-scale y axis labelled in plain numbers (``0.2``, ``3``), never ``3×10⁰``.
+
+    Ticks at 1, 2 and 5 times each power of ten; unlabelled minor ticks in between.
+    """
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_maxvio_batch(runs: dict[str, str | Path], path: str | Path) -> None:
     """MaxVio_batch (mean over layers) per training step, one line per run (paper Fig. 3 style)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
+    windows = set()
     for name, run_dir in runs.items():
         train, _ = load_metrics(run_dir)
         steps = [r["step"] for r in train]
         vio = [r["maxvio_batch"] for r in train]
         window = max(1, len(vio) // 50)
+        windows.add(window)
         ax.plot(steps, _smooth(vio, window), label=name)
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over layers)")
-    ax.set_yscale("log")
-    ax.set_title(f"Load balance during training (moving average over {window} steps)")
+    _plain_log_axis(ax)
+    ax.set_title("Load balance during training" + _smoothing_note(windows))
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
@@ -108,13 +145,30 @@ def plot_loads(runs: dict[str, str | Path], path: str | Path) -> None:
     plt.close(fig)
 
 
-def plot_tradeoff(points: dict[str, tuple[float, float]], path: str | Path, highlight: list[str] = ()) -> None:
+def maxvio_global_label(val_split: str | None) -> str:
+    """How a report names the MaxVio over the validation split ``val_split`` (``data.val_split``).
+
+    On held-out chunks (the training distribution) it is the paper's MaxVio_global (arXiv
+    2408.15664 §4.1). On held-out files it is measured under a distribution shift and must not be
+    read as the paper's metric; a ``train.bin``/``val.bin`` folder is the user's own split.
+    """
+    if val_split == "files":
+        return "MaxVio_global under distribution shift (held-out files)"
+    if val_split == "given":
+        return "MaxVio_global (on the given val.bin)"
+    return "MaxVio_global"
+
+
+def plot_tradeoff(
+    points: dict[str, tuple[float, float]], path: str | Path, highlight: list[str] = (), val_split: str | None = None
+) -> None:
     """Validation perplexity against MaxVio_global, one point per run (arXiv 2408.15664 Figure 2).
 
     Args:
         points: run name -> ``(maxvio_global, val_ppl)``.
         path: PNG to write.
         highlight: runs drawn as stars (Loss-Free), the others as circles.
+        val_split: the runs' ``data.val_split``; names the x axis (:func:`maxvio_global_label`).
     """
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -122,7 +176,7 @@ def plot_tradeoff(points: dict[str, tuple[float, float]], path: str | Path, high
         star = name in highlight
         ax.scatter([vio], [ppl], marker="*" if star else "o", s=160 if star else 50, color="tab:red" if star else "tab:blue")
         ax.annotate(name, (vio, ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("MaxVio_global (lower is better balanced)")
+    ax.set_xlabel(f"{maxvio_global_label(val_split)} (lower is better balanced)")
     ax.set_ylabel("validation perplexity")
     ax.set_title("Balance against quality (stars: Loss-Free)")
     ax.grid(alpha=0.3)
@@ -170,16 +224,18 @@ def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
 
     Raises:
         FileNotFoundError: see :func:`find_run_dirs`.
-        ValueError: no run has any training record.
+        ValueError: no run has any training record, or a record lacks a field the plots read.
     """
     runs = find_run_dirs(paths)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     records = {name: load_metrics(d) for name, d in runs.items()}
     with_train = {n: runs[n] for n, (tr, _) in records.items() if tr}
     with_eval = {n: runs[n] for n, (_, ev) in records.items() if ev}
     if not with_train:
         raise ValueError("none of the runs has a training record in metrics.jsonl")
+    for name, (train, evals) in records.items():
+        _check_fields(name, train, ("step", "maxvio_batch"))
+        _check_fields(name, evals, ("step", "val_loss", "loads"))
+    out = Path(out_dir)
     written = [out / "maxvio_batch.png"]
     plot_maxvio_batch(with_train, written[-1])
     if with_eval:

@@ -2,8 +2,10 @@
 
 Every run of a grid shares the base config's model size, seed, data order and initial weights;
 each run is the base config plus a few ``section.field=value`` overrides (the same syntax as the
-CLI). A sweep is resumable: a run whose folder holds a ``summary.json`` written for the same
-config is read back, not trained again.
+CLI). A sweep is resumable (:func:`~moebalance.lab.runs.run_or_resume`): a finished run of the
+same config is read back, not trained again; an unfinished one continues from its checkpoints
+(turned on by :func:`~moebalance.lab.compare.resumable`); a folder that holds another config is
+refused, before anything trains, unless ``overwrite``.
 
 Built-in grids (arXiv 2408.15664):
 
@@ -22,13 +24,21 @@ Output folder: ``sweep.json`` (one record per run with the fields of ``compare``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from moebalance.lab.compare import REPORT_FIELDS, RUN_PLOTS_MARKDOWN, prepare_base, report_context
+from moebalance.lab.compare import (
+    REPORT_FIELDS,
+    RUN_PLOTS_MARKDOWN,
+    check_run_folders,
+    prepare_base,
+    report_context,
+    resumable,
+)
 from moebalance.lab.replay import replay_markdown
+from moebalance.lab.runs import run_or_resume
 from moebalance.lab.reporting import (
+    maxvio_global_label,
     plot_loads,
     plot_maxvio_batch,
     plot_tradeoff,
@@ -81,24 +91,15 @@ def grid_runs(grid: str, base: RunConfig) -> dict[str, list[str]]:
     raise ValueError(f"unknown grid {grid!r}; choose from {list(GRIDS)}")
 
 
-def _finished(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The summary of a finished run of exactly ``cfg`` in ``run_dir``, else ``None``."""
-    summary, config = run_dir / "summary.json", run_dir / "config.json"
-    if not (summary.is_file() and config.is_file()):
-        return None
-    if json.loads(config.read_text()) != json.loads(json.dumps(cfg.to_dict())):
-        return None  # a different config ran here: train again
-    return json.loads(summary.read_text())
-
-
 def sweep(
     grid: str,
     base: RunConfig,
     out_dir: str | Path,
     progress: bool = True,
     command: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Run (or read back) every run of ``grid`` and write the sweep report.
+    """Run (or read back, or resume) every run of ``grid`` and write the sweep report.
 
     Args:
         grid: one of :data:`GRIDS`.
@@ -106,27 +107,30 @@ def sweep(
         out_dir: output folder; one sub-folder per run.
         progress: show progress bars.
         command: command line recorded in the report.
+        overwrite: replace run folders that hold another config instead of refusing.
 
     Returns:
         the ``sweep.json`` content: ``{"grid", "command", "config", "data", "corpus_fingerprint",
         "runs": {name: record}, "ep_replay"}`` (``ep_replay``: see :func:`~moebalance.lab.replay.replay_runs`); each record has ``compare``'s fields plus ``overrides`` and
         ``resumed`` (read back from an earlier sweep).
-    """
-    from moebalance.train.loop import train
 
+    Raises:
+        RunFolderError: a run folder holds another config and ``overwrite`` is false.
+    """
     runs = grid_runs(grid, base)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     data, base = prepare_base(base)
+    base = resumable(base)
+    configs = {name: apply_overrides(base, overrides) for name, overrides in runs.items()}
+    check_run_folders({name: (cfg, out / name) for name, cfg in configs.items()}, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     records: dict[str, dict[str, Any]] = {}
     run_dirs: dict[str, Path] = {}
     for name, overrides in runs.items():
-        cfg = apply_overrides(base, overrides)
+        cfg = configs[name]
         run_dirs[name] = out / name
-        res = _finished(run_dirs[name], cfg)
-        resumed = res is not None
-        if res is None:
-            res = train(cfg, run_dirs[name], data=data, progress=progress, desc=name).to_dict()
+        res, state = run_or_resume(cfg, run_dirs[name], data, overwrite, progress, desc=name)
+        resumed = state == "finished"
         records[name] = {k: res[k] for k in REPORT_FIELDS} | {
             "balance": cfg.balance.__dict__.copy(),
             "run_dir": name,
@@ -139,6 +143,7 @@ def sweep(
         {n: (r["maxvio_global"], r["val_ppl"]) for n, r in records.items()},
         out / "tradeoff.png",
         highlight=[n for n, r in records.items() if r["balance"]["strategy"] in ("loss_free", "deepseek_v3")],
+        val_split=data.val_split,
     )
     plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
     plot_val_loss(run_dirs, out / "val_loss.png")
@@ -163,7 +168,7 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
         f"seed {t['seed']} (same initial weights and data order in every run).",
         f"Data: {report['data']['source']} (fingerprint `{report['corpus_fingerprint']}`).",
         "",
-        "| run | overrides | val ppl | MaxVio_global | MaxVio_batch (last 10%) | tokens/s |",
+        f"| run | overrides | val ppl | {maxvio_global_label(report['data'].get('val_split'))} | MaxVio_batch (last 10%) | tokens/s |",
         "|---|---|---|---|---|---|",
     ]
     for name, r in report["runs"].items():

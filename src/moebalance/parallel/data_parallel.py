@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 
 import torch
 from torch import nn
@@ -23,10 +24,12 @@ __all__ = ["bias_checksum", "clip_grad_norm_", "gather_bias_checksums", "no_sync
 def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
     """Wrap ``model`` in ``DistributedDataParallel`` (or return it unchanged for one process).
 
-    ``broadcast_buffers=False``: the routers' ``load_counts`` are per-rank buffers that DDP must
-    not overwrite with rank 0's before the all-reduce, and the ``expert_bias`` buffers stay equal
-    because every rank applies the same update from the same all-reduced loads (a test checks the
-    checksums). Parameters sharded by expert parallelism are excluded from DDP (each rank holds
+    Buffers are not synced in ``forward`` (``forward_sync_buffers=False``; ``broadcast_buffers=False``
+    on torch < 2.13, which deprecates it with a ``FutureWarning`` per rank): the only router buffer
+    is ``expert_bias``, which stays equal because every rank applies the same update from the same
+    all-reduced loads (a test checks the checksums), so broadcasting it every forward would only
+    cost time. The per-rank ``load_counts`` are not buffers at all, so a user's default
+    ``DDP(model)`` (which does broadcast) cannot overwrite them either. Parameters sharded by expert parallelism are excluded from DDP (each rank holds
     different experts; their gradients already arrive through the all-to-all backward) and get a
     gradient hook dividing by the data-parallel size, so they see the same ``mean over the global
     batch`` scale as the averaged replicated parameters.
@@ -43,6 +46,8 @@ def wrap_data_parallel(model: nn.Module, ctx: DistContext) -> nn.Module:
         for name in sharded:
             params[name].register_hook(lambda g: g * scale)
     device_ids = [torch.device(ctx.device).index] if torch.device(ctx.device).type == "cuda" else None
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return DDP(model, device_ids=device_ids, forward_sync_buffers=False)
     return DDP(model, device_ids=device_ids, broadcast_buffers=False)
 
 

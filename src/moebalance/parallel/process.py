@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _EXACT_FLOAT_DTYPES = (torch.float32, torch.float64)
+_TIMEOUT_S = [300.0]  # the timeout init_distributed gave the process group, for error messages
 
 
 @dataclass
@@ -116,6 +117,7 @@ def init_distributed(device: str = "cpu", timeout_s: float = 300.0) -> DistConte
         torch.cuda.set_device(device)
     backend = "nccl" if is_cuda else "gloo"
     owns = not dist.is_initialized()
+    _TIMEOUT_S[0] = float(timeout_s)
     if owns:
         dist.init_process_group(
             backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s)
@@ -153,7 +155,13 @@ def all_reduce_sum_(tensor: torch.Tensor, group: Any = None) -> None:
     if tensor.is_floating_point() and tensor.dtype not in _EXACT_FLOAT_DTYPES:
         raise TypeError(f"all_reduce_sum_ needs an integer, float32 or float64 tensor, got {tensor.dtype}")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        except RuntimeError as exc:  # gloo/NCCL timeouts are RuntimeErrors (DistBackendError)
+            raise RuntimeError(
+                f"rank {dist.get_rank()} of {dist.get_world_size()}: an all-reduce did not complete "
+                f"(train.dist_timeout_s={_TIMEOUT_S[0]:g} s); another rank is hung or died: {exc}"
+            ) from exc
 
 
 def any_rank_reason(reason: str | None, ctx: DistContext) -> str | None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointDir",
     "atomic_write_bytes",
+    "folder_problem",
     "load_checkpoint",
     "save_checkpoint",
     "write_json",
@@ -55,8 +56,51 @@ _HEADER = struct.Struct("<16s32sQ")
 FAULT_ENV = "MOEBALANCE_TEST_KILL_IN_CHECKPOINT_WRITE"
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def folder_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be (or become) a folder this process writes into, or ``None`` if it can.
+
+    Looks at ``path`` and its nearest existing ancestor only (nothing is created): a file where a
+    folder is expected, a NUL byte or an over-long name, a symlink loop, a folder without write
+    permission.
+    """
+    text = str(path)
+    if "\0" in text:
+        return "the path contains a NUL byte"
+    probe = Path(path)
+    try:
+        while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+            probe = probe.parent
+        if probe.is_symlink() and not probe.exists():
+            return f"{str(probe)!r} is a symbolic link that leads nowhere (dangling, or a loop)"
+        if not probe.is_dir():
+            return f"{str(probe)!r} is a file, not a folder"
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        return describe_os_error(exc)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{str(probe)!r} is not writable"
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``"No such file or directory: 'x'"`` rather than ``"[Errno 2] No such file or directory: 'x'"``."""
+    if exc.strerror is None:
+        return str(exc)
+    names = [repr(str(n)) for n in (exc.filename, exc.filename2) if n is not None]
+    return exc.strerror + (": " + " -> ".join(names) if names else "")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, _kill_midway: bool = False) -> None:
     """Write ``data`` to ``path`` atomically (temporary file, fsync, rename, fsync of the folder).
+
+    The file gets the permissions of a plain ``open(path, "w")``: ``0o666`` minus the umask
+    (``mkstemp`` alone would leave ``0o600``).
 
     Raises:
         OSError: the folder cannot be created or written.
@@ -65,6 +109,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, _kill_midway: bool = False
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             if _kill_midway:
                 f.write(data[: len(data) // 2])

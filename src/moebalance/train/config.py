@@ -8,6 +8,7 @@ overrides existing keys only (``section.field=value``); an unknown key is an err
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import types
@@ -24,12 +25,21 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "get_preset",
+    "override_keys",
+    "preset_config",
 ]
 
 Strategy = Literal[
     "loss_free", "aux_loss", "none", "batch_aux_loss", "global_aux_loss", "importance_loss", "deepseek_v3"
 ]
 STRATEGY_NAMES = typing.get_args(Strategy)
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """``typing.get_type_hints`` of a config class, computed once (it is slow, and every
+    construction of a section type-checks its fields)."""
+    return typing.get_type_hints(cls)
 
 
 def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
@@ -67,7 +77,7 @@ def _check_fields(obj: Any, section: str) -> None:
     The CLI parser types its values, but ``RunConfig.from_dict`` (JSON) and direct construction do
     not; a string where a number belongs must fail here, not deep inside training.
     """
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     for f in dataclasses.fields(obj):
         _check_type(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
 
@@ -122,6 +132,11 @@ class ModelConfig:
         routable = self.topk_group * (self.num_experts // self.n_group)
         _check(self.top_k <= routable, "model.top_k", f"<= topk_group * num_experts / n_group = {routable} (group-limited routing)", self.top_k)
         _check(self.routing in ("topk", "expert_choice"), "model.routing", "'topk' or 'expert_choice'", self.routing)
+        _check(
+            not (self.norm_topk_prob and self.top_k == 1 and self.routing == "topk"),
+            "model.norm_topk_prob", "false with model.top_k=1 (normalising one gate makes it 1: the router gets no gradient)",
+            self.norm_topk_prob,
+        )
         _check(self.expert_choice_capacity > 0, "model.expert_choice_capacity", "> 0", self.expert_choice_capacity)
         _check(self.capacity_factor is None or self.capacity_factor > 0, "model.capacity_factor", "> 0 or None (dropless)", self.capacity_factor)
         _check(self.capacity_factor is None or self.routing == "topk", "model.capacity_factor", "None with model.routing='expert_choice' (it has expert_choice_capacity)", self.capacity_factor)
@@ -140,22 +155,29 @@ class BalanceConfig:
     ``importance_loss`` (CV²), ``deepseek_v3`` (Loss-Free plus a sequence-wise loss of
     ``seq_aux_coeff``) or ``none``. ``aux_loss_coeff`` is the alpha of the auxiliary-loss
     strategies. ``z_loss_coeff`` adds the ST-MoE router z-loss on top of any strategy.
+    ``aux_loss_scores``: ``normalized`` (default; DeepSeek-V3 eq. 19-20, per-token scores divided by
+    their sum, as Megatron-Core and OLMo-core) or ``raw`` (scores as the gate gives them; with a
+    sigmoid gate the loss can then be lowered without balancing, docs/balancing.md).
     """
 
     strategy: Strategy = "loss_free"
     bias_update_rate: float = 1e-3
     bias_update: Literal["sign", "error"] = "sign"
     bias_mode: Literal["additive", "multiplicative"] = "additive"
+    bias_center: bool = False  # subtract each layer's mean bias after every update (torchtitan)
     aux_loss_coeff: float = 1e-3
     z_loss_coeff: float = 0.0
     seq_aux_coeff: float = 1e-4
+    aux_loss_scores: Literal["normalized", "raw"] = "normalized"
 
     def __post_init__(self) -> None:
         _check_fields(self, "balance")
+        _check(self.aux_loss_scores in ("normalized", "raw"), "balance.aux_loss_scores", "'normalized' or 'raw'", self.aux_loss_scores)
         _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
         _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
         _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
         _check(self.bias_mode in ("additive", "multiplicative"), "balance.bias_mode", "'additive' or 'multiplicative'", self.bias_mode)
+        _check(not (self.bias_center and self.bias_mode != "additive"), "balance.bias_center", "false with balance.bias_mode='multiplicative' (a product is not shift-invariant)", self.bias_center)
         _check(self.aux_loss_coeff >= 0, "balance.aux_loss_coeff", ">= 0", self.aux_loss_coeff)
         _check(self.z_loss_coeff >= 0, "balance.z_loss_coeff", ">= 0", self.z_loss_coeff)
         _check(self.seq_aux_coeff >= 0, "balance.seq_aux_coeff", ">= 0", self.seq_aux_coeff)
@@ -167,6 +189,12 @@ class DataConfig:
 
     ``path`` may name a text file, a folder of text files, or a pre-tokenized ``.bin`` file / a
     folder with ``train.bin`` and ``val.bin`` (uint16, nanoGPT layout; ``bin_vocab_size`` required).
+
+    ``val_split`` says how validation is held out (docs/data.md): ``"chunks"`` (default) holds out
+    ``val_fraction`` of the corpus as chunks of ``val_chunk_tokens`` tokens drawn across the whole
+    token stream from ``split_seed`` and the data fingerprint, so validation is the training
+    distribution; ``"files"`` holds out whole files (a distribution shift: its MaxVio_global is
+    reported as ``maxvio_global_shift``).
     """
 
     path: str | None = None
@@ -175,9 +203,15 @@ class DataConfig:
     max_files: int = 0  # 0: every file of the corpus; > 0: the first N (tests)
     bin_vocab_size: int = 0
     cache_dir: str | None = None  # default: $MOEBALANCE_CACHE or ~/.cache/moebalance
+    val_split: Literal["chunks", "files"] = "chunks"
+    val_chunk_tokens: int = 512  # length of one held-out chunk (val_split="chunks")
+    split_seed: int = 0  # which chunks are held out; independent of train.seed, so seeds share one validation set
 
     def __post_init__(self) -> None:
         _check_fields(self, "data")
+        _check(self.val_split in ("chunks", "files"), "data.val_split", "'chunks' or 'files'", self.val_split)
+        _check(self.val_chunk_tokens >= 16, "data.val_chunk_tokens", ">= 16", self.val_chunk_tokens)
+        _check(0 <= self.split_seed < 2**63, "data.split_seed", "in [0, 2**63)", self.split_seed)
         _check(self.path is None or self.path.strip() != "", "data.path", "a non-empty path or None (built-in corpus)", self.path)
         _check(257 <= self.vocab_size <= 65535, "data.vocab_size", "in [257, 65535] (uint16 token ids)", self.vocab_size)
         _check(0 < self.val_fraction < 0.5, "data.val_fraction", "in (0, 0.5)", self.val_fraction)
@@ -206,7 +240,7 @@ class TrainConfig:
     seed: int = 1234
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16"] = "float32"
-    threads: int = 0  # torch intra-op threads, 0: leave torch's default
+    threads: int = 1  # torch intra-op threads (0: torch's default, one per core); 1 does not collapse on a busy machine (docs/benchmarks.md)
     # CPU: "reuse" keeps freed memory in the process (glibc mallopt; see moebalance.train.host),
     # "system" leaves the C library's defaults. Speed only: the numbers are the same.
     malloc: Literal["reuse", "system"] = "reuse"
@@ -220,6 +254,8 @@ class TrainConfig:
     # Under torchrun: shard the routed experts over all ranks (expert parallelism, see
     # moebalance.parallel.expert_parallel); model.num_experts must be a multiple of the number of ranks.
     expert_parallel: bool = False
+    # seconds a collective waits for the other ranks before this rank exits with an error naming it
+    dist_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
         _check_fields(self, "train")
@@ -235,6 +271,7 @@ class TrainConfig:
         _check(self.eval_tokens >= 0, "train.eval_tokens", ">= 0", self.eval_tokens)
         _check(self.dtype in ("float32", "bfloat16"), "train.dtype", "'float32' or 'bfloat16'", self.dtype)
         _check(0 <= self.threads <= 1024, "train.threads", "in [0, 1024] (0: torch's default)", self.threads)
+        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "> 0 (seconds)", self.dist_timeout_s)
         _check(0 <= self.seed < 2**63, "train.seed", "in [0, 2**63)", self.seed)
         _check(_is_device(self.device), "train.device", "'cpu', or 'cuda'/'cuda:N' where torch sees that GPU", self.device)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)", self.checkpoint_every)
@@ -293,7 +330,7 @@ class RunConfig:
         unknown = set(d) - set(sections)
         if unknown:
             raise ValueError(f"unknown config sections: {sorted(unknown)}")
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         return cls(**{name: _section_from_dict(hints[name], d.get(name, {}), name) for name in sections})
 
 
@@ -348,7 +385,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         ValueError: malformed override, unknown key, unparsable or out-of-range value.
     """
     d = cfg.to_dict()
-    hints = typing.get_type_hints(RunConfig)
+    hints = _type_hints(RunConfig)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.field=value")
@@ -357,7 +394,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         if len(parts) != 2 or parts[0] not in d:
             raise ValueError(f"unknown config key {key!r}; sections are {sorted(d)}")
         section, name = parts
-        field_types = typing.get_type_hints(hints[section])
+        field_types = _type_hints(hints[section])
         if name not in field_types:
             raise ValueError(f"unknown config key {key!r}; {section} has {sorted(field_types)}")
         d[section][name] = _parse_value(text.strip(), field_types[name], key)
@@ -386,6 +423,31 @@ def get_preset(name: str) -> RunConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
     return PRESETS[name]()
+
+
+def override_keys(overrides: list[str]) -> list[str]:
+    """The dotted keys of ``section.field=value`` overrides, in order (malformed items included as given)."""
+    return [item.split("=", 1)[0].strip() for item in overrides]
+
+
+def preset_config(name: str, overrides: list[str]) -> RunConfig:
+    """A named preset with ``overrides`` applied; the preset's warm-up follows a shorter run.
+
+    ``train.warmup_steps`` must not exceed ``train.max_steps``. When the overrides shorten the
+    run below the *preset's* warm-up (``--preset smoke train.max_steps=2`` against its 5 warm-up
+    steps) and do not set ``train.warmup_steps`` themselves, the warm-up is clamped to
+    ``train.max_steps``; a warm-up set explicitly is validated as given.
+
+    Raises:
+        ValueError: unknown preset, or a bad override (see :func:`apply_overrides`).
+    """
+    base = get_preset(name)
+    if "train.warmup_steps" in override_keys(overrides):
+        return apply_overrides(base, overrides)
+    warmup = base.train.warmup_steps
+    base.train.warmup_steps = 0  # always valid; set back below, clamped to the run's length
+    cfg = apply_overrides(base, overrides)
+    return apply_overrides(cfg, [f"train.warmup_steps={min(warmup, cfg.train.max_steps)}"])
 
 
 def dumps(cfg: RunConfig) -> str:

@@ -2,12 +2,22 @@
 
 The built-in corpus is the Python standard library of the interpreter that runs the job (every
 ``*.py`` under the stdlib directory, without ``site-packages`` and test folders): real text that is
-on every machine, so nothing is downloaded. Files are taken in sorted order and split into train
-and validation *by file* (a file's split depends only on a hash of its relative path; a corpus of
-one file is split by lines, its last lines held out). A byte-level
-BPE (Hugging Face ``tokenizers``) is trained on the training split, and both splits are stored as
-``uint16`` token arrays read back as numpy memmaps, in a cache directory keyed by the corpus
-fingerprint (hash of the file list, sizes and contents), the vocabulary size and the split.
+on every machine, so nothing is downloaded. Files are taken in sorted order.
+
+Validation is held out in one of two ways (``data.val_split``, docs/data.md):
+
+* ``"chunks"`` (default): a byte-level BPE (Hugging Face ``tokenizers``) is trained on all files,
+  the files are encoded into one token stream (each followed by ``<|endoftext|>``), the stream is
+  cut into chunks of ``data.val_chunk_tokens`` tokens and ``data.val_fraction`` of the chunks,
+  drawn from ``data.split_seed`` and the corpus fingerprint, are the validation split. Validation
+  is the training distribution, and no token position is in both splits (:func:`chunk_split`).
+* ``"files"``: whole files are held out (a file's split depends only on a hash of its relative
+  path; a corpus of one file is split by lines, its last lines held out) and the BPE is trained on
+  the training files. Validation is then another distribution whenever files differ.
+
+Both splits are stored as ``uint16`` token arrays read back as numpy memmaps, in a cache directory
+keyed by the corpus fingerprint (hash of the file list, sizes and contents), the vocabulary size
+and the split settings.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import numpy as np
 import torch
 
 from moebalance.parallel.process import DistContext, shard_rows
+from moebalance.train.checkpoint import current_umask, folder_problem
 from moebalance.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +46,8 @@ __all__ = [
     "TokenData",
     "batch_at",
     "check_data",
+    "chunk_runs",
+    "chunk_split",
     "eval_batches",
     "iter_rank_batches",
     "prepare_data",
@@ -56,8 +69,12 @@ class TokenData:
         vocab_size: number of token ids the model must embed.
         fingerprint: hex digest of the source (file list, sizes and contents, or the ``.bin`` files).
         source: a human description of where the text came from.
-        num_files: (train files, validation files) for text corpora, ``None`` for ``.bin`` data.
+        num_files: (train files, validation files) for text corpora (with ``val_split="chunks"`` both
+            are every file: the chunks are drawn from all of them), ``None`` for ``.bin`` data.
         tokenizer_path: the BPE ``tokenizer.json`` (``None`` for ``.bin`` data).
+        val_split: how validation was held out: ``"chunks"`` (same distribution), ``"files"``
+            (whole files or the tail of one text/``.bin`` file: a distribution shift) or
+            ``"given"`` (a ``train.bin``/``val.bin`` folder: the user's own split).
     """
 
     train: np.ndarray
@@ -67,9 +84,11 @@ class TokenData:
     source: str
     num_files: tuple[int, int] | None = None
     tokenizer_path: str | None = None
+    val_split: str = "chunks"
 
     def describe(self) -> dict:
         return {
+            "val_split": self.val_split,
             "source": self.source,
             "fingerprint": self.fingerprint,
             "vocab_size": self.vocab_size,
@@ -147,6 +166,51 @@ def split_lines(text: str, val_fraction: float) -> tuple[list[str], list[str]]:
     return ["".join(lines[:cut])], ["".join(lines[cut:])]
 
 
+def chunk_split(num_tokens: int, chunk_tokens: int, val_fraction: float, seed: int, fingerprint: str) -> np.ndarray:
+    """Which chunks of a stream of ``num_tokens`` tokens are validation (``data.val_split=chunks``).
+
+    The stream is cut into ``n = ceil(num_tokens / chunk_tokens)`` chunks (the last may be short);
+    ``max(1, round(val_fraction * n))`` of them (at most ``n - 1``), chosen by a permutation drawn
+    from a generator seeded with SHA-256 of ``fingerprint`` and ``seed``, are held out. The choice
+    depends on nothing else, so it is the same on every machine and for every ``train.seed``.
+
+    Returns:
+        ``[n]`` bool, ``True`` for a validation chunk.
+
+    Raises:
+        ValueError: fewer than 2 chunks (nothing left to train on, or nothing to hold out).
+    """
+    n_chunks = -(-num_tokens // chunk_tokens)
+    if n_chunks < 2:
+        raise ValueError(
+            f"the corpus has {num_tokens} tokens, fewer than 2 chunks of data.val_chunk_tokens={chunk_tokens}; "
+            "lower data.val_chunk_tokens or use data.val_split=files"
+        )
+    n_val = min(n_chunks - 1, max(1, round(val_fraction * n_chunks)))
+    digest = hashlib.sha256(f"{fingerprint}\0{seed}".encode()).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:8], "big"))
+    is_val = np.zeros(n_chunks, dtype=bool)
+    is_val[rng.permutation(n_chunks)[:n_val]] = True
+    return is_val
+
+
+def chunk_runs(is_val: np.ndarray, chunk_tokens: int, num_tokens: int, val: bool) -> list[tuple[int, int]]:
+    """Token ranges ``[start, stop)`` of the validation (``val=True``) or training chunks, merged
+    where chunks are adjacent, in stream order. Train and validation runs are disjoint and together
+    cover ``0..num_tokens``."""
+    side = is_val if val else ~is_val
+    edges = np.diff(np.concatenate([[0], side.astype(np.int8), [0]]))
+    starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    return [(int(a) * chunk_tokens, min(int(b) * chunk_tokens, num_tokens)) for a, b in zip(starts, stops)]
+
+
+def _write_runs(tokens: np.ndarray, runs: list[tuple[int, int]], path: Path) -> None:
+    """Concatenate ``tokens[a:b]`` for each run into ``path`` (uint16), one run in memory at a time."""
+    with open(path, "wb") as fh:
+        for a, b in runs:
+            np.asarray(tokens[a:b], dtype=np.uint16).tofile(fh)
+
+
 def fingerprint_files(root: Path, rels: list[str]) -> str:
     """SHA-256 (first 16 hex digits) of the relative paths, byte sizes and contents of the files.
 
@@ -162,9 +226,23 @@ def fingerprint_files(root: Path, rels: list[str]) -> str:
 
 
 def cache_root(cfg: DataConfig) -> Path:
+    """The token cache folder: ``data.cache_dir``, else ``$MOEBALANCE_CACHE``, else
+    ``~/.cache/moebalance``.
+
+    Raises:
+        ValueError: the chosen path cannot be a folder (a file is in the way, ...); the message
+            names where the path came from.
+    """
     if cfg.cache_dir:
-        return Path(cfg.cache_dir)
-    return Path(os.environ.get("MOEBALANCE_CACHE", Path.home() / ".cache" / "moebalance"))
+        root, source = Path(cfg.cache_dir), "data.cache_dir"
+    elif os.environ.get("MOEBALANCE_CACHE"):
+        root, source = Path(os.environ["MOEBALANCE_CACHE"]), "MOEBALANCE_CACHE"
+    else:
+        root, source = Path.home() / ".cache" / "moebalance", "the default cache folder"
+    problem = folder_problem(root)
+    if problem is not None:
+        raise ValueError(f"{source} {str(root)!r} cannot hold the token cache: {problem}")
+    return root
 
 
 def _read_texts(root: Path, rels: list[str]) -> tuple[list[str], int]:
@@ -202,53 +280,103 @@ def _encode(tok, texts: list[str]) -> np.ndarray:
     return np.asarray(ids, dtype=np.uint16)
 
 
-def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> TokenData:
-    if sum((root / rel).stat().st_size for rel in rels) == 0:
-        raise ValueError(f"data.path {source!r}: the corpus is empty ({len(rels)} files, 0 bytes)")
+def _split_texts(cfg: DataConfig, root: Path, rels: list[str], source: str) -> tuple[list[str], list[str], int]:
+    """``data.val_split=files``: the training and validation texts, and how many files were skipped."""
     # Several files are split by file; a single file by lines (its last lines are the validation part).
     single = len(rels) == 1
     train_rels, val_rels = (rels, []) if single else split_files(rels, cfg.val_fraction)
+    train_texts, skipped_train = _read_texts(root, train_rels)
+    val_texts, skipped_val = _read_texts(root, val_rels)
+    if not train_texts and not val_texts:
+        raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
+    if single:
+        try:
+            train_texts, val_texts = split_lines(train_texts[0], cfg.val_fraction)
+        except ValueError as exc:
+            raise ValueError(f"data.path {source!r}: {exc}") from None
+    if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
+        raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
+    return train_texts, val_texts, skipped_train + skipped_val
+
+
+def _build_text_cache(cfg: DataConfig, root: Path, rels: list[str], source: str, fp: str, tmp: Path) -> dict:
+    """Train the BPE, encode both splits into ``tmp`` and return the cache's ``meta.json`` dict."""
+    if cfg.val_split == "files":
+        train_texts, val_texts, skipped = _split_texts(cfg, root, rels, source)
+        log.info("training a %d-token BPE on %d files", cfg.vocab_size, len(train_texts))
+        tok = _train_tokenizer(train_texts, cfg.vocab_size)
+        train_ids, val_ids = _encode(tok, train_texts), _encode(tok, val_texts)
+        num_files, val_chunks = [len(train_texts), len(val_texts)], None
+    else:
+        texts, skipped = _read_texts(root, rels)
+        if not any(t.strip() for t in texts):
+            raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
+        log.info("training a %d-token BPE on %d files", cfg.vocab_size, len(texts))
+        tok = _train_tokenizer(texts, cfg.vocab_size)
+        ids = _encode(tok, texts)
+        try:
+            is_val = chunk_split(len(ids), cfg.val_chunk_tokens, cfg.val_fraction, cfg.split_seed, fp)
+        except ValueError as exc:
+            raise ValueError(f"data.path {source!r}: {exc}") from None
+        train_ids = np.concatenate([ids[a:b] for a, b in chunk_runs(is_val, cfg.val_chunk_tokens, len(ids), False)])
+        val_ids = np.concatenate([ids[a:b] for a, b in chunk_runs(is_val, cfg.val_chunk_tokens, len(ids), True)])
+        num_files, val_chunks = [len(texts), len(texts)], int(is_val.sum())
+    if skipped:
+        log.warning("skipped %d non-UTF-8 files of %s", skipped, source)
+    tok.save(str(tmp / "tokenizer.json"))
+    train_ids.tofile(tmp / "train.bin")
+    val_ids.tofile(tmp / "val.bin")
+    return {
+        "vocab_size": tok.get_vocab_size(),
+        "fingerprint": fp,
+        "num_files": num_files,
+        "skipped_files": skipped,
+        "val_split": cfg.val_split,
+        "val_chunks": val_chunks,
+    }
+
+
+def _build_cache(cache: Path, build) -> None:
+    """Fill the cache folder ``cache`` with ``build(tmp)`` unless it exists.
+
+    Built in a temporary folder and renamed: a killed job never leaves a half-written cache, and
+    when two processes race the loser's copy is dropped (the winner's is as good).
+    """
+    if cache.exists():
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    try:
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0o700 would keep a shared cache private
+        build(tmp)
+        try:
+            os.rename(tmp, cache)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _split_key(cfg: DataConfig) -> str:
+    """The split settings in the cache key: two splits of one corpus never share a cache."""
+    if cfg.val_split == "files":
+        return f"val{cfg.val_fraction:g}-files"
+    return f"val{cfg.val_fraction:g}-chunks{cfg.val_chunk_tokens}-seed{cfg.split_seed}"
+
+
+def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> TokenData:
+    if sum((root / rel).stat().st_size for rel in rels) == 0:
+        raise ValueError(f"data.path {source!r}: the corpus is empty ({len(rels)} files, 0 bytes)")
     fp = fingerprint_files(root, rels)
-    key = f"{fp}-bpe{cfg.vocab_size}-val{cfg.val_fraction:g}-v{_CACHE_VERSION}"
+    key = f"{fp}-bpe{cfg.vocab_size}-{_split_key(cfg)}-v{_CACHE_VERSION}"
     cache = cache_root(cfg) / key
     meta_path = cache / "meta.json"
-    if not meta_path.exists():
-        train_texts, skipped_train = _read_texts(root, train_rels)
-        val_texts, skipped_val = _read_texts(root, val_rels)
-        if skipped_train + skipped_val:
-            log.warning("skipped %d non-UTF-8 files of %s", skipped_train + skipped_val, source)
-        if not train_texts and not val_texts:
-            raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
-        if single:
-            try:
-                train_texts, val_texts = split_lines(train_texts[0], cfg.val_fraction)
-            except ValueError as exc:
-                raise ValueError(f"data.path {source!r}: {exc}") from None
-        if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
-            raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
-        log.info("training a %d-token BPE on %d files (cached in %s)", cfg.vocab_size, len(train_texts), cache)
-        tok = _train_tokenizer(train_texts, cfg.vocab_size)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        # Build in a temporary folder and rename: a killed job never leaves a half-written cache.
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache.parent))
-        try:
-            tok.save(str(tmp / "tokenizer.json"))
-            _encode(tok, train_texts).tofile(tmp / "train.bin")
-            _encode(tok, val_texts).tofile(tmp / "val.bin")
-            meta = {
-                "vocab_size": tok.get_vocab_size(),
-                "fingerprint": fp,
-                "num_files": [len(train_texts), len(val_texts)],
-                "skipped_files": skipped_train + skipped_val,
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta))
-            try:
-                os.rename(tmp, cache)
-            except OSError:  # another process won the race; its cache is as good as ours
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+    def build(tmp: Path) -> None:
+        (tmp / "meta.json").write_text(json.dumps(_build_text_cache(cfg, root, rels, source, fp, tmp)))
+
+    _build_cache(cache, build)
     meta = json.loads(meta_path.read_text())
     return TokenData(
         train=np.memmap(cache / "train.bin", dtype=np.uint16, mode="r"),
@@ -258,6 +386,7 @@ def _prepare_text(cfg: DataConfig, root: Path, rels: list[str], source: str) -> 
         source=source,
         num_files=tuple(meta["num_files"]),
         tokenizer_path=str(cache / "tokenizer.json"),
+        val_split=cfg.val_split,
     )
 
 
@@ -274,6 +403,23 @@ def _load_bin(path: Path, vocab_size: int) -> np.ndarray:
     return arr
 
 
+def _bin_chunks(cfg: DataConfig, path: Path, tokens: np.ndarray, fp: str) -> tuple[np.ndarray, np.ndarray]:
+    """The chunk split of one ``.bin`` file, written once into the cache and read back as memmaps.
+
+    The cache key holds the file's fingerprint, modification time and the split settings.
+    """
+    key = f"bin-{fp}-{path.stat().st_mtime_ns}-{_split_key(cfg)}-v{_CACHE_VERSION}"
+    cache = cache_root(cfg) / key
+
+    def build(tmp: Path) -> None:
+        is_val = chunk_split(len(tokens), cfg.val_chunk_tokens, cfg.val_fraction, cfg.split_seed, fp)
+        for name, val in (("train.bin", False), ("val.bin", True)):
+            _write_runs(tokens, chunk_runs(is_val, cfg.val_chunk_tokens, len(tokens), val), tmp / name)
+
+    _build_cache(cache, build)
+    return tuple(np.memmap(cache / name, dtype=np.uint16, mode="r") for name in ("train.bin", "val.bin"))
+
+
 def _prepare_bin(cfg: DataConfig, path: Path) -> TokenData:
     if cfg.bin_vocab_size <= 0:
         raise ValueError("data.bin_vocab_size must be set (> 0) for pre-tokenized .bin data")
@@ -284,16 +430,20 @@ def _prepare_bin(cfg: DataConfig, path: Path) -> TokenData:
                 raise FileNotFoundError(f"{path} needs train.bin and val.bin (nanoGPT layout); missing {p.name}")
         train = _load_bin(train_path, cfg.bin_vocab_size)
         val = _load_bin(val_path, cfg.bin_vocab_size)
-        files = [train_path, val_path]
+        files, split = [train_path, val_path], "given"  # the user's own split; data.val_split does not apply
     else:
         tokens = _load_bin(path, cfg.bin_vocab_size)
-        cut = int(len(tokens) * (1 - cfg.val_fraction))
-        train, val = tokens[:cut], tokens[cut:]
-        files = [path]
+        files, split = [path], cfg.val_split
     h = hashlib.sha256()
     for p in files:
         h.update(f"{p.name}\0{p.stat().st_size}\n".encode())
-    return TokenData(train, val, cfg.bin_vocab_size, h.hexdigest()[:16], str(path))
+    fp = h.hexdigest()[:16]
+    if split == "chunks":  # the same held-out chunks as for text, drawn over the file's tokens
+        train, val = _bin_chunks(cfg, path, tokens, fp)
+    elif split == "files":  # one file has no files to hold out: its tail is the shifted split
+        cut = int(len(tokens) * (1 - cfg.val_fraction))
+        train, val = tokens[:cut], tokens[cut:]
+    return TokenData(train, val, cfg.bin_vocab_size, fp, str(path), val_split=split)
 
 
 def prepare_data(cfg: DataConfig) -> TokenData:

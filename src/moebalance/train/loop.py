@@ -12,7 +12,8 @@ Output directory:
                     expert-load heatmap of each evaluation as an image
     checkpoints/    resumable checkpoints every ``train.checkpoint_every`` steps (the last
                     ``train.keep_checkpoints`` kept); ``train(..., resume=True)`` continues from them
-    checkpoint.pt   final training state (model with expert biases, optimizer, scheduler, RNG, stats)
+    checkpoint.pt   final training state (model with expert biases, optimizer, scheduler, RNG, stats);
+                    ``train(..., resume=True)`` extends a finished run from it
     summary.json    the final numbers (see :func:`train`)
     bias_checksums.json  distributed runs only: SHA-256 of every rank's final biases
 
@@ -42,7 +43,7 @@ import torch
 from moebalance import parallel
 from moebalance.balancing import Balancing
 from moebalance.metrics import max_violation
-from moebalance.train.checkpoint import CheckpointDir, save_checkpoint, write_json
+from moebalance.train.checkpoint import CheckpointDir, save_checkpoint, write_json, write_text
 from moebalance.train.config import RunConfig
 from moebalance.train.data import (
     TokenData,
@@ -57,7 +58,7 @@ from moebalance.train.guards import NonFiniteError, nonfinite_reason
 from moebalance.train.host import keep_freed_memory
 from moebalance.train.logs import RunLogger, load_heatmap_image
 from moebalance.train.model import MoETransformer
-from moebalance.train.resume import capture_state, restore_state
+from moebalance.train.resume import capture_state, latest_training_state, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ class _Run:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.malloc == "reuse" and torch.device(cfg.train.device).type == "cpu":
             keep_freed_memory()
-        self.ctx = parallel.init_distributed(cfg.train.device)  # one-process context without torchrun
+        self.ctx = parallel.init_distributed(cfg.train.device, cfg.train.dist_timeout_s)  # one process without torchrun
         data = data if data is not None else parallel.main_first(self.ctx, lambda: prepare_data(cfg.data))
         cfg = copy.deepcopy(cfg)
         cfg.model.vocab_size = data.vocab_size  # the model embeds exactly the tokenizer's ids
@@ -216,14 +217,14 @@ class _Run:
         self.start_step = 0
         self.stats: dict[str, Any] = {"skipped": 0, "maxvio_history": [], "last_eval": None, "train_time": 0.0}
         if resume:
-            ckpt_path, state = self.ckpts.load_latest()
+            ckpt_path, state = latest_training_state(out)
             self.start_step, self.stats = restore_state(
                 state, **self._objects(), config=cfg.to_dict(), data_fingerprint=data.fingerprint, source=str(ckpt_path)
             )
             log.info("resumed from %s after step %d", ckpt_path, self.start_step)
         # Written only now: a refused resume must leave the run's config.json as it was.
         if self.ctx.is_main:
-            (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+            write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         resume_step = self.start_step if resume else None
         self.logger = RunLogger(out, cfg.train.tensorboard, resume_step, enabled=self.ctx.is_main)
         t = cfg.train
@@ -434,10 +435,12 @@ class _Run:
             tokens=self.tokens_per_step * steps_done,
             skipped_steps=stats["skipped"],
             out_dir=str(self.out),
-            extra={"final_loads": last_eval["loads"]},
+            extra={"final_loads": last_eval["loads"], "val_split": self.data.val_split}
+            # Held-out files are another distribution: name the number so nobody takes it for the paper's.
+            | ({"maxvio_global_shift": last_eval["maxvio_global"]} if self.data.val_split == "files" else {}),
         )
         if ctx.is_main:
-            (self.out / "summary.json").write_text(json.dumps(result.to_dict(), indent=2))
+            write_text(self.out / "summary.json", json.dumps(result.to_dict(), indent=2))
         parallel.shutdown(ctx)
         return result
 
@@ -479,13 +482,14 @@ def train(
         data: already prepared tokens (else prepared from ``cfg.data``).
         progress: show a tqdm progress bar.
         desc: label of the progress bar.
-        resume: continue from the newest good checkpoint in ``out_dir/checkpoints`` (bit-identical
-            on CPU to a run that was never stopped; see :mod:`moebalance.train.resume`).
+        resume: continue from the newest good checkpoint in ``out_dir/checkpoints`` or the final
+            ``out_dir/checkpoint.pt`` (bit-identical on CPU to a run that was never stopped; see
+            :func:`moebalance.train.resume.latest_training_state`).
 
     Raises:
         ValueError: bad data (see :func:`~moebalance.train.data.check_data`); on resume, no usable
             checkpoint or one made with another config or other data.
-        FileNotFoundError: on resume, no checkpoint in ``out_dir/checkpoints``.
+        FileNotFoundError: on resume, no checkpoint in ``out_dir``.
         NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``;
             every step skipped; or a non-finite final validation loss.
     """

@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from moebalance.train.checkpoint import atomic_write_bytes
+from moebalance.train.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint
 
-__all__ = ["RESUMABLE_KEYS", "capture_state", "continue_metrics", "restore_state"]
+__all__ = ["RESUMABLE_KEYS", "capture_state", "continue_metrics", "latest_training_state", "restore_state"]
 
 STATE_VERSION = 1
 
@@ -171,6 +171,57 @@ def restore_state(
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"]), dict(state["stats"])
+
+
+def _check_resumable(state: Any, path: Path) -> dict[str, Any]:
+    if not (isinstance(state, dict) and state.get("version") == STATE_VERSION and "rng" in state and isinstance(state.get("step"), int)):
+        raise ValueError(f"checkpoint {path} is not a resumable moebalance training state")
+    return state
+
+
+def latest_training_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The newest verified training state of the run in ``run_dir``, to resume or extend it.
+
+    Candidates are the periodic checkpoints ``run_dir/checkpoints/step_*.pt`` (written with
+    ``train.checkpoint_every > 0``) and the final ``run_dir/checkpoint.pt`` (every finished run has
+    one); the one of the latest step wins, and a truncated, corrupt or foreign file is skipped with
+    a warning, as in :meth:`~moebalance.train.checkpoint.CheckpointDir.load_latest`. So a finished
+    run can be extended (``train.max_steps`` raised) and an interrupted one resumed.
+
+    Returns:
+        ``(path, state)`` of :func:`capture_state`'s format.
+
+    Raises:
+        FileNotFoundError: neither kind of checkpoint exists.
+        ValueError: none of them verifies (the message names each file and its fault).
+    """
+    import logging
+
+    run_dir = Path(run_dir)
+    final, periodic = run_dir / "checkpoint.pt", CheckpointDir(run_dir / "checkpoints")
+    faults: list[str] = []
+    best: tuple[Path, dict[str, Any]] | None = None
+    if final.is_file():
+        try:
+            best = final, _check_resumable(load_checkpoint(final), final)
+        except ValueError as exc:
+            faults.append(str(exc))
+    for step in reversed(periodic.steps()):
+        if best is not None and best[1]["step"] >= step:
+            break
+        path = periodic.path_for(step)
+        try:
+            best = path, _check_resumable(load_checkpoint(path), path)
+            break
+        except ValueError as exc:
+            faults.append(str(exc))
+    for fault in faults:
+        logging.getLogger(__name__).warning("%s; skipped", fault)
+    if best is not None:
+        return best
+    if not faults:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: neither checkpoint.pt nor checkpoints/step_*.pt")
+    raise ValueError(f"no usable checkpoint in {run_dir}: " + "; ".join(faults))
 
 
 def continue_metrics(path: str | Path, step: int) -> int:

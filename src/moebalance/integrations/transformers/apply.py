@@ -1,0 +1,183 @@
+"""The entry point: :func:`apply_loss_free_balancing`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from moebalance.balancing import LossFreeBalancer, UpdateMode
+from moebalance.integrations.transformers.checkpoint import read_biases, record_in_config
+from moebalance.integrations.transformers.families import (
+    SUPPORTED_TEXT,
+    family_of,
+    log,
+    normalises_single_gate,
+    patch_router,
+)
+from moebalance.integrations.transformers.handle import LossFreeBalancing, timed_all_reduce
+from moebalance.integrations.transformers.routers import TokenMask, install_mask_hooks
+from moebalance.routing import is_finite_number
+
+
+def _disable_aux_loss(model: nn.Module) -> list[str]:
+    """Zero the auxiliary load-balancing loss of a transformers MoE model; returns what changed."""
+    changed = []
+    for name, module in model.named_modules():
+        if hasattr(module, "router_aux_loss_coef") and module.router_aux_loss_coef:
+            module.router_aux_loss_coef = 0.0
+            changed.append(f"{name or type(module).__name__}.router_aux_loss_coef")
+    config = getattr(model, "config", None)
+    if config is not None:
+        if getattr(config, "router_aux_loss_coef", 0):
+            config.router_aux_loss_coef = 0.0
+            changed.append("config.router_aux_loss_coef")
+        if getattr(config, "output_router_logits", False):
+            config.output_router_logits = False
+            changed.append("config.output_router_logits")
+    return changed
+
+
+def _find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    found = [(name, m) for name, m in model.named_modules() if family_of(m) is not None]
+    if found:
+        return found
+    legacy = [n for n, m in model.named_modules() if n.endswith(".gate") and isinstance(m, nn.Linear)]
+    hint = (
+        " The model computes its routing inside the MoE block (transformers 4.x layout, "
+        f"e.g. {legacy[0]!r} is an nn.Linear); moebalance supports the 5.x router modules."
+        if legacy
+        else ""
+    )
+    raise ValueError(f"no supported MoE router in {type(model).__name__}; supported: {SUPPORTED_TEXT}.{hint}")
+
+
+def _existing_handle(found, settings: dict, load_biases_from) -> LossFreeBalancing | None:
+    """The handle of an earlier apply on these routers, if the settings match (see the Raises of
+    :func:`apply_loss_free_balancing`)."""
+    handles = {id(getattr(r, "_moebalance_handle", None)): getattr(r, "_moebalance_handle", None) for _, r in found}
+    if list(handles) == [id(None)]:
+        return None
+    handle = next(iter(handles.values()))
+    if len(handles) > 1 or handle is None or [r for _, r in found] != handle.routers:
+        raise ValueError(
+            "some of these routers were already given Loss-Free Balancing by another "
+            "apply_loss_free_balancing call (on another part of the model); apply it once, to the whole model"
+        )
+    differ = [f"{k}={settings[k]!r} (was {handle.settings[k]!r})" for k in settings if settings[k] != handle.settings[k]]
+    if differ:
+        raise ValueError(
+            "apply_loss_free_balancing was already called on this model with other settings: "
+            + ", ".join(differ)
+            + "; use the handle it returned (change handle.balancer for another rate)"
+        )
+    if load_biases_from not in ("auto", None):
+        raise ValueError(
+            "apply_loss_free_balancing was already called on this model; it does not reload biases "
+            "over trained ones. Call handle.load_biases(path) to overwrite them on purpose"
+        )
+    return handle
+
+
+def _check_args(update_rate, dist_timeout_s, load_biases_from) -> None:
+    if load_biases_from not in ("auto", None) and not Path(load_biases_from).is_dir():
+        raise FileNotFoundError(f"load_biases_from={str(load_biases_from)!r}: no such folder")
+    if not is_finite_number(update_rate) or update_rate <= 0:
+        raise ValueError(f"update_rate must be a number > 0 and finite, got {update_rate!r}")
+    if dist_timeout_s is not None and (not is_finite_number(dist_timeout_s) or dist_timeout_s <= 0):
+        raise ValueError(f"dist_timeout_s must be a number > 0 and finite, or None, got {dist_timeout_s!r}")
+
+
+def _load_initial_biases(handle: LossFreeBalancing, load_biases_from) -> None:
+    if load_biases_from == "auto":
+        src = getattr(handle.model, "name_or_path", "") or ""
+        native = all(r._moebalance_family.native_bias is not None for r in handle.routers)
+        # DeepSeek-V3's bias is a native weight: from_pretrained already loaded it.
+        load_biases_from = src if src and Path(src).is_dir() and not native else None
+    if load_biases_from is not None:
+        n = read_biases(handle, load_biases_from)
+        if n:
+            log.info("loaded the expert biases of %d routers from %s", n, load_biases_from)
+
+
+def apply_loss_free_balancing(
+    model: nn.Module,
+    update_rate: float = 1e-3,
+    disable_aux_loss: bool = True,
+    *,
+    update: UpdateMode = "sign",
+    center: bool = False,
+    all_reduce: Callable[[torch.Tensor], None] | Literal["auto"] | None = "auto",
+    load_biases_from: str | Path | Literal["auto"] | None = "auto",
+    dist_timeout_s: float | None = None,
+) -> LossFreeBalancing:
+    """Give every MoE router of a transformers model a Loss-Free Balancing bias.
+
+    Softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) get a persistent float32 ``expert_bias``
+    ``[E]`` buffer (zeros) that steers their top-K choice only; DeepSeek-V3 routers keep their own
+    ``e_score_correction_bias``, which this handle now updates. With all biases zero the model's
+    outputs are bit-identical to the unpatched model's. Loads exclude padding when the model is
+    called with a ``[B, S]`` ``attention_mask``. ``model.config`` records the training (see
+    :func:`~moebalance.integrations.transformers.checkpoint.record_in_config`).
+
+    Calling it again on the same model returns the same handle when the settings match (the biases
+    are not reloaded), and raises when they differ. Works on a meta-device model: after
+    ``to_empty`` the biases are zero (then loaded by ``load_state_dict``).
+
+    Args:
+        model: a transformers model (``...ForCausalLM``, base model, or any module holding the routers).
+        update_rate: ``u > 0`` of Algorithm 1 (paper default 1e-3).
+        disable_aux_loss: set the model's auxiliary-loss coefficient (and ``config.router_aux_loss_coef``)
+            to 0 and ``config.output_router_logits`` to False. transformers' auxiliary loss recounts
+            the top-K from the logits *without* the bias, so it would fight the bias.
+        update: ``"sign"`` (Algorithm 1) or ``"error"`` (the paper's ablation).
+        center: subtract each layer's mean bias after every update (see :class:`~moebalance.LossFreeBalancer`).
+        all_reduce: in-place sum of the ``[L, E]`` loads over data-parallel ranks; ``"auto"`` uses
+            ``torch.distributed`` when a process group with more than one rank is running.
+        load_biases_from: a ``save_pretrained`` folder to read the biases from; ``"auto"``: the
+            folder the model was loaded from (``model.name_or_path``) when it is a local folder.
+        dist_timeout_s: seconds the ``"auto"`` all-reduce waits for the other ranks before raising
+            (``None``: the process group's timeout).
+
+    Returns:
+        The :class:`LossFreeBalancing` handle.
+
+    Raises:
+        ValueError: no supported router in ``model`` (the message names the supported classes), a
+            bad ``update_rate`` / ``update`` / ``center`` / ``dist_timeout_s``, or a second call with
+            other settings or an explicit ``load_biases_from``.
+        FileNotFoundError: ``load_biases_from`` names no folder of safetensors files.
+        RuntimeError: the installed transformers routes differently from the checked versions.
+    """
+    _check_args(update_rate, dist_timeout_s, load_biases_from)
+    balancer = LossFreeBalancer(update_rate, update, center=center)
+    found = _find_routers(model)
+    settings = dict(update_rate=float(update_rate), update=update, center=center, all_reduce=all_reduce,
+                    dist_timeout_s=dist_timeout_s)
+    existing = _existing_handle(found, settings, load_biases_from)
+    if existing is not None:
+        if disable_aux_loss:
+            _disable_aux_loss(model)
+        return existing
+    mask = TokenMask()
+    for _, router in found:
+        patch_router(router, mask)
+        if normalises_single_gate(router):
+            log.warning(
+                "%s: top-1 routing with renormalised gates (as transformers computes it) gives every "
+                "token a gate of 1, so the router gets no gradient from the loss; moebalance's own "
+                "TopKRouter refuses this combination", type(router).__name__,
+            )
+    if disable_aux_loss and (changed := _disable_aux_loss(model)):
+        log.info("auxiliary load-balancing loss disabled: %s set to 0/False", ", ".join(changed))
+    reduce = timed_all_reduce(dist_timeout_s) if all_reduce == "auto" else all_reduce
+    handle = LossFreeBalancing(model, found, balancer, reduce, settings)
+    handle.hooks = install_mask_hooks(model, mask)
+    for _, router in found:
+        router._moebalance_handle = handle
+    _load_initial_biases(handle, load_biases_from)
+    record_in_config(handle)
+    return handle

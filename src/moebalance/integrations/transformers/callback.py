@@ -1,0 +1,87 @@
+"""The ``transformers.Trainer`` callback of :class:`LossFreeBalancing`.
+
+Shape legend: E routed experts, L MoE layers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import TrainerCallback
+
+from moebalance.metrics import max_violation
+
+
+class LossFreeBalancingCallback(TrainerCallback):
+    """``transformers.TrainerCallback`` that runs :meth:`LossFreeBalancing.step` once per optimizer
+    step (``on_step_end`` fires after gradient accumulation) and adds the balance metrics to the
+    Trainer's logs.
+
+    Exactly one update per optimizer step, however the handle is wired: several callbacks of one
+    handle update once per ``global_step`` between them, and a handle already attached to the
+    optimizer (:meth:`LossFreeBalancing.attach`) is left to its hook.
+
+    Logged at training logs (averaged over the steps since the previous log where it says so):
+    ``moe/maxvio_batch`` and ``moe/maxvio_batch_layer{i}`` (mean over those steps), ``moe/bias_min``,
+    ``moe/bias_max``, ``moe/bias_range_layer{i}`` (now). At evaluation: ``eval_moe/maxvio_global``
+    (mean over layers) and ``eval_moe/maxvio_global_layer{i}``, MaxVio of the loads of the
+    evaluation's forwards (eval mode, the bias applied, padding excluded, summed over ranks), also
+    in the metrics ``Trainer.evaluate()`` returns. Evaluation never updates the biases.
+
+    For the metrics to reach the Trainer's TensorBoard / W&B callbacks, this callback must run before
+    them: add it with :meth:`LossFreeBalancing.attach`. Passed as ``Trainer(callbacks=[...])`` it
+    still balances, and the metrics still reach the console and ``trainer.state.log_history``.
+    """
+
+    def __init__(self, balancing) -> None:  # a LossFreeBalancing (not imported: it imports this module)
+        self.balancing = balancing
+        self._vio_sum: torch.Tensor | None = None
+        self._vio_steps = 0
+        self._seen_steps = balancing.steps
+        self._eval: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Loads counted by forwards before training (a sanity forward in train mode) are not a step's.
+        self.balancing.reset_loads()
+        self.balancing.pop_eval_loads()
+        self.balancing._trainer_step = None  # a new train() counts global_step from its own start
+
+    def on_step_end(self, args, state, control, **kwargs):
+        handle = self.balancing
+        hooked = handle.optimizer_hook is not None and handle.optimizer_hook.attached
+        if not hooked and getattr(handle, "_trainer_step", None) != state.global_step:
+            handle._trainer_step = state.global_step
+            handle.step()
+        if handle.steps != self._seen_steps and handle.last_loads is not None and handle.last_loads.sum() > 0:
+            vio_L = max_violation(handle.last_loads)
+            self._vio_sum = vio_L if self._vio_sum is None else self._vio_sum + vio_L
+            self._vio_steps += 1
+        self._seen_steps = handle.steps
+        handle.pop_eval_loads()  # eval-mode forwards outside an evaluation are not its loads
+
+    def _eval_metrics(self) -> dict[str, float]:
+        loads_LE = self.balancing.pop_eval_loads()
+        if self.balancing.all_reduce is not None:
+            self.balancing.all_reduce(loads_LE)
+        if loads_LE.sum() == 0:
+            return {}
+        return self.balancing.maxvio_metrics(max_violation(loads_LE), "eval_moe/maxvio_global")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None or "train_runtime" in logs:
+            return
+        if any(k.startswith("eval_") for k in logs):
+            extra = self._eval = self._eval_metrics()
+        else:
+            extra = self.balancing.bias_metrics()
+            if self._vio_steps:
+                extra.update(self.balancing.maxvio_metrics(self._vio_sum / self._vio_steps))
+                self._vio_sum, self._vio_steps = None, 0
+        logs.update(extra)
+        # Trainer.log stored a copy of the logs before calling the callbacks; complete it too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if metrics is not None:  # so that Trainer.evaluate() returns them too
+            metrics.update(self._eval)
+        self._eval = {}

@@ -1,0 +1,102 @@
+"""What every patched router shares: the load counters, the padding mask, the float32 state.
+
+Shape legend: T tokens, E routed experts, K experts per token.
+
+The counters are plain tensor attributes of the router (``moebalance_load_counts`` for training
+forwards, ``moebalance_eval_counts`` for eval-mode forwards), not buffers: a user's
+``DistributedDataParallel(model)`` broadcasts rank 0's buffers at every forward by default, which
+under gradient accumulation would overwrite each rank's own counts with rank 0's. The bias stays a
+persistent buffer (it is saved, and it is identical on every rank anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moebalance.routing import _in_backward_recompute, count_tokens_per_expert, float32_state_after_apply
+
+
+@dataclass
+class TokenMask:
+    """The ``[T]`` bool padding mask of the forward in progress (``None`` outside one, or when the
+    model was called without an ``attention_mask``). One per model, shared by its routers."""
+
+    mask_T: torch.Tensor | None = None
+
+    def for_tokens(self, num_tokens: int) -> torch.Tensor | None:
+        """The mask when it covers exactly ``num_tokens`` tokens, else ``None`` (count all)."""
+        if self.mask_T is None or self.mask_T.numel() != num_tokens:
+            return None
+        return self.mask_T
+
+
+def install_mask_hooks(model: nn.Module, state: TokenMask) -> list:
+    """Forward hooks on ``model`` that put a ``[B, S]`` ``attention_mask`` (keyword, or second
+    positional argument) into ``state`` for the routers and clear it after the forward.
+
+    4-D or float masks are not padding masks and are ignored (all tokens count).
+    """
+
+    def before(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        ok = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.is_floating_point()
+        state.mask_T = mask.reshape(-1).to(torch.bool) if ok else None
+
+    def after(module, args, output):
+        state.mask_T = None
+
+    return [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+
+
+def init_counters(router: nn.Module, mask: TokenMask) -> None:
+    """Give ``router`` its zero ``[E]`` float32 training and eval counters (plain attributes)."""
+    device = router.weight.device
+    router.moebalance_load_counts = torch.zeros(router.num_experts, device=device)
+    router.moebalance_eval_counts = torch.zeros(router.num_experts, device=device)
+    router._moebalance_mask = mask
+
+
+@torch.no_grad()
+def count(router: nn.Module, index_TK: torch.Tensor) -> None:
+    """Add one forward's ``[T, K]`` choice to the router's counters, padding excluded.
+
+    Training forwards go to ``moebalance_load_counts`` (once: not again under activation-checkpoint
+    recomputation); eval-mode forwards to ``moebalance_eval_counts`` (MaxVio_global at evaluation).
+    """
+    if _in_backward_recompute():
+        return
+    index_TK = index_TK.reshape(-1, index_TK.shape[-1])
+    mask = router._moebalance_mask.for_tokens(index_TK.shape[0])
+    counts = count_tokens_per_expert(index_TK, router.num_experts, None if mask is None else mask.to(index_TK.device))
+    name = "moebalance_load_counts" if router.training else "moebalance_eval_counts"
+    counter = getattr(router, name)
+    if counter.device != counts.device:  # moved without _apply (FSDP2)
+        counter = counter.to(counts.device)
+        setattr(router, name, counter)
+    counter += counts.to(counter.dtype)
+
+
+def count_hook(router: nn.Module, args, output) -> None:
+    """Forward hook for routers that are not patched (their output's third element is ``[T, K]``)."""
+    count(router, output[2])
+
+
+def keep_fp32_apply(self: nn.Module, fn, recurse: bool = True):
+    """``_apply`` that keeps the bias and the counters float32 through dtype casts (an update of 1e-3
+    vanishes in bfloat16 once the bias nears 1), moves them with the router's weight, and gives
+    zeros after ``to_empty`` on a meta-device model (see :func:`float32_state_after_apply`)."""
+    name = self._moebalance_bias_name
+    bias = self._buffers.pop(name)
+    try:
+        type(self)._apply(self, fn, recurse)
+    finally:
+        device = self.weight.device
+        self._buffers[name] = float32_state_after_apply(bias, fn, device, 0.0)
+        for counter in ("moebalance_load_counts", "moebalance_eval_counts"):
+            setattr(self, counter, float32_state_after_apply(getattr(self, counter), fn, device, 0.0))
+    return self

@@ -1,0 +1,72 @@
+"""Tiny random-init configs of the supported families (tests, examples, smoke runs; nothing downloaded)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+
+
+def tiny_moe_config(
+    family: str,
+    vocab_size: int = 256,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_experts: int = 8,
+    top_k: int = 2,
+    expert_hidden: int = 32,
+    max_seq_len: int = 128,
+    **overrides: Any,
+):
+    """A small random-init transformers config of one supported family, built offline.
+
+    Args:
+        family: one of ``TINY_FAMILIES``.
+        vocab_size, hidden_size, num_layers, num_experts, top_k, expert_hidden, max_seq_len: sizes.
+        overrides: further config fields.
+
+    Raises:
+        ValueError: unknown ``family``.
+    """
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * expert_hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_seq_len,
+        num_experts_per_tok=top_k,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**common, num_local_experts=num_experts)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(
+            **common, num_experts=num_experts, moe_intermediate_size=expert_hidden,
+            shared_expert_intermediate_size=expert_hidden,
+        )
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(
+            **common, num_experts=num_experts, moe_intermediate_size=expert_hidden, head_dim=hidden_size // 4
+        )
+    elif family == "olmoe":
+        cfg = tf.OlmoeConfig(**common, num_experts=num_experts)
+    elif family == "deepseek_v3":
+        cfg = tf.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4},
+            n_routed_experts=num_experts, moe_intermediate_size=expert_hidden, n_shared_experts=1,
+            n_group=2 if num_experts % 2 == 0 else 1, topk_group=1 if num_experts % 2 == 0 else 1,
+            first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=16,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        )
+    else:
+        raise ValueError(f"family must be one of {TINY_FAMILIES}, got {family!r}")
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg

@@ -1,0 +1,95 @@
+"""One run of a multi-run experiment, resumed or read back instead of retrained or overwritten.
+
+``compare`` and ``sweep`` call :func:`run_or_resume` for every run folder. What it does with the
+folder depends on what is already there:
+
+* nothing (or no ``config.json``): train from step 0;
+* a ``config.json`` of the same config (keys of :data:`~moebalance.train.resume.RESUMABLE_KEYS`,
+  such as ``train.threads``, may differ) and a ``summary.json``: the run is finished; its summary
+  is read back, nothing is trained or written;
+* the same config and checkpoints but no summary (a run that was interrupted or killed): training
+  continues from the newest good checkpoint (:mod:`moebalance.train.resume`, bit-identical on CPU);
+* the same config, no checkpoint and no summary (stopped before its first checkpoint): trained
+  again from step 0, the only thing lost being that unfinished attempt;
+* a ``config.json`` of another config, or a finished run of another ``train.max_steps``:
+  :class:`RunFolderError`, unless ``overwrite`` (then the folder is deleted and the run trained
+  from step 0). A finished run is never retrained or overwritten without ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moebalance.train.checkpoint import CheckpointDir
+from moebalance.train.config import RunConfig
+from moebalance.train.resume import RESUMABLE_KEYS, config_differences
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunFolderError", "run_or_resume", "run_state"]
+
+
+class RunFolderError(ValueError):
+    """A run folder holds a run of another config; it is not overwritten without ``--overwrite``."""
+
+
+def run_state(run_dir: Path, cfg: RunConfig) -> str:
+    """What :func:`run_or_resume` would do with ``run_dir``: ``"new"``, ``"finished"``,
+    ``"resume"``, ``"restart"`` or ``"conflict"`` (see the module docstring)."""
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        return "new"
+    try:
+        saved = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return "conflict"
+    current = json.loads(json.dumps(cfg.to_dict()))
+    changed = config_differences(saved, current)
+    if any(k not in RESUMABLE_KEYS for k in changed):
+        return "conflict"
+    if (run_dir / "summary.json").is_file():  # finished: read back, or refused if it ran another length
+        return "finished" if "train.max_steps" not in changed else "conflict"
+    return "resume" if CheckpointDir(run_dir / "checkpoints").steps() else "restart"
+
+
+def run_or_resume(
+    cfg: RunConfig, run_dir: str | Path, data, overwrite: bool = False, progress: bool = True, desc: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """Train, resume or read back the run of ``cfg`` in ``run_dir``.
+
+    Args:
+        cfg: the run's config (``model.vocab_size`` already the tokenizer's).
+        run_dir: the run's folder.
+        data: the prepared :class:`~moebalance.train.data.TokenData`.
+        overwrite: delete a folder that holds a run of another config instead of refusing.
+        progress, desc: the progress bar.
+
+    Returns:
+        ``(summary, state)``: the run's ``summary.json`` content and what was done (the
+        :func:`run_state` before the call; ``"overwritten"`` for a replaced conflicting folder).
+
+    Raises:
+        RunFolderError: ``run_dir`` holds a run of another config and ``overwrite`` is false.
+    """
+    from moebalance.train.loop import train
+
+    run_dir = Path(run_dir)
+    state = run_state(run_dir, cfg)
+    if state == "finished":
+        return json.loads((run_dir / "summary.json").read_text()), state
+    if state == "conflict":
+        if not overwrite:
+            raise RunFolderError(
+                f"{run_dir} holds a run of a different config; not overwritten "
+                "(use --overwrite to replace it, or choose another --out)"
+            )
+        shutil.rmtree(run_dir)
+        state = "overwritten"
+    if state == "resume":
+        log.info("%s: continuing from its last checkpoint", run_dir)
+    result = train(cfg, run_dir, data=data, progress=progress, desc=desc, resume=state == "resume")
+    return result.to_dict(), state

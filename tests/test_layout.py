@@ -123,3 +123,18 @@ def test_old_import_paths_warn_and_work(old, new, name):
     assert mod is importlib.import_module(new)
     assert hasattr(mod, name)
     assert any(issubclass(w.category, DeprecationWarning) and new in str(w.message) for w in caught)
+
+
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_is_longer_than_a_screen():
+    """A function reads in one sitting: at most ~80 lines, docstring included."""
+    long = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({lines} lines)")
+    assert not long, "split these functions: " + ", ".join(long)

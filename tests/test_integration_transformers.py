@@ -500,3 +500,20 @@ def test_center_through_the_integration():
         handle.step()
     assert handle.biases().mean(-1).abs().max() < 1e-6
     assert handle.biases().abs().max() > 0
+
+
+@pytest.mark.slow
+def test_eval_metrics_carry_the_evaluation_prefix(tmp_path):
+    # Several eval datasets: each one's MaxVio_global under its own prefix, none lost to the next.
+    model = _model("olmoe")
+    handle = apply_loss_free_balancing(model)
+    trainer = _trainer(model, tmp_path, 1)
+    handle.attach(trainer)
+    metrics = trainer.evaluate(eval_dataset={"a": _Windows(4), "b": _Windows(8)})
+    for name, n in (("a", 4), ("b", 8)):
+        expected = max_violation(handle.validation_loads([_Windows(n)[:]["input_ids"]]))
+        assert metrics[f"eval_{name}_moe/maxvio_global"] == pytest.approx(expected.mean().item())
+    assert "eval_moe/maxvio_global" not in metrics
+    # Another prefix is an evaluation too: its loads, not the training log's bias metrics.
+    test = trainer.evaluate(metric_key_prefix="test")
+    assert "test_moe/maxvio_global" in test and "moe/bias_min" not in trainer.state.log_history[-1]

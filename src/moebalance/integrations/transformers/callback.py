@@ -23,7 +23,9 @@ class LossFreeBalancingCallback(TrainerCallback):
     Logged at training logs (averaged over the steps since the previous log where it says so):
     ``moe/maxvio_batch`` and ``moe/maxvio_batch_layer{i}`` (mean over those steps), ``moe/bias_min``,
     ``moe/bias_max``, ``moe/bias_range_layer{i}`` (now). At evaluation: ``eval_moe/maxvio_global``
-    (mean over layers) and ``eval_moe/maxvio_global_layer{i}``, MaxVio of the loads of the
+    (mean over layers) and ``eval_moe/maxvio_global_layer{i}`` (under the evaluation's own
+    ``metric_key_prefix``: ``eval_<name>_moe/...`` for each of several eval datasets,
+    ``test_moe/...`` for ``evaluate(metric_key_prefix="test")``), MaxVio of the loads of the
     evaluation's forwards (eval mode, the bias applied, padding excluded, summed over ranks), also
     in the metrics ``Trainer.evaluate()`` returns. Evaluation never updates the biases.
 
@@ -58,19 +60,29 @@ class LossFreeBalancingCallback(TrainerCallback):
         self._seen_steps = handle.steps
         handle.pop_eval_loads()  # eval-mode forwards outside an evaluation are not its loads
 
-    def _eval_metrics(self) -> dict[str, float]:
+    def _eval_metrics(self, prefix: str) -> dict[str, float]:
         loads_LE = self.balancing.pop_eval_loads()
         if self.balancing.all_reduce is not None:
             self.balancing.all_reduce(loads_LE)
         if loads_LE.sum() == 0:
             return {}
-        return self.balancing.maxvio_metrics(max_violation(loads_LE), "eval_moe/maxvio_global")
+        return self.balancing.maxvio_metrics(max_violation(loads_LE), f"{prefix}_moe/maxvio_global")
+
+    @staticmethod
+    def eval_prefix(logs: dict) -> str | None:
+        """The ``metric_key_prefix`` of an evaluation's logs (``"eval"``, ``"eval_<name>"`` for
+        one of several eval datasets, ``"test"``...), read from its ``<prefix>_runtime`` key;
+        ``None`` for a training log."""
+        for key in logs:
+            if key.endswith("_runtime") and key != "train_runtime":
+                return key[: -len("_runtime")]
+        return None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None or "train_runtime" in logs:
             return
-        if any(k.startswith("eval_") for k in logs):
-            extra = self._eval = self._eval_metrics()
+        if (prefix := self.eval_prefix(logs)) is not None:
+            extra = self._eval = self._eval_metrics(prefix)
         else:
             extra = self.balancing.bias_metrics()
             if self._vio_steps:

@@ -458,6 +458,31 @@ def test_padding_is_not_counted():
     assert loads.sum(-1).tolist() == [2 * int(mask.sum())] * 2
 
 
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_padding_is_not_counted_for_float_masks_and_the_base_model(family):
+    # transformers attends to the non-zero entries of any 2-D mask (bool, int, float) and its
+    # base model takes the mask too: the loads must exclude the same padding in every case.
+    model = _model(family)
+    handle = apply_loss_free_balancing(model)
+    model.train()
+    x = _tokens(batch=2, seq=16)
+    mask = torch.ones_like(x)
+    mask[1, 10:] = 0
+    expected = [2 * int(mask.sum())] * 2
+    for call in (
+        lambda: model(x, attention_mask=mask.float()),
+        lambda: model(x, attention_mask=mask.bool()),
+        lambda: model.model(x, attention_mask=mask),
+        lambda: model.model(x, mask),
+    ):
+        handle.reset_loads()
+        call()
+        assert handle.pending_loads().sum(-1).tolist() == expected
+    handle.reset_loads()
+    model.model(x)  # no mask: every token counts
+    assert handle.pending_loads().sum(-1).tolist() == [2 * x.numel()] * 2
+
 def test_config_records_loss_free_and_plain_reload_warns(tmp_path, caplog):
     model = _save_with_bias("qwen2_moe", tmp_path, 0.1)
     record = model.config.moebalance_loss_free

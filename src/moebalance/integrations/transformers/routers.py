@@ -34,23 +34,34 @@ class TokenMask:
 
 
 def install_mask_hooks(model: nn.Module, state: TokenMask) -> list:
-    """Forward hooks on ``model`` that put a ``[B, S]`` ``attention_mask`` (keyword, or second
-    positional argument) into ``state`` for the routers and clear it after the forward.
+    """Forward hooks that put a ``[B, S]`` ``attention_mask`` (keyword, or second positional
+    argument) into ``state`` for the routers and clear it after the forward.
 
-    4-D or float masks are not padding masks and are ignored (all tokens count).
+    Installed on ``model`` and on its base model (``model.base_model``, e.g. ``model.model`` of a
+    ``...ForCausalLM``) when that is another module, so that calling the base model directly also
+    excludes padding. Any 2-D mask counts the tokens where it is non-zero, whatever its dtype: that
+    is what transformers 5.x attends to (its mask preparation casts every 2-D mask to bool). A 4-D
+    mask is not a padding mask and is ignored (all tokens count).
     """
 
     def before(module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
             mask = args[1]
-        ok = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not mask.is_floating_point()
+        ok = isinstance(mask, torch.Tensor) and mask.dim() == 2
         state.mask_T = mask.reshape(-1).to(torch.bool) if ok else None
 
     def after(module, args, output):
         state.mask_T = None
 
-    return [model.register_forward_pre_hook(before, with_kwargs=True), model.register_forward_hook(after)]
+    modules = [model]
+    base = getattr(model, "base_model", None)
+    if isinstance(base, nn.Module) and base is not model:
+        modules.append(base)
+    hooks = []
+    for module in modules:
+        hooks += [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
+    return hooks
 
 
 def init_counters(router: nn.Module, mask: TokenMask) -> None:

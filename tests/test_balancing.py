@@ -99,6 +99,11 @@ def test_invalid_rates():
             LossFreeBalancer(update_rate=bad)
         with pytest.raises(ValueError, match="coeff must be a number"):
             AuxLossBalancer(coeff=bad)
+    # Outside float32: 1e39 would make the float32 delta inf and the biases NaN; 1e-50 underflows to 0.
+    for bad in (1e39, 1e-50):
+        with pytest.raises(ValueError, match=r"update_rate must be .*float32"):
+            LossFreeBalancer(update_rate=bad)
+    assert LossFreeBalancer(update_rate=1.0).update_rate == 1.0
 
 
 def test_aux_loss_matches_eq2_by_hand():

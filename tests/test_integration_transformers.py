@@ -514,6 +514,18 @@ def test_bad_arguments_are_refused():
         apply_loss_free_balancing(_model("olmoe"), dist_timeout_s=0)
     with pytest.raises(ValueError, match="update_rate"):
         apply_loss_free_balancing(_model("olmoe"), update_rate=-1)
+    # Refused at apply, not at the first step (a str all_reduce) nor silently (1e39 makes NaN biases).
+    model = _model("olmoe")
+    for kw, match in (
+        (dict(all_reduce="sum"), "all_reduce must be"),
+        (dict(disable_aux_loss="no"), "disable_aux_loss must be True or False"),
+        (dict(update_rate=1e39), r"update_rate must be .*float32"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            apply_loss_free_balancing(model, **kw)
+    with pytest.raises(TypeError, match="load_biases_from must be a folder path"):
+        apply_loss_free_balancing(model, load_biases_from=3)
+    assert not hasattr(model.model.layers[0].mlp.gate, "expert_bias")  # nothing patched on the way
 
 
 def test_center_through_the_integration():

@@ -34,6 +34,7 @@ from moebalance.losses import (
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
 
 UpdateMode = Literal["sign", "error"]
+_F32 = torch.finfo(torch.float32)
 AuxScores = Literal["normalized", "raw"]
 
 #: Balancing strategies by name: which auxiliary loss (if any) and whether the Loss-Free bias is
@@ -117,7 +118,9 @@ class LossFreeBalancer:
             bias only.
 
     Raises:
-        ValueError: ``update_rate <= 0``, an unknown ``update`` or a non-boolean ``center``.
+        ValueError: ``update_rate`` not a number in ``[1.18e-38, 3.40e38]`` (a normal float32; a
+            larger one makes the float32 delta inf and the biases NaN, a smaller one underflows),
+            an unknown ``update`` or a non-boolean ``center``.
     """
 
     def __init__(
@@ -127,8 +130,11 @@ class LossFreeBalancer:
         all_reduce: Callable[[torch.Tensor], None] | None = None,
         center: bool = False,
     ) -> None:
-        if not is_finite_number(update_rate) or update_rate <= 0:
-            raise ValueError(f"update_rate must be a number > 0 and finite, got {update_rate!r}")
+        if not is_finite_number(update_rate) or not _F32.tiny <= update_rate <= _F32.max:
+            raise ValueError(
+                f"update_rate must be a number > 0 and finite as a float32 (in [{_F32.tiny:.3g}, "
+                f"{_F32.max:.3g}]: the biases are float32), got {update_rate!r}"
+            )
         if update not in ("sign", "error"):
             raise ValueError(f"update must be 'sign' or 'error', got {update!r}")
         if not isinstance(center, bool):

@@ -82,13 +82,22 @@ def _existing_handle(found, settings: dict, load_biases_from) -> LossFreeBalanci
     return handle
 
 
-def _check_args(update_rate, dist_timeout_s, load_biases_from) -> None:
+def _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss) -> None:
+    """The argument checks of :func:`apply_loss_free_balancing` that :class:`LossFreeBalancer` does
+    not make (it checks ``update_rate``, ``update`` and ``center``)."""
+    if load_biases_from is not None and not isinstance(load_biases_from, (str, Path)):
+        raise TypeError(
+            f"load_biases_from must be a folder path (str or Path), 'auto' or None, got {type(load_biases_from).__name__}"
+        )
     if load_biases_from not in ("auto", None) and not Path(load_biases_from).is_dir():
         raise FileNotFoundError(f"load_biases_from={str(load_biases_from)!r}: no such folder")
-    if not is_finite_number(update_rate) or update_rate <= 0:
-        raise ValueError(f"update_rate must be a number > 0 and finite, got {update_rate!r}")
     if dist_timeout_s is not None and (not is_finite_number(dist_timeout_s) or dist_timeout_s <= 0):
         raise ValueError(f"dist_timeout_s must be a number > 0 and finite, or None, got {dist_timeout_s!r}")
+    if not (all_reduce is None or all_reduce == "auto" or callable(all_reduce)):
+        raise ValueError(f"all_reduce must be 'auto', None or a function summing a tensor in place, got {all_reduce!r}")
+    if not isinstance(disable_aux_loss, bool):
+        raise ValueError(f"disable_aux_loss must be True or False, got {disable_aux_loss!r}")
+    LossFreeBalancer(update_rate)  # its ValueError names update_rate and the range
 
 
 def _load_initial_biases(handle: LossFreeBalancing, load_biases_from) -> None:
@@ -147,12 +156,14 @@ def apply_loss_free_balancing(
 
     Raises:
         ValueError: no supported router in ``model`` (the message names the supported classes), a
-            bad ``update_rate`` / ``update`` / ``center`` / ``dist_timeout_s``, or a second call with
-            other settings or an explicit ``load_biases_from``.
+            bad ``update_rate`` / ``update`` / ``center`` / ``dist_timeout_s`` / ``all_reduce`` (not
+            ``"auto"``, ``None`` or callable) / ``disable_aux_loss`` (not a bool), or a second call
+            with other settings or an explicit ``load_biases_from``.
+        TypeError: ``load_biases_from`` is not a path, ``"auto"`` or ``None``.
         FileNotFoundError: ``load_biases_from`` names no folder of safetensors files.
         RuntimeError: the installed transformers routes differently from the checked versions.
     """
-    _check_args(update_rate, dist_timeout_s, load_biases_from)
+    _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss)
     balancer = LossFreeBalancer(update_rate, update, center=center)
     found = _find_routers(model)
     settings = dict(update_rate=float(update_rate), update=update, center=center, all_reduce=all_reduce,

@@ -349,6 +349,24 @@ def test_load_biases_from_is_read_and_missing_path_refused(tmp_path, family):
         apply_loss_free_balancing(_model(family), load_biases_from=tmp_path / "missing")
 
 
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen2_moe"])
+def test_load_biases_from_refuses_other_models_and_corrupt_files(tmp_path, family):
+    _save_with_bias(family, tmp_path / "two", 0.25)  # 2 MoE layers, 8 experts
+    for kw, match in (
+        (dict(num_layers=1), r"biases of 2 routers, the model has 1 \(no router for"),  # was a silent partial load
+        (dict(num_layers=3), "biases of 2 routers, the model has 3"),
+        (dict(num_experts=4), r"has shape \(8,\), expected \(4,\)"),
+    ):
+        model = _model(family, **kw)
+        with pytest.raises(ValueError, match=match):
+            apply_loss_free_balancing(model, load_biases_from=tmp_path / "two")
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: not a readable safetensors file"):
+        apply_loss_free_balancing(_model(family), load_biases_from=bad)
+
 def test_second_apply_returns_the_handle_and_keeps_trained_biases(tmp_path):
     _save_with_bias("mixtral", tmp_path, 0.5)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -19,15 +19,23 @@ def layer_key(name: str) -> tuple[int, ...]:
     return tuple(int(part) for part in name.split(".") if part.isdigit())
 
 
-def _saved_biases(files: list[Path], suffixes: set[str], wanted: dict) -> dict[tuple[int, ...], torch.Tensor]:
+def _saved_biases(files: list[Path], suffixes: set[str]) -> dict[tuple[int, ...], tuple[str, torch.Tensor]]:
+    """Every saved bias in ``files`` (keys ending in one of ``suffixes``), by layer numbers.
+
+    Raises:
+        ValueError: a file is not a readable safetensors file (the message names it).
+    """
     from safetensors import safe_open
 
-    found: dict[tuple[int, ...], torch.Tensor] = {}
+    found: dict[tuple[int, ...], tuple[str, torch.Tensor]] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():
-                if any(key.endswith(sfx) for sfx in suffixes) and layer_key(key) in wanted:
-                    found[layer_key(key)] = st.get_tensor(key)
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    if any(key.endswith(sfx) for sfx in suffixes):
+                        found[layer_key(key)] = (key, st.get_tensor(key))
+        except Exception as exc:  # safetensors raises its own SafetensorError (not an OSError)
+            raise ValueError(f"{f}: not a readable safetensors file ({exc})") from exc
     return found
 
 
@@ -43,7 +51,8 @@ def read_biases(handle, path: str | Path) -> int:
 
     Raises:
         FileNotFoundError: ``path`` does not exist or holds no safetensors file.
-        ValueError: the folder holds biases for some routers but not all, or of another size.
+        ValueError: the folder holds biases for some routers but not all, for more routers than the
+            model has, or of another size; or a file is not a readable safetensors file.
     """
     if not Path(path).is_dir():
         raise FileNotFoundError(f"load_biases_from={str(path)!r}: no such folder")
@@ -53,19 +62,25 @@ def read_biases(handle, path: str | Path) -> int:
     wanted = {layer_key(name): r for name, r in zip(handle.router_names, handle.routers)}
     if len(wanted) != len(handle.routers):
         raise ValueError("router names do not identify their layers; cannot match saved biases")
-    found = _saved_biases(files, {"." + r._moebalance_bias_name for r in handle.routers}, wanted)
+    found = _saved_biases(files, {"." + r._moebalance_bias_name for r in handle.routers})
     if not found:
         return 0
-    if len(found) != len(wanted):
-        raise ValueError(f"{path}: holds the biases of {len(found)} routers, the model has {len(wanted)}")
+    if found.keys() != wanted.keys():
+        # Fewer saved biases than routers, or more (a checkpoint of a deeper model): not this model's.
+        extra = sorted(name for key, (name, _) in found.items() if key not in wanted)
+        raise ValueError(
+            f"{path}: holds the biases of {len(found)} routers, the model has {len(wanted)}"
+            + (f" (no router for {extra[:3]})" if extra else "")
+        )
     with torch.no_grad():
         for key, router in wanted.items():
             bias = getattr(router, router._moebalance_bias_name)
-            if found[key].shape != bias.shape:
+            saved = found[key][1]
+            if saved.shape != bias.shape:
                 raise ValueError(
-                    f"{path}: bias of layer {key} has shape {tuple(found[key].shape)}, expected {tuple(bias.shape)}"
+                    f"{path}: bias of layer {key} has shape {tuple(saved.shape)}, expected {tuple(bias.shape)}"
                 )
-            bias.copy_(found[key])
+            bias.copy_(saved)
     return len(found)
 
 

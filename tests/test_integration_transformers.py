@@ -501,6 +501,19 @@ def test_padding_is_not_counted_for_float_masks_and_the_base_model(family):
     model.model(x)  # no mask: every token counts
     assert handle.pending_loads().sum(-1).tolist() == [2 * x.numel()] * 2
 
+
+def test_validation_loads_refuses_a_bare_tensor_and_bad_ids():
+    model = _model("olmoe")
+    handle = apply_loss_free_balancing(model)
+    x = _tokens()
+    with pytest.raises(TypeError, match=r"pass \[tensor\]"):
+        handle.validation_loads(x)  # was a deep shape error from the attention
+    for bad in (x[0], x.float()):
+        with pytest.raises(ValueError, match=r"input_ids must be a \[B, S\] integer tensor"):
+            handle.validation_loads([bad])
+    assert model.training  # mode restored after the error
+    assert handle.validation_loads([x]).sum(-1).tolist() == [2 * x.numel()] * 2
+
 def test_config_records_loss_free_and_plain_reload_warns(tmp_path, caplog):
     model = _save_with_bias("qwen2_moe", tmp_path, 0.1)
     record = model.config.moebalance_loss_free

@@ -169,7 +169,14 @@ class LossFreeBalancing:
 
         Returns:
             ``[L, E]`` float32 loads; ``max_violation`` of it is MaxVio_global per layer.
+
+        Raises:
+            TypeError: ``batches`` is a single tensor (iterating it would feed its rows as 1-D
+                batches): pass ``[tensor]``.
+            ValueError: a batch's ``input_ids`` is not a ``[B, S]`` integer tensor.
         """
+        if isinstance(batches, torch.Tensor):
+            raise TypeError(f"batches must be an iterable of batches, got one tensor of shape {tuple(batches.shape)}; pass [tensor]")
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -177,6 +184,9 @@ class LossFreeBalancing:
         try:
             for batch in batches:
                 inputs = batch if isinstance(batch, dict) else {"input_ids": batch}
+                ids = inputs.get("input_ids")
+                if isinstance(ids, torch.Tensor) and (ids.dim() != 2 or ids.is_floating_point()):
+                    raise ValueError(f"input_ids must be a [B, S] integer tensor, got {ids.dtype} of shape {tuple(ids.shape)}")
                 self.model(**{k: v.to(device) for k, v in inputs.items() if k != "labels"})
         finally:
             self.model.train(was_training)

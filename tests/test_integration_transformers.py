@@ -385,6 +385,22 @@ def test_second_apply_returns_the_handle_and_keeps_trained_biases(tmp_path):
         apply_loss_free_balancing(reloaded.model.layers[0], update_rate=0.01)
 
 
+
+def test_swapping_the_balancer_updates_settings_and_the_config_record(tmp_path):
+    # The error of a second apply says "change handle.balancer for another rate": the saved
+    # config.json must then record the new rate, not the one of the first apply.
+    from moebalance import LossFreeBalancer
+
+    model = _model("olmoe")
+    handle = apply_loss_free_balancing(model, update_rate=0.01)
+    handle.balancer = LossFreeBalancer(0.05, center=True)
+    model.save_pretrained(tmp_path)
+    saved = __import__("json").loads((tmp_path / "config.json").read_text())["moebalance_loss_free"]
+    assert saved["bias_update_rate"] == 0.05 and saved["bias_center"] is True
+    assert apply_loss_free_balancing(model, update_rate=0.05, center=True) is handle
+    with pytest.raises(TypeError, match="balancer must be a moebalance.LossFreeBalancer"):
+        handle.balancer = 0.05
+
 def test_two_callbacks_of_one_handle_step_once():
     model = _model("olmoe")
     handle = apply_loss_free_balancing(model, update_rate=0.01)

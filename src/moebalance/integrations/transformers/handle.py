@@ -73,12 +73,36 @@ class LossFreeBalancing:
         self.routers = [r for _, r in routers]
         self.balancer = balancer
         self.all_reduce = all_reduce
-        self.settings = settings
+        self.settings = dict(settings)
         self.last_loads: torch.Tensor | None = None
         self.steps = 0
         self.update_biases = True
         self.optimizer_hook: OptimizerHook | None = None
         self.hooks: list = []  # the padding-mask hooks on the model
+
+    @property
+    def balancer(self) -> LossFreeBalancer:
+        """The :class:`~moebalance.LossFreeBalancer` whose ``bias_delta`` :meth:`step` applies.
+
+        Assign a new one to change the rate, rule or centring mid-run: the assignment also
+        updates :attr:`settings` (what a second apply is compared with) and the record in
+        ``model.config`` that ``save_pretrained`` writes, so neither keeps the old rate.
+
+        Raises:
+            TypeError: the value is not a ``LossFreeBalancer``.
+        """
+        return self._balancer
+
+    @balancer.setter
+    def balancer(self, balancer: LossFreeBalancer) -> None:
+        if not isinstance(balancer, LossFreeBalancer):
+            raise TypeError(f"balancer must be a moebalance.LossFreeBalancer, got {type(balancer).__name__}")
+        self._balancer = balancer
+        if hasattr(self, "settings"):  # not during __init__: apply records the config itself
+            from moebalance.integrations.transformers.checkpoint import record_in_config
+
+            self.settings.update(update_rate=balancer.update_rate, update=balancer.update, center=balancer.center)
+            record_in_config(self)
 
     @property
     def num_layers(self) -> int:

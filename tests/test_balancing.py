@@ -171,3 +171,27 @@ def test_infinite_rates_and_mixed_expert_counts_rejected():
     with pytest.raises(ValueError, match="different num_experts"):
         LossFreeBalancer().step(model)
     LossFreeBalancer().step(model[1])  # one at a time works
+
+
+def test_rate_scale_scales_the_update_and_is_checked():
+    router = TopKRouter(8, 4, 1)
+    _fill(router, [10, 2, 4, 0])
+    LossFreeBalancer(update_rate=1e-3).step(router, rate_scale=0.25)
+    assert router.expert_bias.tolist() == pytest.approx([-2.5e-4, 2.5e-4, 0.0, 2.5e-4])
+    for bad in (-0.1, 1.5, float("nan"), "1"):
+        with pytest.raises(ValueError, match="rate_scale"):
+            LossFreeBalancer().bias_delta(torch.ones(4), rate_scale=bad)
+
+
+def test_bias_update_schedule_lr_follows_the_decay_after_warmup():
+    from moebalance.train.config import RunConfig, apply_overrides
+    from moebalance.train.loop import bias_rate_scale, lr_at
+
+    const = RunConfig()
+    assert {bias_rate_scale(s, const) for s in range(const.train.max_steps)} == {1.0}
+    cfg = apply_overrides(RunConfig(), ["balance.bias_update_schedule=lr"])
+    t = cfg.train
+    assert [bias_rate_scale(s, cfg) for s in range(t.warmup_steps)] == [1.0] * t.warmup_steps  # catch-up at full u
+    scales = [bias_rate_scale(s, cfg) for s in range(t.warmup_steps, t.max_steps)]
+    assert scales == sorted(scales, reverse=True)  # slows down with the learning rate
+    assert scales[-1] == pytest.approx(lr_at(t.max_steps - 1, cfg) / t.lr) and scales[-1] < 0.11

@@ -45,6 +45,7 @@ BAD = [
     ("balance.bias_update=raw", "one of ['sign', 'error']"),
     ("balance.bias_mode=affine", "one of ['additive', 'multiplicative']"),
     ("balance.bias_center=often", "a boolean"),
+    ("balance.bias_update_schedule=cosine", "one of ['constant', 'lr']"),
     ("balance.aux_loss_coeff=-1e-3", ">= 0"),
     ("balance.z_loss_coeff=nan", "a finite number"),
     ("data.path= ", "a non-empty path"),

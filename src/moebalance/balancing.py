@@ -145,11 +145,13 @@ class LossFreeBalancer:
         self.center = center
 
     @torch.no_grad()
-    def step(self, model: nn.Module) -> torch.Tensor:
+    def step(self, model: nn.Module, rate_scale: float = 1.0) -> torch.Tensor:
         """Apply one bias update to every router in ``model`` and clear their load counts.
 
         Args:
             model: a model, an MoE layer or a single :class:`TopKRouter`.
+            rate_scale: this step's update rate is ``update_rate * rate_scale`` (a schedule, e.g.
+                the trainer's ``balance.bias_update_schedule=lr``; 1.0 is Algorithm 1).
 
         Returns:
             ``[L, E]`` float32 loads the update used (global loads when ``all_reduce`` is set).
@@ -162,13 +164,13 @@ class LossFreeBalancer:
         if self.all_reduce is not None:
             self.all_reduce(loads_LE)
         biases = [r.expert_bias for r in routers]
-        delta_LE = self.bias_delta(loads_LE, torch.stack(biases) if self.center else None)
+        delta_LE = self.bias_delta(loads_LE, torch.stack(biases) if self.center else None, rate_scale)
         # In place through one fused call: ``router.expert_bias += d`` per router would cost a
         # Module.__setattr__ per layer, most of the update's time for many layers.
         torch._foreach_add_(biases, list(delta_LE.to(biases[0].device).unbind(0)))
         return loads_LE
 
-    def bias_delta(self, loads_LE: torch.Tensor, bias_LE: torch.Tensor | None = None) -> torch.Tensor:
+    def bias_delta(self, loads_LE: torch.Tensor, bias_LE: torch.Tensor | None = None, rate_scale: float = 1.0) -> torch.Tensor:
         """The change Algorithm 1 makes to the biases for loads ``c`` (``[E]`` or ``[L, E]``).
 
         ``e_i = c_mean - c_i`` with ``c_mean = K*T/E``, the mean of the row; ``delta = u*sign(e)``
@@ -179,17 +181,21 @@ class LossFreeBalancer:
             bias_LE: the current biases, same shape; needed (and only used) with ``center=True``,
                 where the delta also removes the row mean of ``bias + delta`` (rows with no load
                 stay untouched).
+            rate_scale: multiplies ``u`` for this update; in ``[0, 1]``.
 
         Raises:
-            ValueError: ``center=True`` without ``bias_LE``.
+            ValueError: ``center=True`` without ``bias_LE``, or ``rate_scale`` outside ``[0, 1]``.
         """
+        if not (is_finite_number(rate_scale) and 0.0 <= rate_scale <= 1.0):
+            raise ValueError(f"rate_scale must be a number in [0, 1], got {rate_scale!r}")
+        rate = self.update_rate * float(rate_scale)
         loads = loads_LE.float()
         mean = loads.mean(dim=-1, keepdim=True)
         error = mean - loads
         if self.update == "sign":
-            delta = self.update_rate * torch.sign(error)
+            delta = rate * torch.sign(error)
         else:
-            delta = self.update_rate * error / mean.clamp_min(1e-12)
+            delta = rate * error / mean.clamp_min(1e-12)
         if not self.center:
             return delta
         if bias_LE is None:
@@ -485,8 +491,12 @@ class Balancing:
             total = z if total is None else total + z
         return total, parts
 
-    def after_step(self, model: nn.Module) -> torch.Tensor:
+    def after_step(self, model: nn.Module, rate_scale: float = 1.0) -> torch.Tensor:
         """Once per optimizer step: update the biases (Loss-Free) and clear the load counters.
+
+        Args:
+            model: the model whose routers counted this step's loads.
+            rate_scale: multiplies the bias update rate for this step (see :meth:`LossFreeBalancer.step`).
 
         Returns:
             ``[L, E]`` loads of the step (all-reduced when ``all_reduce`` is set).
@@ -494,7 +504,7 @@ class Balancing:
         if self.global_counts is not None:
             self.global_counts.reset()
         if self.bias is not None:
-            return self.bias.step(model)
+            return self.bias.step(model, rate_scale)
         loads_LE = pop_expert_loads(find_routers(model))
         if self.all_reduce is not None:
             self.all_reduce(loads_LE)

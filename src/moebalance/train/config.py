@@ -169,6 +169,8 @@ class BalanceConfig:
     bias_update: Literal["sign", "error"] = "sign"
     bias_mode: Literal["additive", "multiplicative"] = "additive"
     bias_center: bool = False  # subtract each layer's mean bias after every update (torchtitan)
+    # "constant": u every step (Algorithm 1); "lr": after warm-up, u follows the LR's decay (u * lr_t / lr)
+    bias_update_schedule: Literal["constant", "lr"] = "constant"
     aux_loss_coeff: float = 1e-3
     z_loss_coeff: float = 0.0
     seq_aux_coeff: float = 1e-4
@@ -180,6 +182,7 @@ class BalanceConfig:
         _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
         _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
         _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
+        _check(self.bias_update_schedule in ("constant", "lr"), "balance.bias_update_schedule", "'constant' or 'lr'", self.bias_update_schedule)
         _check(self.bias_mode in ("additive", "multiplicative"), "balance.bias_mode", "'additive' or 'multiplicative'", self.bias_mode)
         _check(not (self.bias_center and self.bias_mode != "additive"), "balance.bias_center", "false with balance.bias_mode='multiplicative' (a product is not shift-invariant)", self.bias_center)
         _check(self.aux_loss_coeff >= 0, "balance.aux_loss_coeff", ">= 0", self.aux_loss_coeff)

@@ -99,6 +99,19 @@ def lr_at(step: int, cfg: RunConfig) -> float:
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def bias_rate_scale(step: int, cfg: RunConfig) -> float:
+    """The factor on the Loss-Free update rate at ``step`` (0-based), ``balance.bias_update_schedule``.
+
+    ``"constant"``: 1 (Algorithm 1). ``"lr"``: 1 through the warm-up, then ``lr_t / lr``, so that
+    the bias slows down as the weights do (cosine decay to ``min_lr / lr`` at the end). DeepSeek-V3
+    (§4.2 of its report) likewise keeps the bias update speed for most of training and sets it to 0
+    for the last tokens; docs/reproduction.md has the measurements behind this option.
+    """
+    if cfg.balance.bias_update_schedule == "constant" or step < cfg.train.warmup_steps:
+        return 1.0
+    return min(1.0, lr_at(step, cfg) / cfg.train.lr)
+
+
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay on matrices and expert stacks only (not norms). Biases are buffers, so
     the optimizer never sees them."""
@@ -283,7 +296,7 @@ class _Run:
                 if outcome.reason is not None:
                     self._skip(step, outcome.reason)
                     continue
-                loads_LE = self._update()
+                loads_LE = self._update(step)
                 rec = self._log_step(step, outcome, loads_LE, time.perf_counter() - t0)
                 if (step + 1) % cfg.train.log_every == 0:
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", maxvio=f"{rec['maxvio_batch']:.2f}")
@@ -346,7 +359,7 @@ class _Run:
             raise NonFiniteError(f"step {step + 1}: {reason} (train.on_nonfinite=stop)")
         log.warning("step %d: %s; step skipped", step + 1, reason)
 
-    def _update(self) -> torch.Tensor:
+    def _update(self, step: int) -> torch.Tensor:
         """Optimizer and LR step, then the one Loss-Free bias update of this step (Algorithm 1).
 
         Returns:
@@ -355,7 +368,7 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.balancing.after_step(self.model)
+        return self.balancing.after_step(self.model, bias_rate_scale(step, self.cfg))
 
     def _log_step(self, step: int, outcome: _StepOutcome, loads_LE: torch.Tensor, dt: float) -> dict[str, Any]:
         """Write the step's record to ``metrics.jsonl`` and TensorBoard; return the record."""

@@ -20,6 +20,8 @@ __all__ = [
     "BalanceConfig",
     "DataConfig",
     "ModelConfig",
+    "PAPER_TOKENS",
+    "PAPER_WORLD_SIZE",
     "PRESETS",
     "RunConfig",
     "TrainConfig",
@@ -27,6 +29,8 @@ __all__ = [
     "get_preset",
     "override_keys",
     "preset_config",
+    "steps_for_tokens",
+    "tokens_per_step",
 ]
 
 Strategy = Literal[
@@ -427,7 +431,99 @@ def preset_smoke() -> RunConfig:
     )
 
 
-PRESETS = {"default": preset_default, "smoke": preset_smoke}
+#: Token budgets of arXiv 2408.15664: the 1B-parameter MoE was trained on 100B tokens, the 3B on 200B.
+PAPER_TOKENS = {"paper-1b": 100_000_000_000, "paper-3b": 200_000_000_000}
+
+#: Data-parallel ranks (GPUs of one node) whose global batch the ``paper-*`` presets' per-rank
+#: ``train.batch_size * train.grad_accum`` assumes. With ``--nproc N`` a step holds ``N / 8`` of it:
+#: keep the batch and the step count with ``train.grad_accum=<preset's grad_accum * 8 / N>``.
+PAPER_WORLD_SIZE = 8
+
+
+def tokens_per_step(train: TrainConfig, world_size: int) -> int:
+    """Tokens one optimizer step trains on: ``batch_size * grad_accum * seq_len * world_size``
+    (``train.batch_size`` is per rank; see :mod:`moebalance.train.loop`).
+
+    Raises:
+        ValueError: ``world_size < 1``.
+    """
+    _check(isinstance(world_size, int) and world_size >= 1, "world_size", "an integer >= 1", world_size)
+    return train.batch_size * train.grad_accum * train.seq_len * world_size
+
+
+def steps_for_tokens(tokens: int, train: TrainConfig, world_size: int) -> int:
+    """The fewest optimizer steps that train on at least ``tokens`` tokens (within one step of it).
+
+    Raises:
+        ValueError: ``tokens < 1`` or ``world_size < 1``.
+    """
+    _check(isinstance(tokens, int) and tokens >= 1, "tokens", "an integer >= 1", tokens)
+    return -(-tokens // tokens_per_step(train, world_size))
+
+
+def _paper_preset(name: str, model: ModelConfig, train: dict[str, Any]) -> RunConfig:
+    """A ``paper-*`` preset: the paper's balancing (sigmoid gate, Loss-Free ``sign`` rule with
+    u = 1e-3, auxiliary-loss baseline alpha = 1e-3) and token budget (:data:`PAPER_TOKENS`) on
+    ``model``, with ``train`` (per-rank batch for :data:`PAPER_WORLD_SIZE` ranks) and
+    ``train.max_steps`` derived from the budget. Values the paper's text in our sources does not
+    give (architecture, batch, sequence length, LR schedule) are ours: docs/reproduction.md,
+    "Running at the paper's scale", lists each with its source.
+
+    Raises:
+        ValueError: this torch sees no CUDA GPU (the presets train in bfloat16 on ``cuda``).
+    """
+    if not _is_device("cuda"):
+        raise ValueError(
+            f"preset {name!r} needs a CUDA GPU (train.device='cuda'), but this torch sees none; "
+            "see docs/reproduction.md, 'Running at the paper's scale'"
+        )
+    shape = TrainConfig(device="cuda", dtype="bfloat16", max_steps=1, warmup_steps=0, **train)
+    steps = steps_for_tokens(PAPER_TOKENS[name], shape, PAPER_WORLD_SIZE)
+    t = dataclasses.replace(shape, max_steps=steps, warmup_steps=2000)  # validated again
+    balance = BalanceConfig(strategy="loss_free", bias_update_rate=1e-3, bias_update="sign", aux_loss_coeff=1e-3)
+    data = DataConfig(vocab_size=model.vocab_size, bin_vocab_size=model.vocab_size, val_fraction=0.001)
+    return RunConfig(model=model, balance=balance, data=data, train=t)
+
+
+def preset_paper_1b() -> RunConfig:
+    """arXiv 2408.15664's 1B setting on one 8-GPU node: a DeepSeekMoE-style model of 1.02e9
+    parameters (0.20e9 activated per token), 100B tokens in 95,368 steps of 512 x 2048 tokens.
+
+    ``train.batch_size=8`` per rank x ``grad_accum=8`` x 8 ranks = 512 sequences a step. With
+    ``--nproc N`` set ``train.grad_accum=64/N`` to keep that batch and the budget.
+    """
+    model = ModelConfig(
+        vocab_size=32768, d_model=1024, n_layers=10, n_heads=16, max_seq_len=2048,
+        num_experts=64, top_k=6, d_expert=512, num_shared_experts=2, first_dense_layers=1, d_ff_dense=2816,
+    )  # fmt: skip
+    train = dict(
+        seq_len=2048, batch_size=8, grad_accum=8, lr=6e-4, min_lr=6e-5,
+        eval_every=1000, eval_tokens=2**22, log_every=10, checkpoint_every=250, keep_checkpoints=3,
+    )  # fmt: skip
+    return _paper_preset("paper-1b", model, train)
+
+
+def preset_paper_3b() -> RunConfig:
+    """arXiv 2408.15664's 3B setting on one 8-GPU node: a DeepSeekMoE-style model of 3.00e9
+    parameters (0.53e9 activated per token), 200B tokens in 95,368 steps of 1024 x 2048 tokens.
+
+    ``train.batch_size=8`` per rank x ``grad_accum=16`` x 8 ranks = 1024 sequences a step; blocks
+    are recomputed in backward (``model.activation_checkpointing``) to fit 80 GB. With
+    ``--nproc N`` set ``train.grad_accum=128/N`` to keep that batch and the budget.
+    """
+    model = ModelConfig(
+        vocab_size=32768, d_model=1536, n_layers=13, n_heads=12, max_seq_len=2048,
+        num_experts=64, top_k=6, d_expert=768, num_shared_experts=2, first_dense_layers=1, d_ff_dense=4096,
+        activation_checkpointing=True,
+    )  # fmt: skip
+    train = dict(
+        seq_len=2048, batch_size=8, grad_accum=16, lr=4e-4, min_lr=4e-5,
+        eval_every=500, eval_tokens=2**22, log_every=10, checkpoint_every=100, keep_checkpoints=3,
+    )  # fmt: skip
+    return _paper_preset("paper-3b", model, train)
+
+
+PRESETS = {"default": preset_default, "smoke": preset_smoke, "paper-1b": preset_paper_1b, "paper-3b": preset_paper_3b}
 
 
 def get_preset(name: str) -> RunConfig:

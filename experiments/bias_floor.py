@@ -1,0 +1,129 @@
+"""How low can the Loss-Free bias bring MaxVio_global at a given batch size, with the weights frozen?
+
+Takes a finished run (its ``checkpoint.pt``), freezes every weight and runs *only* the bias update
+(arXiv 2408.15664, Algorithm 1, or its ``error`` ablation) on fresh training batches, scoring
+MaxVio_global on the validation split every ``--eval-every`` updates. With nothing drifting, what
+is left is the floor of the update rule itself at that batch size: its step jitter and, for the
+sign rule, the gap between the median and the mean of an expert's per-batch load (the sign rule
+settles where an expert is over-loaded in half of the batches; MaxVio_global measures the mean).
+
+After the updates it measures, on ``--probe-batches`` more batches with the bias held, each
+expert's per-batch relative load (load / mean load): its mean, median and skewness.
+
+    python experiments/bias_floor.py RUN_DIR --update sign --rate 1e-3 --batch-size 8 --out floor.json
+
+Output (``--out``): JSON with the arguments, the MaxVio_global curve, and the probe statistics
+per layer. Used by docs/reproduction.md ("Where the floor comes from").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moebalance.balancing import LossFreeBalancer, find_routers, pop_expert_loads
+from moebalance.train.checkpoint import load_checkpoint, write_json
+from moebalance.train.config import RunConfig
+from moebalance.train.data import prepare_data, sample_batch
+from moebalance.train.loop import evaluate
+from moebalance.train.model import MoETransformer
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("run_dir", type=Path, help="a finished `moebalance train` run (holds checkpoint.pt)")
+    p.add_argument("--update", choices=("sign", "error"), default="sign", help="bias update rule (default sign)")
+    p.add_argument("--rate", type=float, default=1e-3, help="update rate u (default 1e-3)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per update (default 8)")
+    p.add_argument("--steps", type=int, default=1200, help="bias updates (default 1200)")
+    p.add_argument("--eval-every", type=int, default=200, help="updates between validation scores (default 200)")
+    p.add_argument("--probe-batches", type=int, default=600, help="batches for the load statistics (default 600)")
+    p.add_argument("--seed", type=int, default=999, help="seed of the batch sampler (default 999)")
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    a = p.parse_args(argv)
+    for name in ("rate", "batch_size", "steps", "eval_every", "probe_batches"):
+        if not getattr(a, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    if not (a.run_dir / "checkpoint.pt").is_file():
+        p.error(f"{a.run_dir} holds no checkpoint.pt (a finished run of `moebalance train`)")
+    return a
+
+
+def load_frozen(run_dir: Path):
+    """The run's model with every weight frozen, its config and its data."""
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = RunConfig.from_dict(state["config"])
+    data = prepare_data(cfg.data)
+    cfg.model.vocab_size = data.vocab_size
+    model = MoETransformer(cfg.model, cfg.balance)
+    model.load_state_dict(state["model"])
+    model.requires_grad_(False)
+    return model, cfg, data
+
+
+def probe_stats(rel: np.ndarray, val_loads: list) -> dict:
+    """Per-layer statistics of ``rel`` ``[batches, L, E]`` (per-batch load / mean load)."""
+    mean, median = rel.mean(0), np.median(rel, 0)
+    skew = ((rel - mean) ** 3).mean(0) / np.maximum(rel.std(0), 1e-12) ** 3
+    val = np.asarray(val_loads, dtype=np.float64)
+    val = val / val.mean(-1, keepdims=True)
+    return {
+        "max_mean_minus_1": (mean.max(-1) - 1).round(4).tolist(),
+        "max_abs_median_minus_1": np.abs(median - 1).max(-1).round(4).tolist(),
+        "val_max_minus_1": (val.max(-1) - 1).round(4).tolist(),
+        "mean_abs_relative_error": round(float(np.abs(rel - 1).mean()), 4),
+        "mean_skewness": round(float(skew.mean()), 3),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(1)
+    model, cfg, data = load_frozen(a.run_dir)
+    routers = find_routers(model)
+    balancer = LossFreeBalancer(a.rate, a.update)
+    gen = torch.Generator().manual_seed(a.seed)
+
+    def batch_loads() -> torch.Tensor:
+        model.train()  # the routers count loads in training mode only
+        x, _ = sample_batch(data.train, a.batch_size, cfg.train.seq_len, gen)
+        with torch.no_grad():
+            model(x)
+        return pop_expert_loads(routers)
+
+    def score(step: int) -> dict:
+        ev = evaluate(model, data, cfg, max_tokens=0)
+        rec = {"step": step, "maxvio_global": ev["maxvio_global"], "per_layer": ev["maxvio_global_per_layer"]}
+        print(json.dumps(rec), flush=True)
+        return rec | {"loads": ev["loads"]}
+
+    curve = [score(0)]
+    for step in range(1, a.steps + 1):
+        delta_LE = balancer.bias_delta(batch_loads())
+        for router, delta in zip(routers, delta_LE):
+            router.expert_bias += delta
+        if step % a.eval_every == 0 or step == a.steps:
+            curve.append(score(step))
+    rel = []
+    for _ in range(a.probe_batches):
+        loads = batch_loads()
+        rel.append((loads / loads.mean(-1, keepdim=True)).numpy())
+    stats = probe_stats(np.stack(rel), curve[-1]["loads"])
+    result = {
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        "curve": [{k: v for k, v in r.items() if k != "loads"} for r in curve],
+        "maxvio_global_last_half_mean": float(np.mean([r["maxvio_global"] for r in curve[len(curve) // 2 :]])),
+        "probe": stats,
+    }
+    write_json(a.out, result)
+    print(json.dumps(result["probe"]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -134,8 +134,7 @@ def apply_loss_free_balancing(
 
     Calling it again on the same model returns the same handle when the settings match (the biases
     are not reloaded), and raises when they differ. Works on a meta-device model, before or after
-    ``to_empty``: the biases are zero (then loaded by ``load_state_dict``), and the conformance
-    check uses its own finite probe weights, not the model's (possibly uninitialised) ones.
+    ``to_empty`` (the conformance probe uses its own finite weights): the biases come out zero.
 
     Args:
         model: a transformers model (``...ForCausalLM``, base model, or any module holding the routers).

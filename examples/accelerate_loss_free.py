@@ -3,7 +3,13 @@
 corpus (the Python standard library, BPE-tokenized once and cached).
 
     python examples/accelerate_loss_free.py --out runs/accelerate
-    accelerate launch --num_processes 2 examples/accelerate_loss_free.py --out runs/accelerate_dp2
+    accelerate launch --num_processes 2 examples/accelerate_loss_free.py --out runs/accelerate_dp2  # 2+ GPUs
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_loss_free.py --out runs/accelerate_dp2  # CPU only
+
+On a machine without GPUs, ``--multi_gpu`` is what starts 2 processes (through torchrun; this
+script's ``Accelerator(cpu=True)`` then runs them data-parallel on CPU with gloo); ``--cpu
+--num_processes 2`` starts a single process there (accelerate 1.16, no MPI hostfile).
+``torchrun --nproc_per_node 2 examples/accelerate_loss_free.py ...`` works too.
 
 The moebalance part is the lines marked ``# <-- moebalance``. ``optimizer.step()`` is called on
 every micro-batch, as Accelerate's loops do; Accelerate skips the inner step until the last

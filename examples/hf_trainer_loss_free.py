@@ -7,8 +7,9 @@ a minute or two on 2 CPU cores:
     python examples/hf_trainer_loss_free.py --out runs/hf_example
     python examples/hf_trainer_loss_free.py --no-balance --out runs/hf_example_aux   # transformers' aux loss only
 
-It writes ``summary.json`` (validation loss, MaxVio_global per layer, MaxVio_batch at the first and
-last steps) and TensorBoard events under ``<out>/runs/`` (``moe/maxvio_batch``, bias range, ...).
+It writes ``summary.json`` (validation loss, MaxVio_global per layer, and ``maxvio_batch_first_log`` /
+``maxvio_batch_last_log``: the ``moe/maxvio_batch`` of the first and last training logs, each the
+mean MaxVio_batch over the optimizer steps since the previous log) and TensorBoard events under ``<out>/runs/`` (``moe/maxvio_batch``, bias range, ...).
 The moebalance part is the three lines marked ``# <-- moebalance``.
 """
 

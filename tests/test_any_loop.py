@@ -233,6 +233,28 @@ def _hf_part(rank: int) -> dict:
     return {"loads": handle.last_loads, "expected": _gathered_sum(own), "biases": handle.biases(), "steps": handle.steps}
 
 
+def _auto_part(rank: int) -> dict:
+    """``LossFreeBalancer`` without ``all_reduce=`` in a DDP loop sums the loads over the default
+    group; ``all_reduce=None`` keeps them local. Rank 1's tokens prefer the other experts, so the
+    local loads give another sign than the global ones."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    out = {}
+    for name, kwargs in (("auto", {}), ("none", {"all_reduce": None})):
+        layer = _layer()
+        model = DDP(layer)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+        balancer = LossFreeBalancer(0.01, **kwargs)
+        balancer.attach(opt, model)
+        x = _skewed(48, 2000 + rank) * (1.0 if rank == 0 else -1.0)
+        res = model(x)
+        res.output.pow(2).mean().backward()
+        own = res.routing.tokens_per_expert.float()
+        opt.step()
+        out[name] = {"own": own, "global": _gathered_sum(own), "biases": layer.router.expert_bias.clone()}
+    return out
+
+
 def _fsdp2_part(rank: int) -> dict:
     """FSDP2 (``fully_shard``) on CPU with gloo: the hook's update uses the global loads."""
     import warnings
@@ -277,7 +299,7 @@ def _timeout_part(rank: int, out_dir: str) -> dict:
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    result = {"core": _core_part(rank), "hf": _hf_part(rank), "fsdp2": _fsdp2_part(rank)}
+    result = {"core": _core_part(rank), "hf": _hf_part(rank), "fsdp2": _fsdp2_part(rank), "auto": _auto_part(rank)}
     torch.distributed.barrier()
     result["timeout"] = _timeout_part(rank, out_dir)
     torch.save(result, f"{out_dir}/tmp{rank}.pt")
@@ -311,8 +333,29 @@ def test_own_ddp_loops_with_accumulation(tmp_path):
     assert torch.equal(fsdp[0]["biases"], fsdp[1]["biases"])
     total = fsdp[0]["expected"]
     torch.testing.assert_close(fsdp[0]["biases"], 0.01 * torch.sign(total.mean() - total))
+    # all_reduce="auto" (the default): both ranks update from the global loads, identically;
+    # all_reduce=None: each rank from its own (the precondition: their signs differ here).
+    for r in res:
+        auto, none = r["auto"]["auto"], r["auto"]["none"]
+        sign = lambda c: torch.sign(c.mean() - c)  # noqa: E731
+        assert not torch.equal(sign(auto["own"]), sign(auto["global"]))
+        torch.testing.assert_close(auto["biases"], 0.01 * sign(auto["global"]))
+        torch.testing.assert_close(none["biases"], 0.01 * sign(none["own"]))
+    assert torch.equal(res[0]["auto"]["auto"]["biases"], res[1]["auto"]["auto"]["biases"])
     err = res[0]["timeout"]["error"]
     assert err is not None and "rank 0 of 2" in err and "dist_timeout_s=1 s" in err
+
+
+def test_all_reduce_auto_is_a_no_op_without_a_process_group_and_checks_its_argument():
+    assert not torch.distributed.is_initialized()
+    balancer = LossFreeBalancer(0.01)
+    assert balancer.all_reduce == "auto"
+    layer = _layer()
+    own = layer(_skewed(32, 5)).routing.tokens_per_expert.float()
+    torch.testing.assert_close(balancer.step(layer)[0], own)
+    for bad in ("sum", 3, "AUTO"):
+        with pytest.raises(ValueError, match="all_reduce must be 'auto', None or a function"):
+            LossFreeBalancer(0.01, all_reduce=bad)
 
 
 def test_bias_center_in_the_trainer_config():

@@ -464,6 +464,53 @@ def test_meta_device_init(family):
     assert handle.pending_loads().sum(-1).tolist() == [2 * 32] * 2
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+def test_apply_after_to_empty_ignores_uninitialised_weights(family, fill):
+    # to_empty leaves uninitialised memory (often NaN/Inf); the conformance probe must not read it.
+    cfg = tiny_moe_config(family, vocab_size=VOCAB)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(fill)
+    weights = [r.weight for r in model.modules() if type(r).__name__ in SUPPORTED_ROUTERS]
+    handle = apply_loss_free_balancing(model)
+    assert [r.weight for r in handle.routers] == weights  # the probe put the model's own weights back
+    assert all(r.weight.isnan().all() if fill != fill else r.weight.isinf().all() for r in handle.routers)
+    assert all(b.dtype == torch.float32 and b.device.type == "cpu" for b in handle.bias_tensors())
+    assert handle.biases().abs().sum() == 0 and handle.pending_loads().abs().sum() == 0
+    # Then loading real weights makes every router route exactly as the patched reference's (the
+    # whole model would also need its non-persistent buffers, e.g. rotary inv_freq, re-initialised).
+    ref = _model(family)
+    ref_handle = apply_loss_free_balancing(ref)
+    model.load_state_dict(ref.state_dict())
+    h = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(3))
+    for r, r_ref in zip(handle.routers, ref_handle.routers):
+        for a, b in zip(r.eval()(h), r_ref.eval()(h)):
+            assert torch.equal(a, b)
+
+
+def test_conformance_probe_still_refuses_a_different_router_on_nan_weights():
+    from moebalance.integrations.transformers.families import check_patch_matches
+
+    model = _model("qwen3_moe", norm_topk_prob=True)
+    router = apply_loss_free_balancing(model).routers[0]
+    with torch.no_grad():
+        router.weight.fill_(float("nan"))
+    original = type(router).forward.__get__(router)
+    check_patch_matches(router, original)  # the real original matches, whatever the weights
+
+    def unnormalised(hidden):  # another release's routing: no renormalisation of the top-K gates
+        logits, _, index = original(hidden)
+        return logits, torch.softmax(logits, -1, dtype=torch.float32).gather(1, index).to(logits.dtype), index
+
+    with pytest.raises(RuntimeError, match="computes top_k_weights differently"):
+        check_patch_matches(router, unnormalised)
+    assert router.weight.isnan().all()
+
+
 def test_top1_with_normalised_gates_follows_transformers_and_warns(caplog):
     model = _model("qwen3_moe", top_k=1, norm_topk_prob=True)
     ref = copy.deepcopy(model)

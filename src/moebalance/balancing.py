@@ -61,6 +61,7 @@ __all__ = [
     "pop_expert_loads",
     "router_z_loss",
     "sequence_aux_loss",
+    "sum_over_default_group_",
     "unwrap_optimizer",
 ]
 
@@ -89,6 +90,18 @@ def pop_expert_loads(routers: Sequence[TopKRouter]) -> torch.Tensor:
     return loads_LE
 
 
+def sum_over_default_group_(tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` in place over ``torch.distributed``'s default process group when one is
+    initialised with more than one rank; a no-op otherwise (single process, or no group).
+
+    The ``all_reduce="auto"`` of :class:`LossFreeBalancer`. Every rank must call it (a rank that
+    skips the bias update leaves the others waiting until the group's timeout).
+    """
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 class LossFreeBalancer:
     """Auxiliary-Loss-Free Load Balancing bias update (arXiv 2408.15664 §3, Algorithm 1).
 
@@ -103,9 +116,14 @@ class LossFreeBalancer:
         update: ``"sign"`` (Algorithm 1: ``b += u * sign(e)``) or ``"error"`` (the paper's
             ablation, ``b += u * e / c_mean``: the raw error, divided by the mean load so that the
             rate does not depend on the batch size).
-        all_reduce: optional function applied in place to the ``[L, E]`` float32 load matrix
-            before the update, e.g. a data-parallel all-reduce, so every rank updates from the
-            global batch's load and keeps identical biases.
+        all_reduce: how the ``[L, E]`` float32 load matrix is summed over data-parallel ranks
+            before the update, so that every rank updates from the global batch's load and keeps
+            identical biases. ``"auto"`` (default): :func:`sum_over_default_group_`, a sum over
+            ``torch.distributed``'s default process group when one is initialised with more than
+            one rank at the time of the step (own DDP / FSDP loops, Accelerate, torchrun), nothing
+            otherwise. A function: applied in place (e.g. ``moebalance.parallel.all_reduce_sum_``,
+            or a sum over a sub-group). ``None``: never reduce; each rank updates from its own
+            loads (the biases of the ranks drift apart).
         center: after each update subtract each layer's mean bias, so the biases of a layer sum
             to 0 (torchtitan does this). Routing does not change: the top-K of ``s + b`` is the
             same as that of ``s + b - c`` for any constant ``c`` (also group-limited routing,
@@ -120,14 +138,15 @@ class LossFreeBalancer:
     Raises:
         ValueError: ``update_rate`` not a number in ``[1.18e-38, 3.40e38]`` (a normal float32; a
             larger one makes the float32 delta inf and the biases NaN, a smaller one underflows),
-            an unknown ``update`` or a non-boolean ``center``.
+            an unknown ``update``, a non-boolean ``center``, or an ``all_reduce`` that is not
+            ``"auto"``, ``None`` or callable.
     """
 
     def __init__(
         self,
         update_rate: float = 1e-3,
         update: UpdateMode = "sign",
-        all_reduce: Callable[[torch.Tensor], None] | None = None,
+        all_reduce: Callable[[torch.Tensor], None] | Literal["auto"] | None = "auto",
         center: bool = False,
     ) -> None:
         if not is_finite_number(update_rate) or not _F32.tiny <= update_rate <= _F32.max:
@@ -139,6 +158,8 @@ class LossFreeBalancer:
             raise ValueError(f"update must be 'sign' or 'error', got {update!r}")
         if not isinstance(center, bool):
             raise ValueError(f"center must be True or False, got {center!r}")
+        if not (all_reduce is None or callable(all_reduce) or (isinstance(all_reduce, str) and all_reduce == "auto")):
+            raise ValueError(f"all_reduce must be 'auto', None or a function summing a tensor in place, got {all_reduce!r}")
         self.update_rate = float(update_rate)
         self.update = update
         self.all_reduce = all_reduce
@@ -154,14 +175,16 @@ class LossFreeBalancer:
                 the trainer's ``balance.bias_update_schedule=lr``; 1.0 is Algorithm 1).
 
         Returns:
-            ``[L, E]`` float32 loads the update used (global loads when ``all_reduce`` is set).
+            ``[L, E]`` float32 loads the update used (global loads when they were all-reduced).
             A layer whose load is all zero (no training forward since the last step) is left as is.
         """
         routers = find_routers(model)
         if self.center and any(r.bias_mode != "additive" for r in routers):
             raise ValueError("center=True needs bias_mode='additive' (a multiplicative bias is not shift-invariant)")
         loads_LE = pop_expert_loads(routers)
-        if self.all_reduce is not None:
+        if self.all_reduce == "auto":
+            sum_over_default_group_(loads_LE)
+        elif self.all_reduce is not None:
             self.all_reduce(loads_LE)
         biases = [r.expert_bias for r in routers]
         delta_LE = self.bias_delta(loads_LE, torch.stack(biases) if self.center else None, rate_scale)

@@ -133,8 +133,8 @@ def apply_loss_free_balancing(
     :func:`~moebalance.integrations.transformers.checkpoint.record_in_config`).
 
     Calling it again on the same model returns the same handle when the settings match (the biases
-    are not reloaded), and raises when they differ. Works on a meta-device model: after
-    ``to_empty`` the biases are zero (then loaded by ``load_state_dict``).
+    are not reloaded), and raises when they differ. Works on a meta-device model, before or after
+    ``to_empty`` (the conformance probe uses its own finite weights): the biases come out zero.
 
     Args:
         model: a transformers model (``...ForCausalLM``, base model, or any module holding the routers).

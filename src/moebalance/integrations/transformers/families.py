@@ -93,10 +93,15 @@ def softmax_router_forward(self: nn.Module, hidden_states: torch.Tensor):
 
 
 def check_patch_matches(router: nn.Module, original_forward: Callable) -> None:
-    """Run the original and the patched router on a probe input (zero bias) and require identical
-    outputs; the probe leaves the global RNG, the bias and the load counts untouched.
+    """Run the original and the patched router on a probe (zero bias) and require identical outputs.
 
-    Skipped on a meta-device router (nothing to compute); the check runs on real weights only.
+    The probe uses its own finite weight ``[E, D]`` and input ``[2, 8, D]`` (fixed seed, the
+    router's dtype and device), swapped in for the duration of the check: the result does not
+    depend on the model's current weight values, so the check is the same on freshly initialised,
+    trained, or uninitialised weights (``to_empty`` memory, NaN/Inf). The probe leaves the global
+    RNG, the router's weight, the bias and the load counts untouched.
+
+    Skipped on a meta-device router (nothing to compute).
 
     Raises:
         RuntimeError: an output differs (another transformers release routes differently).
@@ -106,15 +111,18 @@ def check_patch_matches(router: nn.Module, original_forward: Callable) -> None:
         return
     gen = torch.Generator(device="cpu").manual_seed(0)
     probe = torch.randn(2, 8, router.hidden_dim, generator=gen).to(weight.device, weight.dtype)
+    probe_weight = torch.randn(tuple(weight.shape), generator=gen).to(weight.device, weight.dtype)
     was_training = router.training
     saved = router.expert_bias.clone(), router.moebalance_eval_counts.clone()
     router.eval()
+    router._parameters["weight"] = nn.Parameter(probe_weight, requires_grad=False)
     try:
         with torch.no_grad():
             ref = original_forward(probe)
             router.expert_bias.zero_()
             got = router.forward(probe)
     finally:
+        router._parameters["weight"] = weight
         router.expert_bias.copy_(saved[0])
         router.moebalance_eval_counts.copy_(saved[1])
         router.train(was_training)

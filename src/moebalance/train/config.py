@@ -486,7 +486,9 @@ def _paper_preset(name: str, model: ModelConfig, train: dict[str, Any]) -> RunCo
 
 
 def preset_paper_1b() -> RunConfig:
-    """arXiv 2408.15664's 1B setting on one 8-GPU node: a DeepSeekMoE-style model of 1.02e9
+    """The paper's 1B run (arXiv 2408.15664: 1B parameters, 100B tokens, sigmoid gate, u = 1e-3,
+    alpha = 1e-3) on one 8-GPU node. The architecture and batch are ours (the paper's are not in
+    our sources; docs/reproduction.md marks each value): a DeepSeekMoE-style model of 1.02e9
     parameters (0.20e9 activated per token), 100B tokens in 95,368 steps of 512 x 2048 tokens.
 
     ``train.batch_size=8`` per rank x ``grad_accum=8`` x 8 ranks = 512 sequences a step. With
@@ -504,7 +506,8 @@ def preset_paper_1b() -> RunConfig:
 
 
 def preset_paper_3b() -> RunConfig:
-    """arXiv 2408.15664's 3B setting on one 8-GPU node: a DeepSeekMoE-style model of 3.00e9
+    """The paper's 3B run (arXiv 2408.15664: 3B parameters, 200B tokens) on one 8-GPU node, with
+    our architecture and batch as for ``paper-1b``: a DeepSeekMoE-style model of 3.00e9
     parameters (0.53e9 activated per token), 200B tokens in 95,368 steps of 1024 x 2048 tokens.
 
     ``train.batch_size=8`` per rank x ``grad_accum=16`` x 8 ranks = 1024 sequences a step; blocks

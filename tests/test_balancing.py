@@ -195,3 +195,32 @@ def test_bias_update_schedule_lr_follows_the_decay_after_warmup():
     scales = [bias_rate_scale(s, cfg) for s in range(t.warmup_steps, t.max_steps)]
     assert scales == sorted(scales, reverse=True)  # slows down with the learning rate
     assert scales[-1] == pytest.approx(lr_at(t.max_steps - 1, cfg) / t.lr) and scales[-1] < 0.11
+
+
+def test_bad_rate_scale_in_step_keeps_the_step_loads():
+    # The refusal comes before the loads are read: retrying with a valid scale updates from them.
+    router = TopKRouter(8, 4, 1)
+    _fill(router, [10, 2, 4, 0])
+    for bad in (1.5, float("nan"), torch.tensor(0.5)):
+        with pytest.raises(ValueError, match="rate_scale"):
+            LossFreeBalancer().step(router, rate_scale=bad)
+    assert router.load_counts.tolist() == [10, 2, 4, 0]
+    assert router.expert_bias.tolist() == [0.0, 0.0, 0.0, 0.0]
+    LossFreeBalancer(update_rate=1e-3).step(router)
+    assert router.expert_bias.tolist() == pytest.approx([-1e-3, 1e-3, 0.0, 1e-3])
+
+
+def test_integers_too_large_for_a_float_are_refused_by_name():
+    with pytest.raises(ValueError, match="update_rate"):
+        LossFreeBalancer(update_rate=10**400)
+    with pytest.raises(ValueError, match="rate_scale"):
+        LossFreeBalancer().bias_delta(torch.ones(4), rate_scale=10**400)
+    with pytest.raises(ValueError, match="coeff"):
+        AuxLossBalancer(coeff=10**400)
+
+
+def test_step_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        LossFreeBalancer().step(torch.ones(4))
+    with pytest.raises(TypeError, match="nn.Module"):
+        find_routers([TopKRouter(8, 4, 1)])

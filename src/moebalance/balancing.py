@@ -67,7 +67,13 @@ __all__ = [
 
 
 def find_routers(module: nn.Module) -> list[TopKRouter]:
-    """Every :class:`TopKRouter` inside ``module`` (``module`` itself included), in module order."""
+    """Every :class:`TopKRouter` inside ``module`` (``module`` itself included), in module order.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module (a model, an MoE layer or a TopKRouter), got {type(module).__name__}")
     return [m for m in module.modules() if isinstance(m, TopKRouter)]
 
 
@@ -100,6 +106,12 @@ def sum_over_default_group_(tensor: torch.Tensor) -> None:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
+def _check_rate_scale(rate_scale: float) -> None:
+    """Raise ``ValueError`` unless ``rate_scale`` is an int or float in ``[0, 1]``."""
+    if not (is_finite_number(rate_scale) and 0.0 <= rate_scale <= 1.0):
+        raise ValueError(f"rate_scale must be a number (int or float) in [0, 1], got {rate_scale!r}")
 
 
 class LossFreeBalancer:
@@ -177,7 +189,14 @@ class LossFreeBalancer:
         Returns:
             ``[L, E]`` float32 loads the update used (global loads when they were all-reduced).
             A layer whose load is all zero (no training forward since the last step) is left as is.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ValueError: ``rate_scale`` not a number in ``[0, 1]``, no :class:`TopKRouter` in
+                ``model``, routers of different ``E``, or ``center=True`` with a multiplicative
+                bias. Raised before the loads are read: the counters keep them for the next call.
         """
+        _check_rate_scale(rate_scale)
         routers = find_routers(model)
         if self.center and any(r.bias_mode != "additive" for r in routers):
             raise ValueError("center=True needs bias_mode='additive' (a multiplicative bias is not shift-invariant)")
@@ -209,8 +228,7 @@ class LossFreeBalancer:
         Raises:
             ValueError: ``center=True`` without ``bias_LE``, or ``rate_scale`` outside ``[0, 1]``.
         """
-        if not (is_finite_number(rate_scale) and 0.0 <= rate_scale <= 1.0):
-            raise ValueError(f"rate_scale must be a number in [0, 1], got {rate_scale!r}")
+        _check_rate_scale(rate_scale)
         rate = self.update_rate * float(rate_scale)
         loads = loads_LE.float()
         mean = loads.mean(dim=-1, keepdim=True)

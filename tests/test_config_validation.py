@@ -123,6 +123,7 @@ def test_every_field_rejects_a_wrong_type(key):
         ({"model": {"top_k": "2"}}, r"model.top_k must be an integer, got '2'"),
         ({"train": {"max_steps": True}}, r"train.max_steps must be an integer"),
         ({"train": {"lr": float("nan")}}, r"train.lr must be a finite number"),
+        ({"balance": {"bias_update_rate": 10**400}}, r"balance.bias_update_rate must be a finite number"),
         ({"modle": {}}, r"unknown config sections: \['modle'\]"),
         ({"model": {"topk": 2}}, r"unknown config keys: \['model.topk'\]"),
         ({"model": [1, 2]}, r"config section 'model' must be an object of fields, got list"),

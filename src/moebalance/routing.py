@@ -339,8 +339,14 @@ def _in_backward_recompute() -> bool:
 
 
 def is_finite_number(value: object) -> bool:
-    """``True`` for a finite int or float (not a bool, a string or a tensor)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """``True`` for a finite int or float (not a bool, a string or a tensor); ``False`` also for an
+    int too large for a float (``math.isfinite(10**400)`` raises ``OverflowError``)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def check_routing_args(

@@ -54,7 +54,8 @@ def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
 def _check_type(value: Any, tp: Any, name: str) -> None:
     """``value`` matches the annotation ``tp`` (int, float, bool, str, Literal, Optional).
 
-    Floats must be finite: an ``inf`` or ``nan`` rate or coefficient is never meant.
+    Floats must be finite: an ``inf`` or ``nan`` rate or coefficient is never meant (nor an int
+    too large for a float, where ``math.isfinite`` itself raises ``OverflowError``).
     """
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Union or origin is types.UnionType:
@@ -69,7 +70,11 @@ def _check_type(value: Any, tp: Any, name: str) -> None:
     elif tp is int:
         _check(isinstance(value, int) and not isinstance(value, bool), name, "an integer", value)
     elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        try:
+            ok = ok and math.isfinite(value)
+        except OverflowError:
+            ok = False
         _check(ok, name, "a finite number", value)
     elif tp is str:
         _check(isinstance(value, str), name, "a string", value)

@@ -390,3 +390,26 @@ def test_12_data_parallel_wrapper_warns_nothing():
         assert wrapped.forward_sync_buffers is False  # rank-local load counters are never overwritten
     finally:
         dist.destroy_process_group()
+
+
+# -- compare --seeds: a command-line error, found before any data is prepared ---------------------
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--seeds", "0"], "--seeds must be an integer >= 1, got 0"),
+        (["--seeds", "-3"], "--seeds must be an integer >= 1, got -3"),
+        (["--seeds", "2", f"train.seed={2**63 - 1}"], "--seeds 2 from train.seed=9223372036854775807"),
+    ],
+)
+def test_compare_bad_seeds_is_status_2_before_the_data(tmp_path, monkeypatch, capsys, extra, needle):
+    from moebalance.lab import compare
+
+    monkeypatch.setattr(compare, "prepare_data", lambda cfg: pytest.fail("data prepared before --seeds was checked"))
+    out = tmp_path / "cmp"
+    code, _, err = run_cli(["compare", "--preset", "smoke", "--out", str(out), *extra], capsys)
+    assert code == 2, err
+    assert err.startswith("usage: moebalance compare ")
+    assert_one_line(err, needle)
+    assert not out.exists()

@@ -240,6 +240,10 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
             cfg = _config(args)
             if args.command == "leakage":
                 _check_measurement(args, cfg)
+            if args.command == "compare":
+                from moebalance.lab.compare import check_seeds
+
+                check_seeds(cfg, args.seeds)
     except (ValueError, OSError) as exc:
         raise UsageError(_message(exc)) from exc
     if args.command != "replay":

@@ -15,7 +15,7 @@ from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig
 from moebalance.train.data import prepare_data
 
-__all__ = ["check_run_folders", "compare", "compare_configs", "resumable", "seed_configs"]
+__all__ = ["check_run_folders", "check_seeds", "compare", "compare_configs", "resumable", "seed_configs"]
 
 REPORT_FIELDS = (
     "val_loss",
@@ -113,6 +113,23 @@ def resumable(base: RunConfig) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+def check_seeds(base: RunConfig, seeds: int) -> None:
+    """Check ``compare --seeds N`` against ``base`` (the CLI calls it before any data is prepared).
+
+    Raises:
+        ValueError: ``seeds`` not an integer >= 1, or a last seed ``base.train.seed + seeds - 1``
+            beyond ``train.seed``'s range ``[0, 2**63)``.
+    """
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    last = base.train.seed + seeds - 1
+    if last >= 2**63:
+        raise ValueError(
+            f"--seeds {seeds} from train.seed={base.train.seed} needs seeds up to {last}, beyond train.seed's "
+            f"range [0, 2**63); lower train.seed to at most {2**63 - seeds}"
+        )
+
+
 def seed_configs(base: RunConfig, seeds: int) -> dict[str, RunConfig]:
     """Every run of ``compare --seeds N``: run name -> config, seeds ``base.train.seed + i``.
 
@@ -121,10 +138,9 @@ def seed_configs(base: RunConfig, seeds: int) -> dict[str, RunConfig]:
     both strategies share initial weights and batches.
 
     Raises:
-        ValueError: ``seeds < 1``.
+        ValueError: see :func:`check_seeds`.
     """
-    if not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    check_seeds(base, seeds)
     runs = {}
     for i in range(seeds):
         d = base.to_dict()

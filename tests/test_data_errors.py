@@ -31,6 +31,14 @@ def make(tmp_path, kind):
         for i in range(3):
             (root / f"f{i}.png").write_bytes(b"\x89PNG\xff\xfe" * 50)
         return DataConfig(path=str(root), cache_dir=cache), ValueError, "holds no text files"
+    if kind == "blank_file":  # UTF-8, but nothing to train on
+        (root / "blank.txt").write_text("\n\n   \n\t\n")
+        return DataConfig(path=str(root / "blank.txt"), cache_dir=cache), ValueError, "no text to train on: only whitespace in its 1 UTF-8 file"
+    if kind == "blank_files_by_file":
+        for i in range(3):
+            (root / f"f{i}.txt").write_text(" \n" * 10)
+        cfg = DataConfig(path=str(root), cache_dir=cache, val_split="files")
+        return cfg, ValueError, "split .* holds only whitespace"
     if kind == "single_line_file":
         (root / "one.txt").write_text("hello world, " * 100)
         cfg = DataConfig(path=str(root / "one.txt"), cache_dir=cache, val_split="files")
@@ -63,6 +71,8 @@ KINDS = [
     "empty_folder",
     "empty_files",
     "binary_files",
+    "blank_file",
+    "blank_files_by_file",
     "single_line_file",
     "too_short_for_chunks",
     "bin_no_vocab",

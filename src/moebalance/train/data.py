@@ -294,8 +294,10 @@ def _split_texts(cfg: DataConfig, root: Path, rels: list[str], source: str) -> t
             train_texts, val_texts = split_lines(train_texts[0], cfg.val_fraction)
         except ValueError as exc:
             raise ValueError(f"data.path {source!r}: {exc}") from None
-    if not any(t.strip() for t in train_texts) or not any(t.strip() for t in val_texts):
-        raise ValueError(f"data.path {source!r}: no UTF-8 text in the train or validation split")
+    for name, texts in (("training", train_texts), ("validation", val_texts)):
+        if not any(t.strip() for t in texts):
+            what = f"{len(texts)} UTF-8 file{'s' if len(texts) != 1 else ''}" if not single else "its lines"
+            raise ValueError(f"data.path {source!r}: the {name} split ({what}) holds only whitespace, no text to train on")
     return train_texts, val_texts, skipped_train + skipped_val
 
 
@@ -309,8 +311,13 @@ def _build_text_cache(cfg: DataConfig, root: Path, rels: list[str], source: str,
         num_files, val_chunks = [len(train_texts), len(val_texts)], None
     else:
         texts, skipped = _read_texts(root, rels)
-        if not any(t.strip() for t in texts):
+        if not texts:
             raise ValueError(f"data.path {source!r} holds no text files: all {len(rels)} files are not UTF-8 text")
+        if not any(t.strip() for t in texts):
+            raise ValueError(
+                f"data.path {source!r} holds no text to train on: only whitespace in its {len(texts)} UTF-8 "
+                f"file{'s' if len(texts) != 1 else ''}"
+            )
         log.info("training a %d-token BPE on %d files", cfg.vocab_size, len(texts))
         tok = _train_tokenizer(texts, cfg.vocab_size)
         ids = _encode(tok, texts)

@@ -14,6 +14,13 @@ expert's per-batch relative load (load / mean load): its mean, median and skewne
 
 Output (``--out``): JSON with the arguments, the MaxVio_global curve, and the probe statistics
 per layer. Used by docs/reproduction.md ("Where the floor comes from").
+
+Errors, as ``moebalance`` (README, *Errors and exit status*): one line on stderr and status 2 for
+bad arguments, a run folder whose checkpoint cannot be read, or an ``--out`` that cannot be
+written (all found before the work starts); 4 when the work fails on its data or files; 130 on
+Ctrl-C (nothing is written: the JSON is written once, atomically, at the end). A re-run never
+overwrites: an ``--out`` written with the same arguments is read back, one with other arguments
+is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import numpy as np
 import torch
 
 from moebalance.balancing import LossFreeBalancer, find_routers, pop_expert_loads
-from moebalance.train.checkpoint import load_checkpoint, write_json
+from moebalance.train.checkpoint import folder_problem, load_checkpoint, write_json
 from moebalance.train.config import RunConfig
 from moebalance.train.data import prepare_data, sample_batch
 from moebalance.train.loop import evaluate
@@ -45,18 +52,45 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--probe-batches", type=int, default=600, help="batches for the load statistics (default 600)")
     p.add_argument("--seed", type=int, default=999, help="seed of the batch sampler (default 999)")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out written with other arguments")
     a = p.parse_args(argv)
     for name in ("rate", "batch_size", "steps", "eval_every", "probe_batches"):
         if not getattr(a, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    try:
+        LossFreeBalancer(a.rate, a.update)
+    except ValueError as exc:  # the biases are float32: inf, 1e39 and 1e-50 pass the check above
+        p.error(f"--rate: {exc}")
     if not (a.run_dir / "checkpoint.pt").is_file():
         p.error(f"{a.run_dir} holds no checkpoint.pt (a finished run of `moebalance train`)")
+    if a.out.is_dir():
+        p.error(f"--out {str(a.out)!r} is a folder; name the JSON file to write")
+    problem = folder_problem(a.out.parent)
+    if problem is not None:
+        p.error(f"--out {str(a.out)!r}: {problem}")
+    if a.out.exists() and not a.overwrite and stored_args(a.out) != recorded_args(a):
+        p.error(f"--out {str(a.out)!r} holds another result (other arguments, or not one of ours); not overwritten (--overwrite replaces it)")
     return a
 
 
-def load_frozen(run_dir: Path):
-    """The run's model with every weight frozen, its config and its data."""
-    state = load_checkpoint(run_dir / "checkpoint.pt")
+def recorded_args(a: argparse.Namespace) -> dict:
+    """The arguments as the result file records them (``--overwrite`` left out)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "overwrite"}
+
+
+def stored_args(path: Path) -> dict | None:
+    """The ``args`` of an earlier result in ``path``, or ``None`` if it holds none."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get("args") if isinstance(stored, dict) else None
+
+
+def load_frozen(run_dir: Path, state: dict | None = None):
+    """The run's model with every weight frozen, its config and its data (``state``: the run's
+    checkpoint, already loaded; else read from ``run_dir``)."""
+    state = load_checkpoint(run_dir / "checkpoint.pt") if state is None else state
     cfg = RunConfig.from_dict(state["config"])
     data = prepare_data(cfg.data)
     cfg.model.vocab_size = data.vocab_size
@@ -82,9 +116,35 @@ def probe_stats(rel: np.ndarray, val_loads: list) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the experiment; return the exit status (see the module docstring)."""
     a = parse_args(sys.argv[1:] if argv is None else argv)
+    prog = Path(__file__).name
+    if a.out.exists() and not a.overwrite:  # parse_args checked that it holds these arguments' result
+        print(f"{a.out}: already written with these arguments; read back, nothing recomputed")
+        print(json.dumps(json.loads(a.out.read_text())["probe"]))
+        return 0
+    try:
+        state = load_checkpoint(a.run_dir / "checkpoint.pt")
+        if not (isinstance(state, dict) and {"config", "model"} <= state.keys()):
+            raise ValueError("checkpoint.pt is not the training state of a `moebalance train` run (no config and model)")
+        RunConfig.from_dict(state["config"])
+    except (ValueError, OSError, TypeError) as exc:
+        print(f"{prog}: error: {a.run_dir}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    try:
+        return run(a, state)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted: nothing written to {a.out}; run the same command again to start over", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 4
+
+
+def run(a: argparse.Namespace, state: dict) -> int:
+    """The bias-only updates, the probe and the result file of :func:`main`."""
     torch.set_num_threads(1)
-    model, cfg, data = load_frozen(a.run_dir)
+    model, cfg, data = load_frozen(a.run_dir, state)
     routers = find_routers(model)
     balancer = LossFreeBalancer(a.rate, a.update)
     gen = torch.Generator().manual_seed(a.seed)
@@ -115,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         rel.append((loads / loads.mean(-1, keepdim=True)).numpy())
     stats = probe_stats(np.stack(rel), curve[-1]["loads"])
     result = {
-        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()},
+        "args": recorded_args(a),
         "curve": [{k: v for k, v in r.items() if k != "loads"} for r in curve],
         "maxvio_global_last_half_mean": float(np.mean([r["maxvio_global"] for r in curve[len(curve) // 2 :]])),
         "probe": stats,

@@ -63,3 +63,75 @@ def test_bias_floor_refuses_a_folder_without_checkpoint(tmp_path):
     with pytest.raises(SystemExit) as exc:
         _module().main([str(tmp_path), "--out", str(tmp_path / "f.json")])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("rate", ["inf", "1e39", "1e-50"])
+def test_bias_floor_refuses_a_rate_the_float32_bias_cannot_take(smoke_run, tmp_path, rate, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _module().main([str(smoke_run), "--rate", rate, "--out", str(tmp_path / "f.json")])
+    assert exc.value.code == 2
+    assert "--rate" in capsys.readouterr().err
+
+
+def test_bias_floor_names_a_corrupt_checkpoint_in_one_line(smoke_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes((smoke_run / "checkpoint.pt").read_bytes()[:1000])
+    assert _module().main([str(run), "--out", str(tmp_path / "f.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "checkpoint.pt is truncated" in err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_bias_floor_names_a_checkpoint_that_is_no_training_state(tmp_path, capsys):
+    import torch
+
+    (tmp_path / "run").mkdir()
+    torch.save(torch.ones(2), tmp_path / "run" / "checkpoint.pt")
+    assert _module().main([str(tmp_path / "run"), "--out", str(tmp_path / "f.json")]) == 2
+    assert "not the training state of a `moebalance train` run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["folder", "below_a_file"])
+def test_bias_floor_checks_out_before_the_work(smoke_run, tmp_path, where, capsys, monkeypatch):
+    module = _module()
+    monkeypatch.setattr(module, "load_frozen", lambda *a, **k: pytest.fail("worked before --out was checked"))
+    out = tmp_path if where == "folder" else smoke_run / "summary.json" / "f.json"
+    with pytest.raises(SystemExit) as exc:
+        module.main([str(smoke_run), "--out", str(out)])
+    assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_bias_floor_rerun_reads_back_and_never_overwrites(smoke_run, tmp_path, capsys, monkeypatch):
+    module = _module()
+    out = tmp_path / "floor.json"
+    argv = [str(smoke_run), "--steps", "2", "--eval-every", "2", "--probe-batches", "1", "--out", str(out)]
+    assert module.main(argv) == 0
+    first = out.read_bytes()
+    monkeypatch.setattr(module, "load_frozen", lambda *a, **k: pytest.fail("recomputed a finished result"))
+    assert module.main(argv) == 0  # the same arguments: the result is read back
+    assert "already" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:  # other arguments: refused, the file kept
+        module.main([*argv, "--seed", "5"])
+    assert exc.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == first
+    monkeypatch.undo()
+    assert module.main([*argv, "--seed", "5", "--overwrite"]) == 0
+    assert json.loads(out.read_text())["args"]["seed"] == 5
+
+
+def test_bias_floor_ctrl_c_is_one_line_status_130_and_writes_nothing(smoke_run, tmp_path, capsys, monkeypatch):
+    module = _module()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "evaluate", interrupted)
+    out = tmp_path / "floor.json"
+    assert module.main([str(smoke_run), "--steps", "2", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted" in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

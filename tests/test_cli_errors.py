@@ -413,3 +413,33 @@ def test_compare_bad_seeds_is_status_2_before_the_data(tmp_path, monkeypatch, ca
     assert err.startswith("usage: moebalance compare ")
     assert_one_line(err, needle)
     assert not out.exists()
+
+
+# -- compare / sweep: an override that a run would replace is refused, not silently dropped -------
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["compare", "balance.strategy=loss_free"], "run 'aux_loss' sets balance.strategy=aux_loss"),
+        (["sweep", "update-rate", "balance.bias_update_rate=0.5"], "run 'loss_free_u_1e-4' sets balance.bias_update_rate=1e-4"),
+        (["sweep", "alpha", "balance.aux_loss_coeff=0.5"], "run 'aux_alpha_0' sets balance.aux_loss_coeff=0"),
+        (["sweep", "variants", "model.score_func=softmax", "balance.strategy=aux_loss"], "balance.strategy=loss_free"),
+    ],
+)
+def test_an_override_a_run_replaces_is_status_2(tmp_path, monkeypatch, capsys, argv, needle):
+    from moebalance.lab import compare
+
+    monkeypatch.setattr(compare, "prepare_data", lambda cfg: pytest.fail("data prepared before the overrides were checked"))
+    out = tmp_path / "out"
+    code, _, err = run_cli([*argv[:2 if argv[0] == "sweep" else 1], "--preset", "smoke", "--out", str(out), *argv[2 if argv[0] == "sweep" else 1 :]], capsys)
+    assert code == 2, err
+    assert_one_line(err, needle)
+    assert not out.exists()
+
+
+def test_an_override_a_run_sets_to_the_same_value_is_kept(tmp_path, monkeypatch, capsys):
+    # strategies: loss_free_z_loss sets the z-loss to 1e-3; the same value on every run replaces nothing.
+    code, out, err = run_cli(["sweep", "strategies", "--preset", "smoke", "--print-config", "balance.z_loss_coeff=1e-3"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["balance"]["z_loss_coeff"] == 1e-3

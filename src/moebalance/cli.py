@@ -223,6 +223,21 @@ def _check_measurement(args: argparse.Namespace, cfg: RunConfig) -> None:
         raise UsageError(f"--trials must be >= 1, got {args.trials}")
 
 
+def _check_replaced(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """Refuse an override that a run of ``compare`` / ``sweep GRID`` replaces with its own value."""
+    from moebalance.lab.compare import COMPARE_RUNS, replaced_overrides
+    from moebalance.lab.sweeps import grid_runs
+
+    runs = grid_runs(args.grid, cfg) if args.command == "sweep" else COMPARE_RUNS
+    replaced = replaced_overrides(cfg, runs, override_keys(args.overrides))
+    if replaced:
+        what = f"sweep {args.grid}" if args.command == "sweep" else "compare"
+        raise UsageError(
+            f"{what} sets these itself, so your value would not be used: {'; '.join(replaced)} "
+            f"(leave them out; the runs are listed in docs/balancing.md)"
+        )
+
+
 def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
     """The config phase: parse the config and check every path the command names (exit 2)."""
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command in ("plot", "replay")]
@@ -244,6 +259,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
                 from moebalance.lab.compare import check_seeds
 
                 check_seeds(cfg, args.seeds)
+            if args.command in ("compare", "sweep"):
+                _check_replaced(args, cfg)
     except (ValueError, OSError) as exc:
         raise UsageError(_message(exc)) from exc
     if args.command != "replay":

@@ -12,10 +12,10 @@ from moebalance.lab.runs import RunFolderError, run_or_resume, run_state
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
 from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
 from moebalance.train.checkpoint import write_json, write_text
-from moebalance.train.config import RunConfig
+from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import prepare_data
 
-__all__ = ["check_run_folders", "check_seeds", "compare", "compare_configs", "resumable", "seed_configs"]
+__all__ = ["COMPARE_RUNS", "check_run_folders", "check_seeds", "compare", "compare_configs", "replaced_overrides", "resumable", "seed_configs"]
 
 REPORT_FIELDS = (
     "val_loss",
@@ -63,6 +63,36 @@ def report_context(data, base: RunConfig, run_dirs: dict[str, Path], command: st
         "command": command or " ".join(["moebalance"] + sys.argv[1:]),
         "ep_replay": replay_runs(run_dirs),
     }
+
+
+#: The overrides each run of ``compare`` puts on the base config (see :func:`compare_configs`).
+COMPARE_RUNS = {"loss_free": ["balance.strategy=loss_free"], "aux_loss": ["balance.strategy=aux_loss"]}
+
+
+def replaced_overrides(base: RunConfig, runs: dict[str, list[str]], keys: list[str]) -> list[str]:
+    """Which of the user's override ``keys`` (already applied to ``base``) some run would replace
+    with another value, as ``"run 'NAME' sets key=value"`` (the first such run of each key).
+
+    ``runs``: run name -> that run's own overrides (:data:`COMPARE_RUNS`, or
+    :func:`moebalance.lab.sweeps.grid_runs`). A run that sets a key to the value the user gave
+    replaces nothing. The CLI refuses the command when the list is not empty: a value that no
+    run (or not every run) trains with must not pass for one that was used.
+
+    Raises:
+        ValueError: a run's overrides do not apply to ``base`` (see :func:`apply_overrides`).
+    """
+    found: dict[str, str] = {}
+    for name, overrides in runs.items():
+        cfg = None
+        for item in overrides:
+            key = item.split("=", 1)[0]
+            if key not in keys or key in found:
+                continue
+            cfg = apply_overrides(base, overrides) if cfg is None else cfg
+            section, field = key.split(".")
+            if getattr(getattr(cfg, section), field) != getattr(getattr(base, section), field):
+                found[key] = f"run {name!r} sets {item}"
+    return list(found.values())
 
 
 def compare_configs(base: RunConfig) -> dict[str, RunConfig]:

@@ -102,13 +102,8 @@ def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
     ``aux_loss``: eq. 2 with ``base.balance.aux_loss_coeff`` (default 1e-3), no bias update.
     Everything else (model, seed, data order, initial weights) is shared.
     """
-    runs = {}
-    for strategy in ("loss_free", "aux_loss"):
-        d = base.to_dict()
-        d["balance"]["strategy"] = strategy
-        # Rebuilt, so every check runs on the config each run really uses, before any training.
-        runs[strategy] = RunConfig.from_dict(d)
-    return runs
+    # Rebuilt, so every check runs on the config each run really uses, before any training.
+    return {strategy: apply_overrides(base, overrides) for strategy, overrides in COMPARE_RUNS.items()}
 
 
 def _verdict(lf: dict[str, Any], aux: dict[str, Any], val_split: str | None = None) -> str:

@@ -144,3 +144,22 @@ def test_a_run_whose_every_step_is_skipped_fails(tmp_path):
     with pytest.raises(NonFiniteError, match="nothing was trained"):
         train(cfg, tmp_path, progress=False)
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_final_perplexity_beyond_float_range_stops_with_a_clear_error(tmp_path):
+    # lr=1000 diverges: the loss stays finite (over 709 nats/token) but exp(loss) overflows a float.
+    overrides = ["train.max_steps=10", "train.lr=1000", "train.min_lr=0", "train.grad_clip=0", "train.warmup_steps=0"]
+    cfg = apply_overrides(get_preset("smoke"), [*overrides, "train.eval_every=10", "train.tensorboard=false"])
+    with pytest.raises(NonFiniteError, match="its perplexity overflows a float"):
+        train(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_perplexity_beyond_float_range_is_inf():
+    import math
+
+    from moebalance.train.loop import perplexity
+
+    assert perplexity(800.0) == math.inf  # math.exp(800.0) raises OverflowError
+    assert perplexity(1.0) == pytest.approx(math.e)
+    assert math.isnan(perplexity(float("nan")))

@@ -62,7 +62,7 @@ from moebalance.train.resume import capture_state, latest_training_state, restor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "evaluate", "train"]
+__all__ = ["TrainResult", "evaluate", "perplexity", "train"]
 
 
 @dataclass
@@ -97,6 +97,15 @@ def lr_at(step: int, cfg: RunConfig) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, or ``inf`` where that overflows a float (a loss above ~709.78 nats/token:
+    ``math.exp`` raises ``OverflowError`` there, which ended a diverged run as an internal error)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def bias_rate_scale(step: int, cfg: RunConfig) -> float:
@@ -171,7 +180,7 @@ def evaluate(
     vio = max_violation(loads_LE)
     return {
         "val_loss": val_loss,
-        "val_ppl": math.exp(val_loss),
+        "val_ppl": perplexity(val_loss),
         "val_tokens": total_tokens,
         "loads": loads_LE.tolist(),
         "maxvio_global_per_layer": vio.tolist(),
@@ -434,6 +443,11 @@ class _Run:
             raise NonFiniteError(
                 f"the final validation loss is {last_eval['val_loss']}; no summary or final checkpoint written"
             )
+        if not math.isfinite(last_eval["val_ppl"]):
+            raise NonFiniteError(
+                f"the final validation loss is {last_eval['val_loss']:.1f} nats/token: its perplexity overflows a "
+                "float (the run diverged; lower train.lr); no summary or final checkpoint written"
+            )
         self._write_final_checkpoint()
         history = stats["maxvio_history"]
         tail = history[-max(1, len(history) // 10) :] if history else [float("nan")]
@@ -504,7 +518,7 @@ def train(
             checkpoint or one made with another config or other data.
         FileNotFoundError: on resume, no checkpoint in ``out_dir``.
         NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``;
-            every step skipped; or a non-finite final validation loss.
+            every step skipped; or a non-finite final validation loss or perplexity.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

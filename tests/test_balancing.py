@@ -224,3 +224,13 @@ def test_step_refuses_what_is_not_a_module():
         LossFreeBalancer().step(torch.ones(4))
     with pytest.raises(TypeError, match="nn.Module"):
         find_routers([TopKRouter(8, 4, 1)])
+
+
+def test_a_tensor_or_numpy_float32_rate_is_refused_as_not_an_int_or_float():
+    np = pytest.importorskip("numpy")
+    for bad in (torch.tensor(1e-3), np.float32(1e-3)):
+        with pytest.raises(ValueError, match=r"update_rate must be a number \(int or float\)"):
+            LossFreeBalancer(update_rate=bad)
+        with pytest.raises(ValueError, match=r"rate_scale must be .*\(int or float\)"):
+            LossFreeBalancer().bias_delta(torch.ones(4), rate_scale=bad)
+    assert LossFreeBalancer(update_rate=np.float64(1e-3)).update_rate == 1e-3  # a float subclass

@@ -148,7 +148,8 @@ class LossFreeBalancer:
             bias only.
 
     Raises:
-        ValueError: ``update_rate`` not a number in ``[1.18e-38, 3.40e38]`` (a normal float32; a
+        ValueError: ``update_rate`` not an int or float (a tensor or NumPy float32 is not) in
+            ``[1.18e-38, 3.40e38]`` (a normal float32; a
             larger one makes the float32 delta inf and the biases NaN, a smaller one underflows),
             an unknown ``update``, a non-boolean ``center``, or an ``all_reduce`` that is not
             ``"auto"``, ``None`` or callable.
@@ -163,7 +164,7 @@ class LossFreeBalancer:
     ) -> None:
         if not is_finite_number(update_rate) or not _F32.tiny <= update_rate <= _F32.max:
             raise ValueError(
-                f"update_rate must be a number > 0 and finite as a float32 (in [{_F32.tiny:.3g}, "
+                f"update_rate must be a number (int or float) > 0 and finite as a float32 (in [{_F32.tiny:.3g}, "
                 f"{_F32.max:.3g}]: the biases are float32), got {update_rate!r}"
             )
         if update not in ("sign", "error"):

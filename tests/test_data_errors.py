@@ -39,6 +39,15 @@ def make(tmp_path, kind):
             (root / f"f{i}.txt").write_text(" \n" * 10)
         cfg = DataConfig(path=str(root), cache_dir=cache, val_split="files")
         return cfg, ValueError, "split .* holds only whitespace"
+    if kind == "binary_validation_files":  # the text files all fall in the training split
+        from moebalance.train.data import split_files
+
+        names = [f"f{i:02d}.txt" for i in range(40)]
+        val = set(split_files(names, 0.05)[1])
+        for name in names:
+            (root / name).write_bytes(b"\x89PNG\xff\xfe" * 50 if name in val else b"some text\n" * 20)
+        cfg = DataConfig(path=str(root), cache_dir=cache, val_split="files")
+        return cfg, ValueError, rf"the validation split holds no text: its {len(val)} files are not UTF-8"
     if kind == "single_line_file":
         (root / "one.txt").write_text("hello world, " * 100)
         cfg = DataConfig(path=str(root / "one.txt"), cache_dir=cache, val_split="files")
@@ -73,6 +82,7 @@ KINDS = [
     "binary_files",
     "blank_file",
     "blank_files_by_file",
+    "binary_validation_files",
     "single_line_file",
     "too_short_for_chunks",
     "bin_no_vocab",

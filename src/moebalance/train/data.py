@@ -294,7 +294,9 @@ def _split_texts(cfg: DataConfig, root: Path, rels: list[str], source: str) -> t
             train_texts, val_texts = split_lines(train_texts[0], cfg.val_fraction)
         except ValueError as exc:
             raise ValueError(f"data.path {source!r}: {exc}") from None
-    for name, texts in (("training", train_texts), ("validation", val_texts)):
+    for name, texts, n_files in (("training", train_texts, len(train_rels)), ("validation", val_texts, len(val_rels))):
+        if not texts:  # several files, and every file of this split is not UTF-8
+            raise ValueError(f"data.path {source!r}: the {name} split holds no text: its {n_files} files are not UTF-8 text")
         if not any(t.strip() for t in texts):
             what = f"{len(texts)} UTF-8 file{'s' if len(texts) != 1 else ''}" if not single else "its lines"
             raise ValueError(f"data.path {source!r}: the {name} split ({what}) holds only whitespace, no text to train on")

@@ -284,10 +284,23 @@ def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _folder_conflict_is_usage() -> Iterator[None]:
+    """A run folder of ``--out`` that holds another config is a path that cannot serve (exit 2):
+    ``compare`` and ``sweep`` find it before anything trains or is written."""
+    from moebalance.lab.runs import RunFolderError
+
+    try:
+        yield
+    except RunFolderError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.compare import compare
 
-    report = compare(cfg, args.out_dir, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite)
+    with _folder_conflict_is_usage():
+        report = compare(cfg, args.out_dir, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite)
     label = "MaxVio_global_shift" if report["data"].get("val_split") == "files" else "MaxVio_global"
     for name, r in report["runs"].items():
         print(
@@ -303,7 +316,8 @@ def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.sweeps import sweep
 
-    report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
+    with _folder_conflict_is_usage():
+        report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
     for name, r in report["runs"].items():
         print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
     print(f"report: {args.out_dir}/sweep.md")

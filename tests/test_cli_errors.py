@@ -162,6 +162,40 @@ def test_ctrl_c_during_training_then_resume(tokens, tmp_path):
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] == step + 2
 
 
+def test_train_refuses_a_folder_that_holds_a_run(tiny_run, tokens, tmp_path, capsys):
+    """``train --out RUN`` over a finished run: exit 2, the run untouched, the way out named;
+    ``--overwrite`` deletes the folder and trains anew; ``--overwrite`` with ``--resume`` is refused."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "notes.txt").write_text("mine")
+    before = {p.name: p.stat().st_mtime_ns for p in run.iterdir()}
+    argv = ["train", "--no-progress", "--preset", "smoke", "--out", str(run), f"data.path={tokens}", *TINY]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, "already holds a run", f"moebalance train --resume {run}", "--overwrite")
+    assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
+    code, _, err = run_cli(["train", "--no-progress", "--resume", str(run), "--overwrite"], capsys)
+    assert code == 2
+    assert_one_line(err, "--overwrite cannot be combined with --resume")
+    code, _, err = run_cli([*argv, "--overwrite"], capsys)
+    assert code == 0, err
+    assert not (run / "notes.txt").exists() and (run / "summary.json").is_file()
+
+
+def test_nproc_with_bad_data_is_one_error_before_any_worker_starts(tmp_path, monkeypatch, capsys):
+    """``--nproc N`` checks the data in the launching process: one line, exit 4, and torchrun never
+    runs (it used to start N workers whose peers then died with gloo errors, exit 1)."""
+    (tmp_path / "empty.txt").write_text("")
+    launched = []
+    monkeypatch.setattr("moebalance.parallel.process.launch", lambda *a: launched.append(a) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "--nproc", "3", "--preset", "smoke", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "empty.txt")]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 4 and not launched
+    assert_one_line(err, "the corpus is empty")
+    assert not (tmp_path / "o").exists()
+
+
 # -- items 1 and 2: a file where a folder is expected ------------------------------------------------
 
 

@@ -89,11 +89,16 @@ def test_compare_resumes_after_an_interruption_and_never_overwrites(tmp_path, mo
     assert report["runs"]["aux_loss"]["steps"] == 8
 
     # Another config in the same folders: refused before anything trains; --overwrite replaces.
-    with pytest.raises(RunFolderError, match="holds a run of a different config"):
+    with pytest.raises(RunFolderError, match=r"holds a run of a different config.*differs in balance\.aux_loss_coeff"):
         compare_mod.compare(apply_overrides(base, ["balance.aux_loss_coeff=1e-2"]), out, progress=False)
     assert (out / "loss_free" / "summary.json").read_bytes() == finished
+    # A finished run is not read back under a config that would have recorded it differently
+    # (the report would show its curves under the wrong settings); a thread count is harmless.
+    with pytest.raises(RunFolderError, match=r"differs in train\.eval_every"):
+        compare_mod.compare(apply_overrides(base, ["train.eval_every=3"]), out, progress=False)
+    assert compare_mod.compare(apply_overrides(base, ["train.threads=2"]), out, progress=False)["runs"]["loss_free"]["state"] == "finished"
     rc = cli.main(["compare", "--preset", "smoke", "--out", str(out), "--no-progress", *TINY, "train.seed=5"])
-    assert rc == 4  # the CLI prints the one-line refusal (exit 4: the work cannot use its files)
+    assert rc == 2  # a path that cannot serve: the one-line refusal, before anything trains
     assert (out / "loss_free" / "summary.json").read_bytes() == finished
 
 

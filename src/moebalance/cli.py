@@ -9,7 +9,9 @@ An unknown key or a value out of range is an error that names the field.
 ``moebalance train --resume DIR`` continues the run in ``DIR`` from its newest verified checkpoint
 (``DIR/checkpoints/step_*.pt`` or the final ``DIR/checkpoint.pt``: a finished run is extended by
 raising ``train.max_steps``), with the config saved in ``DIR/config.json``; only the keys of
-:data:`moebalance.train.resume.RESUMABLE_KEYS` may be overridden.
+:data:`moebalance.train.resume.RESUMABLE_KEYS` may be overridden. ``train --out DIR`` refuses a
+``DIR`` that already holds a run (its ``config.json``) unless ``--overwrite`` is given, which
+deletes that folder and starts over.
 
 Failures: :func:`main` turns every expected failure into one line on stderr and an exit code of
 :data:`EXIT_CODES` in one place (:func:`_fail`); it never shows a Python traceback (set
@@ -170,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="data-parallel processes on this machine: runs the same command under torchrun (default 1)",
     )
+    p_train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an --out folder that already holds a run (deletes that folder first)",
+    )
     p_cmp = add("compare", "Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
     p_cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy; > 1 reports mean ± std (default 1)")
@@ -213,6 +220,20 @@ def _check_out(args: argparse.Namespace, out: str) -> None:
     problem = folder_problem(out)
     if problem is not None:
         raise UsageError(f"--{'resume' if getattr(args, 'resume', None) else 'out'} {out!r}: {problem}")
+
+
+def _check_train_out(args: argparse.Namespace) -> None:
+    """``train --out DIR`` where DIR already holds a run: refuse unless ``--overwrite`` (never
+    silently train over a run's checkpoints and logs)."""
+    if getattr(args, "resume", None):
+        if args.overwrite:
+            raise UsageError("--overwrite cannot be combined with --resume (which continues the run)")
+        return
+    if (Path(args.out_dir) / "config.json").is_file() and not args.overwrite:
+        raise UsageError(
+            f"--out {args.out_dir!r} already holds a run (config.json); not overwritten: continue it with "
+            f"`moebalance train --resume {args.out_dir}`, start it over with --overwrite, or choose another --out"
+        )
 
 
 def _check_measurement(args: argparse.Namespace, cfg: RunConfig) -> None:
@@ -267,22 +288,40 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
         default = DEFAULT_OUT.get(args.command) or f"runs/sweep/{getattr(args, 'grid', '')}"
         args.out_dir = getattr(args, "resume", None) or args.out or default
         _check_out(args, args.out_dir)
+        if args.command == "train":
+            _check_train_out(args)
     return cfg
 
 
 def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.train.loop import train
 
+    out = Path(args.out_dir)
+    if args.overwrite and (out / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
+        shutil.rmtree(out)  # the other ranks write nothing before the process group's rendezvous
     result = train(cfg, args.out_dir, progress=not args.no_progress, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _folder_conflict_is_usage() -> Iterator[None]:
+    """A run folder of ``--out`` that holds another config is a path that cannot serve (exit 2):
+    ``compare`` and ``sweep`` find it before anything trains or is written."""
+    from moebalance.lab.runs import RunFolderError
+
+    try:
+        yield
+    except RunFolderError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.compare import compare
 
-    report = compare(cfg, args.out_dir, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite)
+    with _folder_conflict_is_usage():
+        report = compare(cfg, args.out_dir, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite)
     label = "MaxVio_global_shift" if report["data"].get("val_split") == "files" else "MaxVio_global"
     for name, r in report["runs"].items():
         print(
@@ -298,7 +337,8 @@ def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.sweeps import sweep
 
-    report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
+    with _folder_conflict_is_usage():
+        report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
     for name, r in report["runs"].items():
         print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
     print(f"report: {args.out_dir}/sweep.md")
@@ -403,11 +443,15 @@ def _interrupted_hint(args: argparse.Namespace | None) -> str:
     return "stopped by Ctrl-C"
 
 
-def _launch(args: argparse.Namespace, argv: list[str] | None) -> int:
+def _launch(args: argparse.Namespace, cfg: RunConfig, argv: list[str] | None) -> int:
     from moebalance.parallel.process import launch
+    from moebalance.train.data import check_data, prepare_data
 
     if args.nproc < 1:
         raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
+    # The data once, here: a bad corpus is one error (exit 4) before any worker starts, not one per
+    # rank and torchrun's report; the workers then read the token cache this fills.
+    check_data(prepare_data(cfg.data), cfg.train.seq_len)
     # Same arguments minus --nproc; torchrun starts the workers and sets RANK / WORLD_SIZE.
     return launch(args.nproc, _without_nproc(sys.argv[1:] if argv is None else list(argv)))
 
@@ -429,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(cfg.to_dict(), indent=2))
             return EXIT_OK
         if getattr(args, "nproc", 1) != 1 and "WORLD_SIZE" not in os.environ:
-            return _launch(args, argv)
+            return _launch(args, cfg, argv)
         with _output_folder(getattr(args, "out_dir", None)):
             return COMMANDS[args.command](args, cfg)
     except (Exception, KeyboardInterrupt) as exc:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.runs import RunFolderError, run_or_resume, run_state
+from moebalance.lab.runs import folder_conflict, run_or_resume
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
 from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
 from moebalance.train.checkpoint import write_json, write_text
@@ -242,11 +242,9 @@ def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) 
     if overwrite:
         return
     for name, (cfg, run_dir) in plan.items():
-        if run_state(run_dir, cfg) == "conflict":
-            raise RunFolderError(
-                f"{run_dir} holds a run of a different config than {name!r} now has; not overwritten "
-                "(use --overwrite to replace it, or choose another --out)"
-            )
+        error = folder_conflict(run_dir, cfg, name)
+        if error is not None:
+            raise error
 
 
 def render_compare_markdown(report: dict[str, Any]) -> str:

@@ -11,9 +11,11 @@ folder depends on what is already there:
   continues from the newest good checkpoint (:mod:`moebalance.train.resume`, bit-identical on CPU);
 * the same config, no checkpoint and no summary (stopped before its first checkpoint): trained
   again from step 0, the only thing lost being that unfinished attempt;
-* a ``config.json`` of another config, or a finished run of another ``train.max_steps``:
-  :class:`RunFolderError`, unless ``overwrite`` (then the folder is deleted and the run trained
-  from step 0). A finished run is never retrained or overwritten without ``overwrite``.
+* a ``config.json`` of another config, or a finished run that differs in a key of
+  :data:`RECORD_KEYS` (its length or what it recorded): :class:`RunFolderError`, naming the keys,
+  unless ``overwrite`` (then the folder is deleted and the run trained from step 0). A finished run
+  is never retrained or overwritten without ``overwrite``, and a report never shows a run read back
+  under a config that would have recorded it differently.
 """
 
 from __future__ import annotations
@@ -30,30 +32,59 @@ from moebalance.train.resume import RESUMABLE_KEYS, config_differences
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunFolderError", "run_or_resume", "run_state"]
+__all__ = ["RECORD_KEYS", "RunFolderError", "folder_conflict", "run_or_resume", "run_state"]
+
+
+#: Keys of :data:`~moebalance.train.resume.RESUMABLE_KEYS` that an unfinished run may change on
+#: resume but a finished run may not when it is read back: its length and what it recorded (the
+#: evaluations and logged steps a report shows). The others (threads, device, checkpointing, ...)
+#: leave a finished run's records as they are.
+RECORD_KEYS = frozenset({"train.max_steps", "train.eval_every", "train.eval_tokens", "train.log_every"})
 
 
 class RunFolderError(ValueError):
     """A run folder holds a run of another config; it is not overwritten without ``--overwrite``."""
 
 
-def run_state(run_dir: Path, cfg: RunConfig) -> str:
-    """What :func:`run_or_resume` would do with ``run_dir``: ``"new"``, ``"finished"``,
-    ``"resume"``, ``"restart"`` or ``"conflict"`` (see the module docstring)."""
+def _assess(run_dir: Path, cfg: RunConfig) -> tuple[str, list[str]]:
+    """``(run_state, keys)``: the state and, for ``"conflict"``, the keys that differ (empty when
+    the saved ``config.json`` cannot be read)."""
     config_path = run_dir / "config.json"
     if not config_path.is_file():
-        return "new"
+        return "new", []
     try:
         saved = json.loads(config_path.read_text())
     except (OSError, ValueError):
-        return "conflict"
+        return "conflict", []
     current = json.loads(json.dumps(cfg.to_dict()))
-    changed = config_differences(saved, current)
-    if any(k not in RESUMABLE_KEYS for k in changed):
-        return "conflict"
-    if (run_dir / "summary.json").is_file():  # finished: read back, or refused if it ran another length
-        return "finished" if "train.max_steps" not in changed else "conflict"
-    return "resume" if CheckpointDir(run_dir / "checkpoints").steps() else "restart"
+    changed = config_differences(saved, current) if isinstance(saved, dict) else ["config.json"]
+    fixed = [k for k in changed if k not in RESUMABLE_KEYS]
+    if fixed:
+        return "conflict", fixed
+    if (run_dir / "summary.json").is_file():  # finished: read back, unless it was recorded differently
+        recorded = [k for k in changed if k in RECORD_KEYS]
+        return ("conflict", recorded) if recorded else ("finished", [])
+    return ("resume" if CheckpointDir(run_dir / "checkpoints").steps() else "restart"), []
+
+
+def run_state(run_dir: Path, cfg: RunConfig) -> str:
+    """What :func:`run_or_resume` would do with ``run_dir``: ``"new"``, ``"finished"``,
+    ``"resume"``, ``"restart"`` or ``"conflict"`` (see the module docstring)."""
+    return _assess(run_dir, cfg)[0]
+
+
+def folder_conflict(run_dir: Path, cfg: RunConfig, name: str | None = None) -> RunFolderError | None:
+    """The error to raise when ``run_dir`` holds a run that ``cfg`` cannot continue or read back
+    (``name``: the run's name in the experiment, for the message), ``None`` when it can."""
+    state, keys = _assess(run_dir, cfg)
+    if state != "conflict":
+        return None
+    shown = ", ".join(keys[:6]) + (f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+    what = f"differs in {shown}" if keys else "has an unreadable config.json"
+    return RunFolderError(
+        f"{run_dir} holds a run of a different config than {name or 'this run'!r} now has ({what}); "
+        "not overwritten (use --overwrite to replace it, or choose another --out)"
+    )
 
 
 def run_or_resume(
@@ -83,10 +114,7 @@ def run_or_resume(
         return json.loads((run_dir / "summary.json").read_text()), state
     if state == "conflict":
         if not overwrite:
-            raise RunFolderError(
-                f"{run_dir} holds a run of a different config; not overwritten "
-                "(use --overwrite to replace it, or choose another --out)"
-            )
+            raise folder_conflict(run_dir, cfg, desc)
         shutil.rmtree(run_dir)
         state = "overwritten"
     if state == "resume":

@@ -15,6 +15,7 @@ but the ``E - K`` routed experts it is not sent to, in every MoE layer.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,10 @@ MIN_TOKENS_PER_S = {"paper-1b": 75_000, "paper-3b": 60_000}
 
 
 @pytest.fixture
-def gpu_seen(monkeypatch):
+def gpu_seen():
     """Let ``train.device='cuda'`` validate on a machine without a GPU (everything else is checked as is)."""
-    monkeypatch.setattr(config, "_is_device", lambda name: True)
+    with config.cuda_assumed():
+        yield
 
 
 def counts(model: MoETransformer) -> tuple[int, int, int]:
@@ -159,3 +161,20 @@ def test_cli_prints_the_paper_preset(gpu_seen, capsys, tmp_path):
 
     assert cli.main(["train", "--preset", "paper-3b", "--out", str(tmp_path / "run"), "--print-config"]) == 0
     assert '"n_layers": 13' in capsys.readouterr().out
+
+
+def test_print_config_shows_the_paper_preset_without_a_gpu_and_training_still_refuses(capsys, tmp_path):
+    """``--print-config`` builds a GPU config on a CPU-only machine (to inspect it); the same command
+    without it refuses, and the assumption ends with the config phase."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from moebalance import cli
+
+    for name in PAPER_TOKENS:
+        assert cli.main(["compare" if name == "paper-3b" else "train", "--preset", name, "--print-config"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["train"]["device"] == "cuda" and shown["train"]["max_steps"] == 95_368
+    assert cli.main(["train", "--preset", "paper-1b", "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="train.device"):
+        config.TrainConfig(device="cuda")

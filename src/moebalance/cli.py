@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from moebalance.train.config import PRESETS, RunConfig, apply_overrides, override_keys, preset_config
+from moebalance.train.config import PRESETS, RunConfig, apply_overrides, cuda_assumed, override_keys, preset_config
 
 __all__ = ["EXIT_CODES", "UsageError", "build_parser", "main"]
 
@@ -265,30 +265,32 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     cfg = None
-    try:
-        if args.command in ("plot", "replay"):
-            from moebalance.lab.reporting import find_run_dirs
+    # --print-config only shows the config: a GPU config (the paper-* presets) may be built without a GPU.
+    with cuda_assumed() if getattr(args, "print_config", False) else contextlib.nullcontext():
+        try:
+            if args.command in ("plot", "replay"):
+                from moebalance.lab.reporting import find_run_dirs
 
-            args.runs = find_run_dirs(args.run_dirs)
-            args.ranks_tuple = _ranks(args.ranks) if args.command == "replay" else None
-        else:
-            args.overrides = list(args.overrides) + extra
-            cfg = _config(args)
-            if args.command == "leakage":
-                _check_measurement(args, cfg)
-            if args.command == "compare":
-                from moebalance.lab.compare import check_seeds
+                args.runs = find_run_dirs(args.run_dirs)
+                args.ranks_tuple = _ranks(args.ranks) if args.command == "replay" else None
+            else:
+                args.overrides = list(args.overrides) + extra
+                cfg = _config(args)
+                if args.command == "leakage":
+                    _check_measurement(args, cfg)
+                if args.command == "compare":
+                    from moebalance.lab.compare import check_seeds
 
-                check_seeds(cfg, args.seeds)
-            if args.command in ("compare", "sweep"):
-                _check_replaced(args, cfg)
-    except (ValueError, OSError) as exc:
-        raise UsageError(_message(exc)) from exc
+                    check_seeds(cfg, args.seeds)
+                if args.command in ("compare", "sweep"):
+                    _check_replaced(args, cfg)
+        except (ValueError, OSError) as exc:
+            raise UsageError(_message(exc)) from exc
     if args.command != "replay":
         default = DEFAULT_OUT.get(args.command) or f"runs/sweep/{getattr(args, 'grid', '')}"
         args.out_dir = getattr(args, "resume", None) or args.out or default
         _check_out(args, args.out_dir)
-        if args.command == "train":
+        if args.command == "train" and not getattr(args, "print_config", False):
             _check_train_out(args)
     return cfg
 

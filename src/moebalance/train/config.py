@@ -7,12 +7,14 @@ overrides existing keys only (``section.field=value``); an unknown key is an err
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ __all__ = [
     "PRESETS",
     "RunConfig",
     "TrainConfig",
+    "cuda_assumed",
     "apply_overrides",
     "get_preset",
     "override_keys",
@@ -294,8 +297,26 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
 
 
+_ASSUME_CUDA = [False]  # set only inside cuda_assumed()
+
+
+@contextlib.contextmanager
+def cuda_assumed() -> Iterator[None]:
+    """Inside it, configs may name CUDA devices that this machine lacks: a GPU config (the
+    ``paper-*`` presets) can be built and shown (``--print-config``) where it cannot run. Only
+    for inspecting a config; nothing may train from one built inside it.
+    """
+    before = _ASSUME_CUDA[0]
+    _ASSUME_CUDA[0] = True
+    try:
+        yield
+    finally:
+        _ASSUME_CUDA[0] = before
+
+
 def _is_device(name: str) -> bool:
-    """A CPU, or a CUDA device that this torch build can use (anything else fails later, deep in torch)."""
+    """A CPU, or a CUDA device that this torch build can use (anything else fails later, deep in
+    torch); inside :func:`cuda_assumed`, any CUDA device."""
     import torch
 
     try:
@@ -303,6 +324,8 @@ def _is_device(name: str) -> bool:
     except (RuntimeError, ValueError):
         return False
     if device.type == "cpu":
+        return True
+    if device.type == "cuda" and _ASSUME_CUDA[0]:
         return True
     return device.type == "cuda" and torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
 
@@ -475,12 +498,13 @@ def _paper_preset(name: str, model: ModelConfig, train: dict[str, Any]) -> RunCo
     "Running at the paper's scale", lists each with its source.
 
     Raises:
-        ValueError: this torch sees no CUDA GPU (the presets train in bfloat16 on ``cuda``).
+        ValueError: this torch sees no CUDA GPU (the presets train in bfloat16 on ``cuda``), unless
+            built inside :func:`cuda_assumed` to be shown.
     """
     if not _is_device("cuda"):
         raise ValueError(
-            f"preset {name!r} needs a CUDA GPU (train.device='cuda'), but this torch sees none; "
-            "see docs/reproduction.md, 'Running at the paper's scale'"
+            f"preset {name!r} needs a CUDA GPU (train.device='cuda'), but this torch sees none "
+            "(--print-config shows it anyway); see docs/reproduction.md, 'Running at the paper's scale'"
         )
     shape = TrainConfig(device="cuda", dtype="bfloat16", max_steps=1, warmup_steps=0, **train)
     steps = steps_for_tokens(PAPER_TOKENS[name], shape, PAPER_WORLD_SIZE)

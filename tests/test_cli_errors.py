@@ -432,8 +432,9 @@ def test_12_data_parallel_wrapper_warns_nothing():
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        (["--seeds", "0"], "--seeds must be an integer >= 1, got 0"),
-        (["--seeds", "-3"], "--seeds must be an integer >= 1, got -3"),
+        (["--seeds", "0"], "--seeds must be an integer in [1, 1000], got 0"),
+        (["--seeds", "-3"], "--seeds must be an integer in [1, 1000], got -3"),
+        (["--seeds", "1000000000"], "--seeds must be an integer in [1, 1000], got 1000000000"),
         (["--seeds", "2", f"train.seed={2**63 - 1}"], "--seeds 2 from train.seed=9223372036854775807"),
     ],
 )

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_cmp = add("compare", "Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
-    p_cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy; > 1 reports mean ± std (default 1)")
+    p_cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy, 1 to 1000; > 1 reports mean ± std (default 1)")
     p_cmp.add_argument("--overwrite", action="store_true", help="replace run folders that hold another config")
     p_sweep = add("sweep", "a grid of balancing runs on one seed, data order and initial weights")
     p_sweep.add_argument("grid", choices=GRIDS, help="built-in grid (see docs/balancing.md)")

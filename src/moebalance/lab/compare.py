@@ -138,15 +138,20 @@ def resumable(base: RunConfig) -> RunConfig:
     return RunConfig.from_dict(d)
 
 
+#: The most seeds ``compare --seeds`` takes: 2,000 default runs are about a week on 2 CPU cores, and
+#: a larger count is a typo (10**9 seeds once spent minutes building configs before any output).
+MAX_SEEDS = 1000
+
+
 def check_seeds(base: RunConfig, seeds: int) -> None:
     """Check ``compare --seeds N`` against ``base`` (the CLI calls it before any data is prepared).
 
     Raises:
-        ValueError: ``seeds`` not an integer >= 1, or a last seed ``base.train.seed + seeds - 1``
+        ValueError: ``seeds`` not an integer in ``[1, MAX_SEEDS]``, or a last seed ``base.train.seed + seeds - 1``
             beyond ``train.seed``'s range ``[0, 2**63)``.
     """
-    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
-        raise ValueError(f"--seeds must be an integer >= 1, got {seeds!r}")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_SEEDS:
+        raise ValueError(f"--seeds must be an integer in [1, {MAX_SEEDS}], got {seeds!r}")
     last = base.train.seed + seeds - 1
     if last >= 2**63:
         raise ValueError(

@@ -209,6 +209,42 @@ def test_plain_torch_save_files_still_load(tmp_path):
         load_checkpoint(tmp_path / "junk.pt")
 
 
+class _RunsCode:
+    """Unpickling this object calls ``Path.touch`` on a marker: what a malicious checkpoint does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    """Checkpoints are read with ``weights_only=True``: a pickled object other than tensors and
+    plain data is refused (with a verified digest too), and its code never runs."""
+    marker = tmp_path / "ran"
+    for path, write in ((tmp_path / "ours.pt", save_checkpoint), (tmp_path / "plain.pt", lambda p, s: torch.save(s, p))):
+        write(path, {"model": {}, "payload": _RunsCode(marker)})
+        with pytest.raises(ValueError, match=rf"checkpoint {path} .*holds objects other than tensors and plain data"):
+            load_checkpoint(path)
+        assert not marker.exists()
+
+
+def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):
+    """NumPy's RNG state is kept in plain types (its key as a list), loads with
+    ``weights_only=True`` and restores the generator exactly (the resume tests above do the same
+    for whole runs, bit for bit)."""
+    from moebalance.train.resume import _numpy_state, _set_numpy_state
+
+    np.random.seed(7)
+    state = _numpy_state()
+    save_checkpoint(tmp_path / "s.pt", {"numpy": state})
+    expected = np.random.random(5)
+    np.random.seed(0)
+    _set_numpy_state(load_checkpoint(tmp_path / "s.pt")["numpy"])
+    assert np.array_equal(np.random.random(5), expected)
+
+
 def test_checkpoint_dir_keeps_last_n_and_falls_back(tmp_path, caplog):
     ckpts = CheckpointDir(tmp_path, keep=2)
     for step in (5, 10, 15):

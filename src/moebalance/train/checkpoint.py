@@ -166,9 +166,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     else:
         payload = blob  # a plain torch.save file (no digest to check)
     try:
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain Python containers only, so a file from elsewhere cannot
+        # run code when it is unpickled (a checkpoint of ours holds nothing else).
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a damaged zip / pickle
-        raise ValueError(f"checkpoint {path} is truncated or corrupt: {exc}") from exc
+        reason = " ".join(str(exc).split())[:300]
+        raise ValueError(f"checkpoint {path} is truncated or corrupt, or holds objects other than tensors and plain data: {reason}") from exc
 
 
 class CheckpointDir:

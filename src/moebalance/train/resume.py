@@ -55,11 +55,25 @@ RESUMABLE_KEYS = frozenset(
 )
 
 
+def _numpy_state() -> dict[str, Any]:
+    """NumPy's global RNG state in plain Python types (its key array as a list), so a checkpoint
+    holds nothing that ``torch.load(weights_only=True)`` refuses."""
+    state = np.random.get_state(legacy=False)
+    state["state"] = {**state["state"], "key": state["state"]["key"].tolist()}
+    return state
+
+
+def _set_numpy_state(state: dict[str, Any]) -> None:
+    """The inverse of :func:`_numpy_state`."""
+    inner = {**state["state"], "key": np.asarray(state["state"]["key"], dtype=np.uint32)}
+    np.random.set_state({**state, "state": inner})
+
+
 def _rng_states(data_gen: torch.Generator) -> dict[str, Any]:
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": _numpy_state(),
         "data": data_gen.get_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -166,7 +180,7 @@ def restore_state(
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
+    _set_numpy_state(rng["numpy"])
     data_gen.set_state(rng["data"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])

@@ -164,7 +164,8 @@ def test_ctrl_c_during_training_then_resume(tokens, tmp_path):
 
 def test_train_refuses_a_folder_that_holds_a_run(tiny_run, tokens, tmp_path, capsys):
     """``train --out RUN`` over a finished run: exit 2, the run untouched, the way out named;
-    ``--overwrite`` deletes the folder and trains anew; ``--overwrite`` with ``--resume`` is refused."""
+    ``--overwrite`` removes what the old run wrote (the user's own files stay) and trains anew;
+    ``--overwrite`` with ``--resume`` is refused."""
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "notes.txt").write_text("mine")
@@ -177,9 +178,50 @@ def test_train_refuses_a_folder_that_holds_a_run(tiny_run, tokens, tmp_path, cap
     code, _, err = run_cli(["train", "--no-progress", "--resume", str(run), "--overwrite"], capsys)
     assert code == 2
     assert_one_line(err, "--overwrite cannot be combined with --resume")
+    (run / "checkpoints").mkdir(exist_ok=True)
+    (run / "checkpoints" / "step_00099999.pt").write_bytes(b"an old run's checkpoint")
+    old_summary = (run / "summary.json").stat().st_mtime_ns
     code, _, err = run_cli([*argv, "--overwrite"], capsys)
     assert code == 0, err
-    assert not (run / "notes.txt").exists() and (run / "summary.json").is_file()
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not (run / "checkpoints" / "step_00099999.pt").exists()
+    assert (run / "summary.json").stat().st_mtime_ns != old_summary
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_train_never_clears_a_folder_whose_config_json_is_not_a_run(tokens, tmp_path, capsys, overwrite):
+    """``train --out DIR [--overwrite]`` where ``DIR/config.json`` is another tool's file (``--out .``
+    in a project folder, ``--out ~``): exit 2 naming the file, and nothing in DIR is touched."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text('{"name": "my-app", "version": 3}')
+    (project / "checkpoint.pt").write_bytes(b"someone else's")
+    (project / "src.py").write_text("print(1)")
+    before = {p.name: p.read_bytes() for p in project.iterdir()}
+    argv = ["train", "--no-progress", "--preset", "smoke", "--out", str(project), f"data.path={tokens}", *TINY]
+    code, _, err = run_cli(argv + ["--overwrite"] * overwrite, capsys)
+    assert code == 2
+    assert_one_line(err, "config.json", "is not a moebalance run config", "not touched")
+    assert {p.name: p.read_bytes() for p in project.iterdir()} == before
+
+
+def test_overwrite_removes_only_the_run_and_never_follows_a_symlink(tiny_run, tmp_path):
+    """``clear_run_folder`` (what ``--overwrite`` does): the run's files and folders go, a symlinked
+    ``checkpoints`` is unlinked without emptying its target, other files and the folder stay."""
+    from moebalance.train.checkpoint import RUN_FILES, clear_run_folder
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "keep.pt").write_bytes(b"x")
+    (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    (run / ".summary.json.abc.tmp").write_text("half")
+    (run / "notes.txt").write_text("mine")
+    clear_run_folder(run)
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert (elsewhere / "keep.pt").is_file()
+    assert {"config.json", "checkpoints/", "tb/", "metrics.jsonl"} <= set(RUN_FILES)
 
 
 def test_nproc_with_bad_data_is_one_error_before_any_worker_starts(tmp_path, monkeypatch, capsys):

@@ -121,3 +121,20 @@ def test_compare_with_seeds_reports_mean_and_spread(tmp_path):
         assert first[0]["loss"] == first[1]["loss"]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["ppl_noise"]["rule"] == report["ppl_noise"]["rule"]
+
+
+def test_overwrite_never_clears_a_run_folder_whose_config_json_is_not_a_run(tmp_path, capsys):
+    """``compare --overwrite`` where a run's folder holds another tool's ``config.json``: exit 2
+    before anything trains, and the folder is left as it is."""
+    folder = tmp_path / "cmp" / "loss_free"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('["not", "a", "run"]')
+    (folder / "metrics.jsonl").write_text("theirs")
+    base = apply_overrides(get_preset("smoke"), TINY)
+    plan = {name: (cfg, tmp_path / "cmp" / name) for name, cfg in compare_mod.seed_configs(base, 1).items()}
+    with pytest.raises(RunFolderError, match="is not a moebalance run config.*not cleared even with --overwrite"):
+        compare_mod.check_run_folders(plan, overwrite=True)
+    rc = cli.main(["compare", "--preset", "smoke", "--out", str(tmp_path / "cmp"), "--no-progress", "--overwrite", *TINY])
+    assert rc == 2 and "not cleared even with --overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.jsonl"]
+    assert (folder / "metrics.jsonl").read_text() == "theirs"

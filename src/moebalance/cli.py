@@ -11,7 +11,9 @@ An unknown key or a value out of range is an error that names the field.
 raising ``train.max_steps``), with the config saved in ``DIR/config.json``; only the keys of
 :data:`moebalance.train.resume.RESUMABLE_KEYS` may be overridden. ``train --out DIR`` refuses a
 ``DIR`` that already holds a run (its ``config.json``) unless ``--overwrite`` is given, which
-deletes that folder and starts over.
+removes what that run wrote (:data:`moebalance.train.checkpoint.RUN_FILES`; other files stay) and
+starts over. A ``config.json`` that is not a moebalance run's is refused with or without
+``--overwrite``: nothing is removed.
 
 Failures: :func:`main` turns every expected failure into one line on stderr and an exit code of
 :data:`EXIT_CODES` in one place (:func:`_fail`); it never shows a Python traceback (set
@@ -175,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument(
         "--overwrite",
         action="store_true",
-        help="start over in an --out folder that already holds a run (deletes that folder first)",
+        help="start over in an --out folder that already holds a run (removes what that run wrote first)",
     )
     p_cmp = add("compare", "Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
@@ -229,6 +231,11 @@ def _check_train_out(args: argparse.Namespace) -> None:
         if args.overwrite:
             raise UsageError("--overwrite cannot be combined with --resume (which continues the run)")
         return
+    from moebalance.train.checkpoint import foreign_config_problem
+
+    problem = foreign_config_problem(args.out_dir)
+    if problem is not None:
+        raise UsageError(f"--out {args.out_dir!r}: {problem}; not touched, even with --overwrite (choose another --out)")
     if (Path(args.out_dir) / "config.json").is_file() and not args.overwrite:
         raise UsageError(
             f"--out {args.out_dir!r} already holds a run (config.json); not overwritten: continue it with "
@@ -296,11 +303,12 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
 
 
 def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from moebalance.train.checkpoint import clear_run_folder
     from moebalance.train.loop import train
 
     out = Path(args.out_dir)
     if args.overwrite and (out / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
-        shutil.rmtree(out)  # the other ranks write nothing before the process group's rendezvous
+        clear_run_folder(out)  # the other ranks write nothing before the process group's rendezvous
     result = train(cfg, args.out_dir, progress=not args.no_progress, resume=bool(args.resume))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))

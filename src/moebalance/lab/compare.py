@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.runs import folder_conflict, run_or_resume
+from moebalance.lab.runs import foreign_folder, folder_conflict, run_or_resume
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
 from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
 from moebalance.train.checkpoint import write_json, write_text
@@ -242,12 +242,11 @@ def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) 
     """Refuse, before anything trains, when a run folder of ``plan`` holds another config.
 
     Raises:
-        RunFolderError: the first conflicting folder, unless ``overwrite``.
+        RunFolderError: the first conflicting folder, unless ``overwrite``; with ``overwrite``, the
+            first folder whose ``config.json`` is not a run's (never cleared).
     """
-    if overwrite:
-        return
     for name, (cfg, run_dir) in plan.items():
-        error = folder_conflict(run_dir, cfg, name)
+        error = foreign_folder(run_dir) if overwrite else folder_conflict(run_dir, cfg, name)
         if error is not None:
             raise error
 

@@ -13,7 +13,9 @@ folder depends on what is already there:
   again from step 0, the only thing lost being that unfinished attempt;
 * a ``config.json`` of another config, or a finished run that differs in a key of
   :data:`RECORD_KEYS` (its length or what it recorded): :class:`RunFolderError`, naming the keys,
-  unless ``overwrite`` (then the folder is deleted and the run trained from step 0). A finished run
+  unless ``overwrite`` (then what the old run wrote is removed,
+  :func:`~moebalance.train.checkpoint.clear_run_folder`, and the run trained from step 0; a
+  ``config.json`` that is not a moebalance run's is never cleared, :func:`foreign_folder`). A finished run
   is never retrained or overwritten without ``overwrite``, and a report never shows a run read back
   under a config that would have recorded it differently.
 """
@@ -22,17 +24,16 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
-from moebalance.train.checkpoint import CheckpointDir
+from moebalance.train.checkpoint import CheckpointDir, clear_run_folder, foreign_config_problem
 from moebalance.train.config import RunConfig
 from moebalance.train.resume import RESUMABLE_KEYS, config_differences
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECORD_KEYS", "RunFolderError", "folder_conflict", "run_or_resume", "run_state"]
+__all__ = ["RECORD_KEYS", "RunFolderError", "folder_conflict", "foreign_folder", "run_or_resume", "run_state"]
 
 
 #: Keys of :data:`~moebalance.train.resume.RESUMABLE_KEYS` that an unfinished run may change on
@@ -87,6 +88,15 @@ def folder_conflict(run_dir: Path, cfg: RunConfig, name: str | None = None) -> R
     )
 
 
+def foreign_folder(run_dir: Path) -> RunFolderError | None:
+    """The error to raise when ``run_dir`` holds a ``config.json`` that is not a moebalance run's
+    (another tool's file): such a folder is not cleared even with ``overwrite``."""
+    problem = foreign_config_problem(run_dir)
+    if problem is None:
+        return None
+    return RunFolderError(f"{problem}; not cleared even with --overwrite (choose another --out)")
+
+
 def run_or_resume(
     cfg: RunConfig, run_dir: str | Path, data, overwrite: bool = False, progress: bool = True, desc: str | None = None
 ) -> tuple[dict[str, Any], str]:
@@ -96,7 +106,7 @@ def run_or_resume(
         cfg: the run's config (``model.vocab_size`` already the tokenizer's).
         run_dir: the run's folder.
         data: the prepared :class:`~moebalance.train.data.TokenData`.
-        overwrite: delete a folder that holds a run of another config instead of refusing.
+        overwrite: clear a folder that holds a run of another config instead of refusing.
         progress, desc: the progress bar.
 
     Returns:
@@ -104,7 +114,8 @@ def run_or_resume(
         :func:`run_state` before the call; ``"overwritten"`` for a replaced conflicting folder).
 
     Raises:
-        RunFolderError: ``run_dir`` holds a run of another config and ``overwrite`` is false.
+        RunFolderError: ``run_dir`` holds a run of another config and ``overwrite`` is false, or
+            its ``config.json`` is not a run's (:func:`foreign_folder`).
     """
     from moebalance.train.loop import train
 
@@ -115,7 +126,10 @@ def run_or_resume(
     if state == "conflict":
         if not overwrite:
             raise folder_conflict(run_dir, cfg, desc)
-        shutil.rmtree(run_dir)
+        foreign = foreign_folder(run_dir)
+        if foreign is not None:
+            raise foreign
+        clear_run_folder(run_dir)
         state = "overwritten"
     if state == "resume":
         log.info("%s: continuing from its last checkpoint", run_dir)

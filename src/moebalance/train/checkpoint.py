@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import signal
 import struct
@@ -39,8 +40,11 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointDir",
+    "RUN_FILES",
     "atomic_write_bytes",
+    "clear_run_folder",
     "folder_problem",
+    "foreign_config_problem",
     "load_checkpoint",
     "save_checkpoint",
     "write_json",
@@ -86,6 +90,75 @@ def folder_problem(path: str | Path) -> str | None:
     if not os.access(probe, os.W_OK | os.X_OK):
         return f"{str(probe)!r} is not writable"
     return None
+
+
+#: What a training run writes in its folder (:mod:`moebalance.train.loop`, :mod:`moebalance.train.logs`,
+#: ``moebalance plot``): all that :func:`clear_run_folder` removes. Folders end in ``/``.
+RUN_FILES = (
+    "config.json",
+    "summary.json",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "bias_checksums.json",
+    "maxvio_batch.png",
+    "val_loss.png",
+    "expert_load.png",
+    "checkpoints/",
+    "tb/",
+)
+
+#: The top-level sections of a run's ``config.json`` (:class:`moebalance.train.config.RunConfig`).
+_CONFIG_SECTIONS = frozenset({"model", "balance", "data", "train"})
+
+
+def foreign_config_problem(run_dir: str | Path) -> str | None:
+    """Why ``run_dir/config.json`` is not a moebalance run's config (so that ``--overwrite`` must
+    not clear the folder), or ``None`` when it is one or there is none.
+
+    A run's config is a JSON object whose keys are the sections of ``RunConfig`` (``model``,
+    ``balance``, ``data``, ``train``), each an object; anything else (another tool's
+    ``config.json``, an unreadable file) is named here.
+    """
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return f"{str(path)!r} cannot be read as JSON ({exc.__class__.__name__})"
+    if not (
+        isinstance(saved, dict)
+        and set(saved) == _CONFIG_SECTIONS
+        and all(isinstance(v, dict) for v in saved.values())
+    ):
+        return f"{str(path)!r} is not a moebalance run config (expected the sections {sorted(_CONFIG_SECTIONS)})"
+    return None
+
+
+def clear_run_folder(run_dir: str | Path) -> None:
+    """Remove what a run wrote in ``run_dir`` (:data:`RUN_FILES` and leftover ``.NAME.*.tmp``
+    files of atomic writes), leaving every other file and the folder itself: ``--overwrite`` on a
+    folder that also holds the user's own files (``--out .``) removes only the run.
+
+    Raises:
+        ValueError: ``run_dir/config.json`` is not a run's config (:func:`foreign_config_problem`);
+            nothing is removed.
+        OSError: a file cannot be removed.
+    """
+    import shutil
+
+    folder = Path(run_dir)
+    problem = foreign_config_problem(folder)
+    if problem is not None:
+        raise ValueError(f"{problem}; nothing removed")
+    for name in RUN_FILES:
+        path = folder / name.rstrip("/")
+        if path.is_symlink() or (path.is_file() and not name.endswith("/")):
+            path.unlink()
+        elif path.is_dir() and name.endswith("/"):
+            shutil.rmtree(path)
+        for tmp in folder.glob(f".{path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -148,7 +221,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file is truncated or corrupt (wrong length, SHA-256 mismatch, unreadable
-            payload); the message names the file.
+            payload), or holds pickled objects other than tensors and plain data (refused by
+            ``torch.load(weights_only=True)``, never run); the message names the file.
     """
     path = Path(path)
     if not path.exists():
@@ -169,9 +243,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # weights_only: tensors and plain Python containers only, so a file from elsewhere cannot
         # run code when it is unpickled (a checkpoint of ours holds nothing else).
         return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found is None:  # a damaged pickle stream: torch's own reason, without its advice
+            inner = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", str(exc), re.S)
+            reason = _short(inner.group(1) if inner else exc)
+            raise ValueError(f"checkpoint {path} is truncated or corrupt: {reason}") from exc
+        raise ValueError(
+            f"checkpoint {path} holds objects other than tensors and plain data (the first: "
+            f"{found.group(1)}); refused, because "
+            "unpickling them could run code (a moebalance checkpoint holds only tensors and plain data)"
+        ) from exc
     except Exception as exc:  # torch raises several types for a damaged zip / pickle
-        reason = " ".join(str(exc).split())[:300]
-        raise ValueError(f"checkpoint {path} is truncated or corrupt, or holds objects other than tensors and plain data: {reason}") from exc
+        raise ValueError(f"checkpoint {path} is truncated or corrupt: {_short(exc)}") from exc
+
+
+def _short(what: BaseException | str) -> str:
+    """The first 200 characters of an exception's message (or a text) on one line."""
+    return " ".join(str(what).split())[:200]
 
 
 class CheckpointDir:

@@ -175,9 +175,10 @@ def test_train_refuses_a_folder_that_holds_a_run(tiny_run, tokens, tmp_path, cap
     assert code == 2
     assert_one_line(err, "already holds a run", f"moebalance train --resume {run}", "--overwrite")
     assert {p.name: p.stat().st_mtime_ns for p in run.iterdir()} == before
-    code, _, err = run_cli(["train", "--no-progress", "--resume", str(run), "--overwrite"], capsys)
-    assert code == 2
-    assert_one_line(err, "--overwrite cannot be combined with --resume")
+    for extra in ([], ["train.max_steps=1"]):  # the conflict is named even where the override is also bad
+        code, _, err = run_cli(["train", "--no-progress", "--resume", str(run), "--overwrite", *extra], capsys)
+        assert code == 2
+        assert_one_line(err, "--overwrite cannot be combined with --resume")
     (run / "checkpoints").mkdir(exist_ok=True)
     (run / "checkpoints" / "step_00099999.pt").write_bytes(b"an old run's checkpoint")
     old_summary = (run / "summary.json").stat().st_mtime_ns
@@ -206,9 +207,10 @@ def test_train_never_clears_a_folder_whose_config_json_is_not_a_run(tokens, tmp_
 
 
 def test_overwrite_removes_only_the_run_and_never_follows_a_symlink(tiny_run, tmp_path):
-    """``clear_run_folder`` (what ``--overwrite`` does): the run's files and folders go, a symlinked
-    ``checkpoints`` is unlinked without emptying its target, other files and the folder stay."""
-    from moebalance.train.checkpoint import RUN_FILES, clear_run_folder
+    """``clear_run_folder`` (what ``--overwrite`` does): the run's files go; in ``checkpoints/``
+    and ``tb/`` only the run's own files; a symlinked ``checkpoints`` is unlinked without emptying
+    its target; the user's files (also ones named like temporary files) and the folder stay."""
+    from moebalance.train.checkpoint import RUN_FILES, RUN_FOLDERS, clear_run_folder
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
@@ -216,12 +218,60 @@ def test_overwrite_removes_only_the_run_and_never_follows_a_symlink(tiny_run, tm
     elsewhere.mkdir()
     (elsewhere / "keep.pt").write_bytes(b"x")
     (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
-    (run / ".summary.json.abc.tmp").write_text("half")
+    (run / ".summary.json.a1b2c3d4.tmp").write_text("half")  # a killed atomic write of ours
+    (run / ".config.json.backup.tmp").write_text("mine")  # not mkstemp's name: the user's
+    (run / "tb").mkdir(exist_ok=True)
+    (run / "tb" / "events.out.tfevents.1764000000.host.1.0").write_bytes(b"ours")
+    (run / "tb" / "mylog").write_text("mine")
     (run / "notes.txt").write_text("mine")
     clear_run_folder(run)
-    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in run.iterdir()) == [".config.json.backup.tmp", "notes.txt", "tb"]
+    assert [p.name for p in (run / "tb").iterdir()] == ["mylog"]
     assert (elsewhere / "keep.pt").is_file()
-    assert {"config.json", "checkpoints/", "tb/", "metrics.jsonl"} <= set(RUN_FILES)
+    assert {"config.json", "metrics.jsonl", "summary.json"} <= set(RUN_FILES) and set(RUN_FOLDERS) == {"checkpoints", "tb"}
+
+
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda run: (run / "checkpoints").write_text("mine"), "is a file where a run writes a folder"),
+        (lambda run: (run / "summary.json").unlink() or (run / "summary.json").mkdir(), "is a folder where a run writes a file"),
+        (lambda run: (run / "config.json").write_text('{"model": {}, "balance": {}, "data": {}, "train": {}}'), "is not a moebalance run config"),
+    ],
+)
+def test_overwrite_refuses_a_folder_a_run_cannot_be_cleared_into(tiny_run, tokens, tmp_path, capsys, damage, needle):
+    """A run's name taken by the other kind of entry, or a config.json with the sections but none
+    of a run's fields: exit 2 before anything is removed (the old run used to go first, then the
+    new run failed with exit 4)."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    damage(run)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    argv = ["train", "--no-progress", "--preset", "smoke", "--out", str(run), "--overwrite", f"data.path={tokens}", *TINY]
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert_one_line(err, needle)
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+
+
+def test_a_clear_that_fails_part_way_leaves_a_recognisable_run(tiny_run, tmp_path, monkeypatch):
+    """``config.json`` is removed last: when another file cannot be removed, the folder still
+    holds the run's config, so it is still refused without ``--overwrite`` (never trained over)."""
+    from moebalance.train import checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    unlink = Path.unlink
+
+    def failing_unlink(self, missing_ok=False):
+        if self.name == "metrics.jsonl":
+            raise PermissionError(13, "Permission denied", str(self))
+        unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", failing_unlink)
+    with pytest.raises(PermissionError):
+        checkpoint.clear_run_folder(run)
+    assert (run / "config.json").is_file()
 
 
 def test_nproc_with_bad_data_is_one_error_before_any_worker_starts(tmp_path, monkeypatch, capsys):

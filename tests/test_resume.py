@@ -22,6 +22,7 @@ import moebalance.train.loop as train_mod
 from moebalance.train.checkpoint import FAULT_ENV, CheckpointDir, load_checkpoint, save_checkpoint
 from moebalance.train.config import apply_overrides, get_preset
 from moebalance.train.loop import train
+from moebalance.train.resume import STATE_VERSION
 
 STEPS, EVERY = 12, 4
 TINY = [
@@ -228,6 +229,50 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
         with pytest.raises(ValueError, match=rf"checkpoint {path} holds objects other than tensors and plain data \(the first: \S+\); refused"):
             load_checkpoint(path)
         assert not marker.exists()
+
+
+class _CallsSystem:
+    """The classic malicious pickle: ``os.system`` (a module torch blocks with another message)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_refusals_and_damage_are_named_without_torchs_advice_to_load_unsafely(tmp_path):
+    """``os.system`` is named as a disallowed global (not called corrupt); an empty file and a raw
+    pickle get a reason; no message repeats torch's 'weights_only set to False' advice."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    save_checkpoint(tmp_path / "evil.pt", {"x": _CallsSystem(marker)})
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "raw.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))
+    expected = {"evil.pt": r"holds objects other than tensors and plain data \(the first: \w+\.system\); refused",
+                "empty.pt": r"is truncated or corrupt: \S", "raw.pt": r"is truncated or corrupt: \S"}
+    for name, pattern in expected.items():
+        with pytest.raises(ValueError, match=pattern) as info:
+            load_checkpoint(tmp_path / name)
+        assert "False" not in str(info.value) and len(str(info.value)) < 300
+    assert not marker.exists()
+
+
+def test_a_state_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
+    """A crafted checkpoint with the right version and keys but foreign weights: ``ValueError``
+    naming the checkpoint (one line from ``train --resume``), not an internal ``RuntimeError``."""
+    from moebalance.train.resume import restore_state
+
+    model = torch.nn.Linear(2, 2)
+    config = {"train": {"max_steps": 5}}
+    state = {"version": STATE_VERSION, "rng": {}, "step": 1, "config": config, "data_fingerprint": "f",
+             "model": {"bogus": 1}, "load_counts": [], "optimizer": {}, "scheduler": {}, "stats": {}}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    with pytest.raises(ValueError, match="crafted.pt does not fit this run's model and optimizer: RuntimeError"):
+        restore_state(state, model=model, optimizer=opt, scheduler=scheduler, data_gen=torch.Generator(),
+                      config=config, data_fingerprint="f", source="crafted.pt")
 
 
 def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):

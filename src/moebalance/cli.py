@@ -227,20 +227,22 @@ def _check_out(args: argparse.Namespace, out: str) -> None:
 def _check_train_out(args: argparse.Namespace) -> None:
     """``train --out DIR`` where DIR already holds a run: refuse unless ``--overwrite`` (never
     silently train over a run's checkpoints and logs)."""
-    if getattr(args, "resume", None):
-        if args.overwrite:
-            raise UsageError("--overwrite cannot be combined with --resume (which continues the run)")
+    if getattr(args, "resume", None):  # --overwrite with --resume: refused first thing in _prepare
         return
-    from moebalance.train.checkpoint import foreign_config_problem
+    from moebalance.train.checkpoint import foreign_config_problem, run_folder_problem
 
     problem = foreign_config_problem(args.out_dir)
     if problem is not None:
         raise UsageError(f"--out {args.out_dir!r}: {problem}; not touched, even with --overwrite (choose another --out)")
-    if (Path(args.out_dir) / "config.json").is_file() and not args.overwrite:
+    held = (Path(args.out_dir) / "config.json").is_file()
+    if held and not args.overwrite:
         raise UsageError(
             f"--out {args.out_dir!r} already holds a run (config.json); not overwritten: continue it with "
             f"`moebalance train --resume {args.out_dir}`, start it over with --overwrite, or choose another --out"
         )
+    problem = run_folder_problem(args.out_dir, clearing=held)
+    if problem is not None:
+        raise UsageError(f"--out {args.out_dir!r}: {problem}; nothing removed (choose another --out)")
 
 
 def _check_measurement(args: argparse.Namespace, cfg: RunConfig) -> None:
@@ -271,6 +273,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command in ("plot", "replay")]
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "train" and args.resume and args.overwrite:  # before the resumed config is checked
+        raise UsageError("--overwrite cannot be combined with --resume (which continues the run)")
     cfg = None
     # --print-config only shows the config: a GPU config (the paper-* presets) may be built without a GPU.
     with cuda_assumed() if getattr(args, "print_config", False) else contextlib.nullcontext():
@@ -297,7 +301,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
         default = DEFAULT_OUT.get(args.command) or f"runs/sweep/{getattr(args, 'grid', '')}"
         args.out_dir = getattr(args, "resume", None) or args.out or default
         _check_out(args, args.out_dir)
-        if args.command == "train" and not getattr(args, "print_config", False):
+        # The other ranks of a torchrun job leave the folder to rank 0 (which may be clearing it).
+        if args.command == "train" and not getattr(args, "print_config", False) and os.environ.get("RANK", "0") == "0":
             _check_train_out(args)
     return cfg
 

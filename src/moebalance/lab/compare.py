@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.runs import foreign_folder, folder_conflict, run_or_resume
+from moebalance.lab.runs import clear_refusal, folder_conflict, run_or_resume
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
 from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
 from moebalance.train.checkpoint import write_json, write_text
@@ -243,10 +243,10 @@ def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) 
 
     Raises:
         RunFolderError: the first conflicting folder, unless ``overwrite``; with ``overwrite``, the
-            first folder whose ``config.json`` is not a run's (never cleared).
+            first folder that cannot be cleared (:func:`~moebalance.lab.runs.clear_refusal`).
     """
     for name, (cfg, run_dir) in plan.items():
-        error = foreign_folder(run_dir) if overwrite else folder_conflict(run_dir, cfg, name)
+        error = clear_refusal(run_dir) if overwrite else folder_conflict(run_dir, cfg, name)
         if error is not None:
             raise error
 

@@ -15,7 +15,7 @@ folder depends on what is already there:
   :data:`RECORD_KEYS` (its length or what it recorded): :class:`RunFolderError`, naming the keys,
   unless ``overwrite`` (then what the old run wrote is removed,
   :func:`~moebalance.train.checkpoint.clear_run_folder`, and the run trained from step 0; a
-  ``config.json`` that is not a moebalance run's is never cleared, :func:`foreign_folder`). A finished run
+  ``config.json`` that is not a moebalance run's is never cleared, :func:`clear_refusal`). A finished run
   is never retrained or overwritten without ``overwrite``, and a report never shows a run read back
   under a config that would have recorded it differently.
 """
@@ -27,13 +27,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moebalance.train.checkpoint import CheckpointDir, clear_run_folder, foreign_config_problem
+from moebalance.train.checkpoint import CheckpointDir, clear_run_folder, run_folder_problem
 from moebalance.train.config import RunConfig
 from moebalance.train.resume import RESUMABLE_KEYS, config_differences
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECORD_KEYS", "RunFolderError", "folder_conflict", "foreign_folder", "run_or_resume", "run_state"]
+__all__ = ["RECORD_KEYS", "RunFolderError", "folder_conflict", "clear_refusal", "run_or_resume", "run_state"]
 
 
 #: Keys of :data:`~moebalance.train.resume.RESUMABLE_KEYS` that an unfinished run may change on
@@ -88,10 +88,11 @@ def folder_conflict(run_dir: Path, cfg: RunConfig, name: str | None = None) -> R
     )
 
 
-def foreign_folder(run_dir: Path) -> RunFolderError | None:
-    """The error to raise when ``run_dir`` holds a ``config.json`` that is not a moebalance run's
-    (another tool's file): such a folder is not cleared even with ``overwrite``."""
-    problem = foreign_config_problem(run_dir)
+def clear_refusal(run_dir: Path) -> RunFolderError | None:
+    """The error to raise when ``run_dir`` cannot be cleared for a new run even with ``overwrite``
+    (:func:`~moebalance.train.checkpoint.run_folder_problem`: a ``config.json`` that is not a
+    moebalance run's, a run's name taken by the other kind of entry, a file that cannot be removed)."""
+    problem = run_folder_problem(run_dir, clearing=True)
     if problem is None:
         return None
     return RunFolderError(f"{problem}; not cleared even with --overwrite (choose another --out)")
@@ -115,7 +116,7 @@ def run_or_resume(
 
     Raises:
         RunFolderError: ``run_dir`` holds a run of another config and ``overwrite`` is false, or
-            its ``config.json`` is not a run's (:func:`foreign_folder`).
+            its ``config.json`` is not a run's (:func:`clear_refusal`).
     """
     from moebalance.train.loop import train
 
@@ -126,9 +127,9 @@ def run_or_resume(
     if state == "conflict":
         if not overwrite:
             raise folder_conflict(run_dir, cfg, desc)
-        foreign = foreign_folder(run_dir)
-        if foreign is not None:
-            raise foreign
+        refusal = clear_refusal(run_dir)
+        if refusal is not None:
+            raise refusal
         clear_run_folder(run_dir)
         state = "overwritten"
     if state == "resume":

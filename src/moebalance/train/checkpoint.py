@@ -31,6 +31,7 @@ import re
 import signal
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,12 @@ log = logging.getLogger(__name__)
 __all__ = [
     "CheckpointDir",
     "RUN_FILES",
+    "RUN_FOLDERS",
     "atomic_write_bytes",
     "clear_run_folder",
     "folder_problem",
     "foreign_config_problem",
+    "run_folder_problem",
     "load_checkpoint",
     "save_checkpoint",
     "write_json",
@@ -93,7 +96,8 @@ def folder_problem(path: str | Path) -> str | None:
 
 
 #: What a training run writes in its folder (:mod:`moebalance.train.loop`, :mod:`moebalance.train.logs`,
-#: ``moebalance plot``): all that :func:`clear_run_folder` removes. Folders end in ``/``.
+#: ``moebalance plot``): the files, and the folders with the pattern of what a run writes in each.
+#: :func:`clear_run_folder` removes these and nothing else.
 RUN_FILES = (
     "config.json",
     "summary.json",
@@ -103,12 +107,16 @@ RUN_FILES = (
     "maxvio_batch.png",
     "val_loss.png",
     "expert_load.png",
-    "checkpoints/",
-    "tb/",
 )
+RUN_FOLDERS = {"checkpoints": re.compile(r"(step_\d{8}\.pt|\.step_\d{8}\.pt\.\w{8}\.tmp)"), "tb": re.compile(r"events\.out\.tfevents\..+")}
 
-#: The top-level sections of a run's ``config.json`` (:class:`moebalance.train.config.RunConfig`).
-_CONFIG_SECTIONS = frozenset({"model", "balance", "data", "train"})
+#: Fields of a run's ``config.json`` that every moebalance version writes (besides the sections).
+_CONFIG_MARKERS = {"model": "num_experts", "balance": "strategy", "data": "val_split", "train": "max_steps"}
+
+
+def _tmp_name(name: str) -> re.Pattern:
+    """The name :func:`atomic_write_bytes` gives its temporary file for ``name`` (``mkstemp``'s 8 characters)."""
+    return re.compile(rf"\.{re.escape(name)}\.\w{{8}}\.tmp")
 
 
 def foreign_config_problem(run_dir: str | Path) -> str | None:
@@ -116,49 +124,102 @@ def foreign_config_problem(run_dir: str | Path) -> str | None:
     not clear the folder), or ``None`` when it is one or there is none.
 
     A run's config is a JSON object whose keys are the sections of ``RunConfig`` (``model``,
-    ``balance``, ``data``, ``train``), each an object; anything else (another tool's
-    ``config.json``, an unreadable file) is named here.
+    ``balance``, ``data``, ``train``), each an object of known fields, among them
+    ``model.num_experts``, ``balance.strategy``, ``data.val_split`` and ``train.max_steps``;
+    anything else (another tool's ``config.json``, an unreadable file) is named here. A file that
+    vanishes while it is read (another rank clearing the folder) counts as none.
     """
+    from moebalance.train.config import RunConfig  # the one place the sections' fields are defined
+
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        return None
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text()) if path.is_file() else None
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError) as exc:
         return f"{str(path)!r} cannot be read as JSON ({exc.__class__.__name__})"
+    if saved is None:
+        return None
+    fields = RunConfig().to_dict()
     if not (
         isinstance(saved, dict)
-        and set(saved) == _CONFIG_SECTIONS
-        and all(isinstance(v, dict) for v in saved.values())
+        and set(saved) == set(fields)
+        and all(isinstance(v, dict) and v.keys() <= fields[k].keys() for k, v in saved.items())
+        and all(marker in saved[k] for k, marker in _CONFIG_MARKERS.items())
     ):
-        return f"{str(path)!r} is not a moebalance run config (expected the sections {sorted(_CONFIG_SECTIONS)})"
+        return f"{str(path)!r} is not a moebalance run config (expected the sections {sorted(fields)} of known fields)"
     return None
 
 
+def _run_entries(folder: Path) -> tuple[list[Path], list[Path], str | None]:
+    """``(files, folders, problem)``: what a run wrote in ``folder`` (the files to remove, the
+    run's sub-folders to remove once empty) and why the folder cannot serve a run, if it cannot
+    (a run's name taken by the other kind of entry, or an entry that cannot be removed)."""
+    files, folders = [], []
+    for name in RUN_FILES:
+        path = folder / name
+        if path.is_symlink() or path.is_file():
+            files.append(path)
+        elif path.exists():
+            return [], [], f"{str(path)!r} is a folder where a run writes a file"
+    for entry in folder.iterdir():
+        if any(p.fullmatch(entry.name) for p in map(_tmp_name, RUN_FILES)) and (entry.is_file() or entry.is_symlink()):
+            files.append(entry)
+    for name, pattern in RUN_FOLDERS.items():
+        path = folder / name
+        if path.is_symlink():
+            files.append(path)
+        elif path.is_dir():
+            files.extend(e for e in path.iterdir() if pattern.fullmatch(e.name) and (e.is_file() or e.is_symlink()))
+            folders.append(path)
+        elif path.exists():
+            return [], [], f"{str(path)!r} is a file where a run writes a folder"
+    for parent in {f.parent for f in files}:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return [], [], f"{str(parent)!r} is not writable, so the old run's files in it cannot be removed"
+    return files, folders, None
+
+
+def run_folder_problem(run_dir: str | Path, clearing: bool = False) -> str | None:
+    """Why a run cannot be written into ``run_dir`` (with ``clearing``: after
+    :func:`clear_run_folder`), or ``None``: a ``config.json`` that is not a run's
+    (:func:`foreign_config_problem`; only when ``clearing``), a run's file name taken by a folder
+    or a run's folder name by a file, an old run's file that cannot be removed. Checks only."""
+    folder = Path(run_dir)
+    if clearing:
+        problem = foreign_config_problem(folder)
+        if problem is not None:
+            return problem
+    if not folder.is_dir():
+        return None
+    try:
+        return _run_entries(folder)[2]
+    except OSError as exc:
+        return describe_os_error(exc)
+
+
 def clear_run_folder(run_dir: str | Path) -> None:
-    """Remove what a run wrote in ``run_dir`` (:data:`RUN_FILES` and leftover ``.NAME.*.tmp``
-    files of atomic writes), leaving every other file and the folder itself: ``--overwrite`` on a
-    folder that also holds the user's own files (``--out .``) removes only the run.
+    """Remove what a run wrote in ``run_dir`` and nothing else: the files of :data:`RUN_FILES`,
+    leftover temporary files of their atomic writes, in ``checkpoints/`` and ``tb/`` only the
+    run's own files (:data:`RUN_FOLDERS`; each folder removed if that empties it). A symlink is
+    unlinked, never followed. ``config.json`` goes last, so a clear that fails part-way still
+    leaves a folder recognised as a run (another ``--overwrite`` finishes it).
 
     Raises:
-        ValueError: ``run_dir/config.json`` is not a run's config (:func:`foreign_config_problem`);
-            nothing is removed.
-        OSError: a file cannot be removed.
+        ValueError: :func:`run_folder_problem` names a problem; nothing is removed.
+        OSError: a file cannot be removed (the message names its path).
     """
-    import shutil
-
     folder = Path(run_dir)
-    problem = foreign_config_problem(folder)
+    problem = run_folder_problem(folder, clearing=True)
     if problem is not None:
         raise ValueError(f"{problem}; nothing removed")
-    for name in RUN_FILES:
-        path = folder / name.rstrip("/")
-        if path.is_symlink() or (path.is_file() and not name.endswith("/")):
-            path.unlink()
-        elif path.is_dir() and name.endswith("/"):
-            shutil.rmtree(path)
-        for tmp in folder.glob(f".{path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+    files, folders, _ = _run_entries(folder)
+    config = folder / "config.json"
+    for path in sorted(files, key=lambda p: p == config):
+        path.unlink(missing_ok=True)
+    for path in folders:
+        if not any(path.iterdir()):
+            path.rmdir()
 
 
 def describe_os_error(exc: OSError) -> str:
@@ -242,20 +303,26 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         # weights_only: tensors and plain Python containers only, so a file from elsewhere cannot
         # run code when it is unpickled (a checkpoint of ours holds nothing else).
-        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the reason below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found is None:  # a damaged pickle stream: torch's own reason, without its advice
+        # "Unsupported global: GLOBAL x.y", or "unsupported GLOBAL posix.system whose module posix is blocked"
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is None:  # a damaged pickle stream: torch's own reason, never its advice to load unsafely
             inner = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", str(exc), re.S)
-            reason = _short(inner.group(1) if inner else exc)
-            raise ValueError(f"checkpoint {path} is truncated or corrupt: {reason}") from exc
+            reason = _short(inner.group(1)) if inner else "not a readable torch.save stream"
+            raise ValueError(f"checkpoint {path} is truncated or corrupt: {reason or 'unreadable pickle'}") from exc
         raise ValueError(
             f"checkpoint {path} holds objects other than tensors and plain data (the first: "
             f"{found.group(1)}); refused, because "
             "unpickling them could run code (a moebalance checkpoint holds only tensors and plain data)"
         ) from exc
     except Exception as exc:  # torch raises several types for a damaged zip / pickle
-        raise ValueError(f"checkpoint {path} is truncated or corrupt: {_short(exc)}") from exc
+        reason = _short(exc)
+        if "weights_only" in reason:
+            reason = "not a readable torch.save stream"
+        raise ValueError(f"checkpoint {path} is truncated or corrupt: {exc.__class__.__name__}" + (f": {reason}" if reason else "")) from exc
 
 
 def _short(what: BaseException | str) -> str:

@@ -151,11 +151,13 @@ def restore_state(
 
     Raises:
         ValueError: the checkpoint is of another format version, was made on other data, or with a
-            config that differs in a key outside :data:`RESUMABLE_KEYS` (the message lists them).
+            config that differs in a key outside :data:`RESUMABLE_KEYS` (the message lists them),
+            or holds weights or optimizer state that do not fit the freshly built objects.
     """
     from moebalance.balancing import find_routers
 
-    if state.get("version") != STATE_VERSION or "rng" not in state:
+    missing = sorted({"config", "data_fingerprint", "model", "load_counts", "optimizer", "scheduler", "stats"} - state.keys())
+    if state.get("version") != STATE_VERSION or "rng" not in state or missing or not isinstance(state["config"], dict):
         raise ValueError(f"{source} is not a resumable training state (version {state.get('version')!r})")
     if state["data_fingerprint"] != data_fingerprint:
         raise ValueError(
@@ -170,13 +172,17 @@ def restore_state(
             f"train.max_steps={config['train']['max_steps']} is below step {state['step']}, which {source} already "
             "reached; a resumed run cannot go back (start a new run, or raise train.max_steps)"
         )
-    model.load_state_dict(state["model"])
-    routers = find_routers(model)
-    with torch.no_grad():
-        for router, counts in zip(routers, state["load_counts"], strict=True):
-            router.load_counts.copy_(counts)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    try:  # a crafted or foreign state that passed the checks above
+        model.load_state_dict(state["model"])
+        routers = find_routers(model)
+        with torch.no_grad():
+            for router, counts in zip(routers, state["load_counts"], strict=True):
+                router.load_counts.copy_(counts)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{source} does not fit this run's model and optimizer: {exc.__class__.__name__}: {reason}") from exc
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])

@@ -36,6 +36,9 @@ from moebalance.train.checkpoint import clear_run_folder, folder_problem, write_
 from moebalance.train.config import apply_overrides, get_preset
 from moebalance.train.loop import train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bias_floor import stored_args  # noqa: E402  (the sibling script: how a result file records its arguments)
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         problem = folder_problem(path)
         if problem is not None:
             p.error(f"{path}: {problem}")
-    if a.out.exists() and not a.overwrite and _stored_args(a.out) != _recorded_args(a):
+    if a.out.exists() and not a.overwrite and stored_args(a.out) != _recorded_args(a):
         p.error(f"--out {str(a.out)!r} holds another result; not overwritten (--overwrite replaces it)")
     for seed in a.seed_list:
         if (a.runs / f"w{a.window}_seed{seed}" / "config.json").exists() and not a.overwrite and not a.out.exists():
@@ -65,14 +68,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _recorded_args(a: argparse.Namespace) -> dict:
     return {"window": a.window, "seeds": a.seed_list, "preset": "default"}
-
-
-def _stored_args(path: Path) -> dict | None:
-    try:
-        stored = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return stored.get("args") if isinstance(stored, dict) else None
 
 
 def windowed_step(window: int):

@@ -11,9 +11,9 @@ An unknown key or a value out of range is an error that names the field.
 raising ``train.max_steps``), with the config saved in ``DIR/config.json``; only the keys of
 :data:`moebalance.train.resume.RESUMABLE_KEYS` may be overridden. ``train --out DIR`` refuses a
 ``DIR`` that already holds a run (its ``config.json``) unless ``--overwrite`` is given, which
-removes what that run wrote (:data:`moebalance.train.checkpoint.RUN_FILES`; other files stay) and
-starts over. A ``config.json`` that is not a moebalance run's is refused with or without
-``--overwrite``: nothing is removed.
+removes what that run wrote (:func:`moebalance.train.checkpoint.clear_run_folder`; other files
+stay) and starts over. A ``config.json`` that is not a moebalance run's, or a folder a run cannot
+be cleared into, is refused with or without ``--overwrite``: nothing is removed.
 
 Failures: :func:`main` turns every expected failure into one line on stderr and an exit code of
 :data:`EXIT_CODES` in one place (:func:`_fail`); it never shows a Python traceback (set

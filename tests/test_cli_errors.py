@@ -237,6 +237,8 @@ def test_overwrite_removes_only_the_run_and_never_follows_a_symlink(tiny_run, tm
         (lambda run: (run / "checkpoints").write_text("mine"), "is a file where a run writes a folder"),
         (lambda run: (run / "summary.json").unlink() or (run / "summary.json").mkdir(), "is a folder where a run writes a file"),
         (lambda run: (run / "config.json").write_text('{"model": {}, "balance": {}, "data": {}, "train": {}}'), "is not a moebalance run config"),
+        (lambda run: (run / "config.json").write_text("null"), "is not a moebalance run config"),
+        (lambda run: (run / "checkpoints").mkdir(exist_ok=True) or (run / "checkpoints" / "step_00000004.pt").mkdir(), "is not a file, where a run writes one"),
     ],
 )
 def test_overwrite_refuses_a_folder_a_run_cannot_be_cleared_into(tiny_run, tokens, tmp_path, capsys, damage, needle):
@@ -272,6 +274,37 @@ def test_a_clear_that_fails_part_way_leaves_a_recognisable_run(tiny_run, tmp_pat
     with pytest.raises(PermissionError):
         checkpoint.clear_run_folder(run)
     assert (run / "config.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "field, value", [("rng", {}), ("rng", 7), ("stats", 5), ("model", {"foo.weight": torch.zeros(3)})]
+)
+def test_resume_from_a_crafted_state_is_one_error_naming_the_file(tiny_run, tmp_path, capsys, field, value):
+    """A checkpoint with a valid header and every key, one field of the wrong type or shape: one
+    error line naming the checkpoint, never ``internal error`` (exit 1)."""
+    from moebalance.train.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    state = load_checkpoint(run / "checkpoint.pt")
+    state[field] = value
+    save_checkpoint(run / "checkpoint.pt", state)
+    steps = state["config"]["train"]["max_steps"]
+    code, _, err = run_cli(["train", "--no-progress", "--resume", str(run), f"train.max_steps={steps + 2}"], capsys)
+    assert code in (2, 4), err
+    assert "internal error" not in err and "checkpoint.pt" in error_lines(err)[-1]
+
+
+def test_leakage_of_a_checkpoint_with_foreign_weights_is_one_error(tiny_run, tmp_path, capsys):
+    """``leakage --checkpoint`` whose model weights do not fit its own config: one line, not exit 1."""
+    from moebalance.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(tiny_run / "checkpoint.pt")
+    state["model"] = {k: torch.zeros(3) for k in state["model"]}
+    save_checkpoint(tmp_path / "c.pt", state)
+    code, _, err = run_cli(["leakage", "--no-progress", "--checkpoint", str(tmp_path / "c.pt"), "--out", str(tmp_path / "L"), "--trials", "1"], capsys)
+    assert code in (2, 4), err
+    assert_one_line(err, "model weights do not fit")
 
 
 def test_nproc_with_bad_data_is_one_error_before_any_worker_starts(tmp_path, monkeypatch, capsys):

@@ -270,9 +270,18 @@ def test_a_state_that_does_not_fit_the_model_is_a_clear_error(tmp_path):
              "model": {"bogus": 1}, "load_counts": [], "optimizer": {}, "scheduler": {}, "stats": {}}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    with pytest.raises(ValueError, match="crafted.pt does not fit this run's model and optimizer: RuntimeError"):
+    with pytest.raises(ValueError, match="crafted.pt does not fit this run's model, optimizer and state: RuntimeError"):
         restore_state(state, model=model, optimizer=opt, scheduler=scheduler, data_gen=torch.Generator(),
                       config=config, data_fingerprint="f", source="crafted.pt")
+
+
+def test_checkpoint_dir_keeps_a_users_file_named_like_a_temporary_one(tmp_path):
+    """``CheckpointDir.save`` removes only the temporary files of its own killed writes."""
+    ckpts = CheckpointDir(tmp_path, keep=2)
+    (tmp_path / ".step_mine.tmp").write_text("mine")
+    (tmp_path / ".step_00000003.pt.a1b2c3d4.tmp").write_bytes(b"half")
+    ckpts.save(5, {"step": 5})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_mine.tmp", "step_00000005.pt"]
 
 
 def test_numpy_rng_state_survives_a_weights_only_checkpoint(tmp_path):

@@ -221,7 +221,11 @@ def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generat
     torch.manual_seed(cfg.train.seed)
     topk = MoETransformer(cfg.model, cfg.balance)
     if state is not None:
-        topk.load_state_dict(state)
+        try:
+            topk.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:  # a crafted or foreign checkpoint
+            reason = " ".join(str(exc).split())[:200]
+            raise ValueError(f"the checkpoint's model weights do not fit its own config: {reason}") from exc
     else:  # a bias learnt from past batches only
         balancer = LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update)
         topk.train()

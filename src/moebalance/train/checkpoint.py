@@ -132,14 +132,14 @@ def foreign_config_problem(run_dir: str | Path) -> str | None:
     from moebalance.train.config import RunConfig  # the one place the sections' fields are defined
 
     path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        return None
     try:
-        saved = json.loads(path.read_text()) if path.is_file() else None
+        saved = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         return f"{str(path)!r} cannot be read as JSON ({exc.__class__.__name__})"
-    if saved is None:
-        return None
     fields = RunConfig().to_dict()
     if not (
         isinstance(saved, dict)
@@ -171,7 +171,11 @@ def _run_entries(folder: Path) -> tuple[list[Path], list[Path], str | None]:
         if path.is_symlink():
             files.append(path)
         elif path.is_dir():
-            files.extend(e for e in path.iterdir() if pattern.fullmatch(e.name) and (e.is_file() or e.is_symlink()))
+            ours = [e for e in path.iterdir() if pattern.fullmatch(e.name)]
+            taken = [e for e in ours if not (e.is_file() or e.is_symlink())]
+            if taken:
+                return [], [], f"{str(taken[0])!r} is not a file, where a run writes one"
+            files.extend(ours)
             folders.append(path)
         elif path.exists():
             return [], [], f"{str(path)!r} is a file where a run writes a folder"
@@ -372,7 +376,8 @@ class CheckpointDir:
         for old in self.steps()[: -self.keep]:
             self.path_for(old).unlink(missing_ok=True)
         for tmp in self.folder.glob(".step_*.tmp"):
-            tmp.unlink(missing_ok=True)
+            if RUN_FOLDERS["checkpoints"].fullmatch(tmp.name):  # a killed write of ours, not a user's file
+                tmp.unlink(missing_ok=True)
         return path
 
     def load_latest(self) -> tuple[Path, dict[str, Any]]:

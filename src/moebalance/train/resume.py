@@ -154,35 +154,47 @@ def restore_state(
             config that differs in a key outside :data:`RESUMABLE_KEYS` (the message lists them),
             or holds weights or optimizer state that do not fit the freshly built objects.
     """
-    from moebalance.balancing import find_routers
-
     missing = sorted({"config", "data_fingerprint", "model", "load_counts", "optimizer", "scheduler", "stats"} - state.keys())
     if state.get("version") != STATE_VERSION or "rng" not in state or missing or not isinstance(state["config"], dict):
         raise ValueError(f"{source} is not a resumable training state (version {state.get('version')!r})")
+    try:  # a crafted or foreign state: any field of the wrong type or shape is one error naming the file
+        return _restore(state, model, optimizer, scheduler, data_gen, config, data_fingerprint, source)
+    except _StateMismatch:
+        raise
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ValueError(f"{source} does not fit this run's model, optimizer and state: {exc.__class__.__name__}: {reason}") from exc
+
+
+class _StateMismatch(ValueError):
+    """A well-formed state that this run cannot continue (other data, config or length)."""
+
+
+def _restore(state, model, optimizer, scheduler, data_gen, config, data_fingerprint, source) -> tuple[int, dict[str, Any]]:
+    """The body of :func:`restore_state`, after its format check."""
+    from moebalance.balancing import find_routers
+
     if state["data_fingerprint"] != data_fingerprint:
-        raise ValueError(
+        raise _StateMismatch(
             f"{source} was made on data with fingerprint {state['data_fingerprint']}, "
             f"but this run's data has {data_fingerprint}: resume on the same data"
         )
     changed = [k for k in config_differences(state["config"], config) if k not in RESUMABLE_KEYS]
     if changed:
-        raise ValueError(f"{source} was made with a different config in {changed}; only {sorted(RESUMABLE_KEYS)} may change on resume")
+        raise _StateMismatch(f"{source} was made with a different config in {changed}; only {sorted(RESUMABLE_KEYS)} may change on resume")
     if config["train"]["max_steps"] < int(state["step"]):
-        raise ValueError(
+        raise _StateMismatch(
             f"train.max_steps={config['train']['max_steps']} is below step {state['step']}, which {source} already "
             "reached; a resumed run cannot go back (start a new run, or raise train.max_steps)"
         )
-    try:  # a crafted or foreign state that passed the checks above
-        model.load_state_dict(state["model"])
-        routers = find_routers(model)
-        with torch.no_grad():
-            for router, counts in zip(routers, state["load_counts"], strict=True):
-                router.load_counts.copy_(counts)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{source} does not fit this run's model and optimizer: {exc.__class__.__name__}: {reason}") from exc
+    model.load_state_dict(state["model"])
+    routers = find_routers(model)
+    with torch.no_grad():
+        for router, counts in zip(routers, state["load_counts"], strict=True):
+            router.load_counts.copy_(counts)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    stats = dict(state["stats"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
@@ -190,7 +202,7 @@ def restore_state(
     data_gen.set_state(rng["data"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(state["step"]), dict(state["stats"])
+    return int(state["step"]), stats
 
 
 def _check_resumable(state: Any, path: Path) -> dict[str, Any]:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.runs import clear_refusal, folder_conflict, run_or_resume
+from moebalance.lab.runs import RunFolderError, clear_refusal, folder_conflict, run_or_resume
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
 from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
-from moebalance.train.checkpoint import write_json, write_text
+from moebalance.train.checkpoint import run_folder_problem, write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import prepare_data
 
@@ -247,6 +247,9 @@ def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) 
     """
     for name, (cfg, run_dir) in plan.items():
         error = clear_refusal(run_dir) if overwrite else folder_conflict(run_dir, cfg, name)
+        problem = None if error is not None else run_folder_problem(run_dir)
+        if problem is not None:
+            error = RunFolderError(f"{problem} (choose another --out)")
         if error is not None:
             raise error
 

@@ -189,7 +189,8 @@ def run_folder_problem(run_dir: str | Path, clearing: bool = False) -> str | Non
     """Why a run cannot be written into ``run_dir`` (with ``clearing``: after
     :func:`clear_run_folder`), or ``None``: a ``config.json`` that is not a run's
     (:func:`foreign_config_problem`; only when ``clearing``), a run's file name taken by a folder
-    or a run's folder name by a file, an old run's file that cannot be removed. Checks only."""
+    or a run's folder name by a file, an old run's file that cannot be removed, files with a run's
+    names (``summary.json``, ...) but no ``config.json`` (not a run: never overwritten). Checks only."""
     folder = Path(run_dir)
     if clearing:
         problem = foreign_config_problem(folder)
@@ -198,9 +199,14 @@ def run_folder_problem(run_dir: str | Path, clearing: bool = False) -> str | Non
     if not folder.is_dir():
         return None
     try:
-        return _run_entries(folder)[2]
+        files, _, problem = _run_entries(folder)
     except OSError as exc:
         return describe_os_error(exc)
+    # A run writes its config.json before anything else: run files without one are not ours.
+    named = sorted(f.name for f in files if f.parent == folder and f.name in RUN_FILES)
+    if problem is None and named and not (folder / "config.json").is_file():
+        problem = f"{str(folder)!r} holds {', '.join(named)} but no config.json, so not a moebalance run; not overwritten"
+    return problem
 
 
 def clear_run_folder(run_dir: str | Path) -> None:

@@ -278,7 +278,7 @@ def test_a_clear_that_fails_part_way_leaves_a_recognisable_run(tiny_run, tmp_pat
 
 
 @pytest.mark.parametrize(
-    "field, value", [("rng", {}), ("rng", 7), ("stats", 5), ("model", {"foo.weight": torch.zeros(3)})]
+    "field, value", [("rng", {}), ("rng", 7), ("stats", 5), ("stats", {}), ("model", {"foo.weight": torch.zeros(3)})]
 )
 def test_resume_from_a_crafted_state_is_one_error_naming_the_file(tiny_run, tmp_path, capsys, field, value):
     """A checkpoint with a valid header and every key, one field of the wrong type or shape: one

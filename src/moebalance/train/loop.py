@@ -58,7 +58,7 @@ from moebalance.train.guards import NonFiniteError, nonfinite_reason
 from moebalance.train.host import keep_freed_memory
 from moebalance.train.logs import RunLogger, load_heatmap_image
 from moebalance.train.model import MoETransformer
-from moebalance.train.resume import capture_state, latest_training_state, restore_state
+from moebalance.train.resume import capture_state, fresh_stats, latest_training_state, restore_state
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +237,7 @@ class _Run:
         self._build_model()
         self.ckpts = CheckpointDir(out / "checkpoints", cfg.train.keep_checkpoints)
         self.start_step = 0
-        self.stats: dict[str, Any] = {"skipped": 0, "maxvio_history": [], "last_eval": None, "train_time": 0.0}
+        self.stats: dict[str, Any] = fresh_stats()
         if resume:
             ckpt_path, state = latest_training_state(out)
             self.start_step, self.stats = restore_state(

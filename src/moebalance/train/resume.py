@@ -195,6 +195,9 @@ def _restore(state, model, optimizer, scheduler, data_gen, config, data_fingerpr
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     stats = dict(state["stats"])
+    absent = sorted(fresh_stats().keys() - stats.keys())  # what the loop reads
+    if absent:
+        raise KeyError(f"stats without {absent}")
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
@@ -203,6 +206,11 @@ def _restore(state, model, optimizer, scheduler, data_gen, config, data_fingerpr
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(state["step"]), stats
+
+
+def fresh_stats() -> dict[str, Any]:
+    """The running statistics of a run at step 0 (restored from a checkpoint on resume)."""
+    return {"skipped": 0, "maxvio_history": [], "last_eval": None, "train_time": 0.0}
 
 
 def _check_resumable(state: Any, path: Path) -> dict[str, Any]:

@@ -240,7 +240,7 @@ def _check_train_out(args: argparse.Namespace) -> None:
             f"--out {args.out_dir!r} already holds a run (config.json); not overwritten: continue it with "
             f"`moebalance train --resume {args.out_dir}`, start it over with --overwrite, or choose another --out"
         )
-    problem = run_folder_problem(args.out_dir, clearing=held)
+    problem = run_folder_problem(args.out_dir)  # its config.json was checked just above
     if problem is not None:
         raise UsageError(f"--out {args.out_dir!r}: {problem}; nothing removed (choose another --out)")
 

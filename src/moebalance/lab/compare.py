@@ -246,10 +246,13 @@ def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) 
             first folder that cannot be cleared (:func:`~moebalance.lab.runs.clear_refusal`).
     """
     for name, (cfg, run_dir) in plan.items():
-        error = clear_refusal(run_dir) if overwrite else folder_conflict(run_dir, cfg, name)
-        problem = None if error is not None else run_folder_problem(run_dir)
-        if problem is not None:
-            error = RunFolderError(f"{problem} (choose another --out)")
+        if overwrite:  # run_folder_problem's checks, and the config.json's
+            error = clear_refusal(run_dir)
+        else:
+            error = folder_conflict(run_dir, cfg, name)
+            problem = None if error is not None else run_folder_problem(run_dir)
+            if problem is not None:
+                error = RunFolderError(f"{problem} (choose another --out)")
         if error is not None:
             raise error
 

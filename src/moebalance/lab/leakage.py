@@ -25,7 +25,7 @@ import torch
 
 from moebalance.balancing import LossFreeBalancer
 from moebalance.routing import chosen_experts
-from moebalance.train.checkpoint import write_json
+from moebalance.train.checkpoint import short_reason, write_json
 from moebalance.train.config import RunConfig, apply_overrides, override_keys
 from moebalance.train.model import MoETransformer
 
@@ -224,8 +224,7 @@ def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generat
         try:
             topk.load_state_dict(state)
         except (RuntimeError, TypeError, AttributeError) as exc:  # a crafted or foreign checkpoint
-            reason = " ".join(str(exc).split())[:200]
-            raise ValueError(f"the checkpoint's model weights do not fit its own config: {reason}") from exc
+            raise ValueError(f"the checkpoint's model weights do not fit its own config: {short_reason(exc)}") from exc
     else:  # a bias learnt from past batches only
         balancer = LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update)
         topk.train()

@@ -50,6 +50,7 @@ __all__ = [
     "run_folder_problem",
     "load_checkpoint",
     "save_checkpoint",
+    "short_reason",
     "write_json",
     "write_text",
 ]
@@ -108,15 +109,24 @@ RUN_FILES = (
     "val_loss.png",
     "expert_load.png",
 )
-RUN_FOLDERS = {"checkpoints": re.compile(r"(step_\d{8}\.pt|\.step_\d{8}\.pt\.\w{8}\.tmp)"), "tb": re.compile(r"events\.out\.tfevents\..+")}
+#: The names of :meth:`CheckpointDir.path_for` (group 1: the step).
+_STEP_FILE = r"step_(\d{8,})\.pt"
+
+
+def _tmp_of(names: str) -> str:
+    """The pattern of the temporary files :func:`atomic_write_bytes` writes for the names matched
+    by the pattern ``names`` (``.NAME.`` + ``mkstemp``'s 8 characters + ``.tmp``)."""
+    return rf"\.(?:{names})\.\w{{8}}\.tmp"
+
+
+RUN_FOLDERS = {
+    "checkpoints": re.compile(rf"{_STEP_FILE}|{_tmp_of(_STEP_FILE)}"),
+    "tb": re.compile(r"events\.out\.tfevents\..+"),
+}
+_RUN_TMP = re.compile(_tmp_of("|".join(map(re.escape, RUN_FILES))))
 
 #: Fields of a run's ``config.json`` that every moebalance version has written (besides the sections).
 _CONFIG_MARKERS = {"model": "num_experts", "balance": "strategy", "data": "path", "train": "max_steps"}
-
-
-def _tmp_name(name: str) -> re.Pattern:
-    """The name :func:`atomic_write_bytes` gives its temporary file for ``name`` (``mkstemp``'s 8 characters)."""
-    return re.compile(rf"\.{re.escape(name)}\.\w{{8}}\.tmp")
 
 
 def foreign_config_problem(run_dir: str | Path) -> str | None:
@@ -164,7 +174,7 @@ def _run_entries(folder: Path) -> tuple[list[Path], list[Path], str | None]:
         elif path.exists():
             return [], [], f"{str(path)!r} is a folder where a run writes a file"
     for entry in folder.iterdir():
-        if any(p.fullmatch(entry.name) for p in map(_tmp_name, RUN_FILES)) and (entry.is_file() or entry.is_symlink()):
+        if _RUN_TMP.fullmatch(entry.name) and (entry.is_file() or entry.is_symlink()):
             files.append(entry)
     for name, pattern in RUN_FOLDERS.items():
         path = folder / name
@@ -185,28 +195,30 @@ def _run_entries(folder: Path) -> tuple[list[Path], list[Path], str | None]:
     return files, folders, None
 
 
+def _plan(folder: Path, clearing: bool) -> tuple[list[Path], list[Path], str | None]:
+    """:func:`_run_entries` with the checks of :func:`run_folder_problem` (nothing to remove when
+    there is a problem)."""
+    problem = foreign_config_problem(folder) if clearing else None
+    if problem is not None or not folder.is_dir():
+        return [], [], problem
+    try:
+        files, folders, problem = _run_entries(folder)
+    except OSError as exc:
+        return [], [], describe_os_error(exc)
+    # A run writes its config.json before anything else: run files without one are not ours.
+    named = sorted(f.name for f in files if f.parent == folder and f.name in RUN_FILES)
+    if problem is None and named and not (folder / "config.json").is_file():
+        problem = f"{str(folder)!r} holds {', '.join(named)} but no config.json, so not a moebalance run; not overwritten"
+    return (files, folders, None) if problem is None else ([], [], problem)
+
+
 def run_folder_problem(run_dir: str | Path, clearing: bool = False) -> str | None:
     """Why a run cannot be written into ``run_dir`` (with ``clearing``: after
     :func:`clear_run_folder`), or ``None``: a ``config.json`` that is not a run's
     (:func:`foreign_config_problem`; only when ``clearing``), a run's file name taken by a folder
     or a run's folder name by a file, an old run's file that cannot be removed, files with a run's
     names (``summary.json``, ...) but no ``config.json`` (not a run: never overwritten). Checks only."""
-    folder = Path(run_dir)
-    if clearing:
-        problem = foreign_config_problem(folder)
-        if problem is not None:
-            return problem
-    if not folder.is_dir():
-        return None
-    try:
-        files, _, problem = _run_entries(folder)
-    except OSError as exc:
-        return describe_os_error(exc)
-    # A run writes its config.json before anything else: run files without one are not ours.
-    named = sorted(f.name for f in files if f.parent == folder and f.name in RUN_FILES)
-    if problem is None and named and not (folder / "config.json").is_file():
-        problem = f"{str(folder)!r} holds {', '.join(named)} but no config.json, so not a moebalance run; not overwritten"
-    return problem
+    return _plan(Path(run_dir), clearing)[2]
 
 
 def clear_run_folder(run_dir: str | Path) -> None:
@@ -221,10 +233,9 @@ def clear_run_folder(run_dir: str | Path) -> None:
         OSError: a file cannot be removed (the message names its path).
     """
     folder = Path(run_dir)
-    problem = run_folder_problem(folder, clearing=True)
+    files, folders, problem = _plan(folder, clearing=True)
     if problem is not None:
         raise ValueError(f"{problem}; nothing removed")
-    files, folders, _ = _run_entries(folder)
     config = folder / "config.json"
     for path in sorted(files, key=lambda p: p == config):
         path.unlink(missing_ok=True)
@@ -322,7 +333,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         found = re.search(r"GLOBAL (\S+)", str(exc))
         if found is None:  # a damaged pickle stream: torch's own reason, never its advice to load unsafely
             inner = re.search(r"WeightsUnpickler error:(.*?)(Check the documentation|$)", str(exc), re.S)
-            reason = _short(inner.group(1)) if inner else "not a readable torch.save stream"
+            reason = short_reason(inner.group(1)) if inner else "not a readable torch.save stream"
             raise ValueError(f"checkpoint {path} is truncated or corrupt: {reason or 'unreadable pickle'}") from exc
         raise ValueError(
             f"checkpoint {path} holds objects other than tensors and plain data (the first: "
@@ -330,14 +341,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "unpickling them could run code (a moebalance checkpoint holds only tensors and plain data)"
         ) from exc
     except Exception as exc:  # torch raises several types for a damaged zip / pickle
-        reason = _short(exc)
+        reason = short_reason(exc)
         if "weights_only" in reason:
             reason = "not a readable torch.save stream"
         raise ValueError(f"checkpoint {path} is truncated or corrupt: {exc.__class__.__name__}" + (f": {reason}" if reason else "")) from exc
 
 
-def _short(what: BaseException | str) -> str:
-    """The first 200 characters of an exception's message (or a text) on one line."""
+def short_reason(what: BaseException | str) -> str:
+    """The first 200 characters of an exception's message (or a text) on one line: the reason
+    part of an error message that quotes another library's."""
     return " ".join(str(what).split())[:200]
 
 
@@ -353,7 +365,7 @@ class CheckpointDir:
         ValueError: ``keep < 1``.
     """
 
-    _NAME = re.compile(r"^step_(\d{8,})\.pt$")
+    _NAME = re.compile(rf"^{_STEP_FILE}$")
 
     def __init__(self, folder: str | Path, keep: int = 3) -> None:
         if keep < 1:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moebalance.train.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint
+from moebalance.train.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint, short_reason
 
 __all__ = ["RESUMABLE_KEYS", "capture_state", "continue_metrics", "latest_training_state", "restore_state"]
 
@@ -162,8 +162,7 @@ def restore_state(
     except _StateMismatch:
         raise
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ValueError(f"{source} does not fit this run's model, optimizer and state: {exc.__class__.__name__}: {reason}") from exc
+        raise ValueError(f"{source} does not fit this run's model, optimizer and state: {exc.__class__.__name__}: {short_reason(exc)}") from exc
 
 
 class _StateMismatch(ValueError):

@@ -11,15 +11,9 @@ from torch import nn
 
 from moebalance.balancing import LossFreeBalancer, UpdateMode
 from moebalance.integrations.transformers.checkpoint import read_biases, record_in_config
-from moebalance.integrations.transformers.families import (
-    SUPPORTED_TEXT,
-    family_of,
-    log,
-    normalises_single_gate,
-    patch_router,
-)
 from moebalance.integrations.transformers.handle import LossFreeBalancing, timed_all_reduce
-from moebalance.integrations.transformers.routers import TokenMask, install_mask_hooks
+from moebalance.integrations.transformers.patch import install, log
+from moebalance.integrations.transformers.routers import install_mask_hooks
 from moebalance.routing import is_finite_number
 
 
@@ -41,28 +35,15 @@ def _disable_aux_loss(model: nn.Module) -> list[str]:
     return changed
 
 
-def _find_routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    found = [(name, m) for name, m in model.named_modules() if family_of(m) is not None]
-    if found:
-        return found
-    legacy = [n for n, m in model.named_modules() if n.endswith(".gate") and isinstance(m, nn.Linear)]
-    hint = (
-        " The model computes its routing inside the MoE block (transformers 4.x layout, "
-        f"e.g. {legacy[0]!r} is an nn.Linear); moebalance supports the 5.x router modules."
-        if legacy
-        else ""
-    )
-    raise ValueError(f"no supported MoE router in {type(model).__name__}; supported: {SUPPORTED_TEXT}.{hint}")
-
-
-def _existing_handle(found, settings: dict, load_biases_from) -> LossFreeBalancing | None:
-    """The handle of an earlier apply on these routers, if the settings match (see the Raises of
-    :func:`apply_loss_free_balancing`)."""
-    handles = {id(getattr(r, "_moebalance_handle", None)): getattr(r, "_moebalance_handle", None) for _, r in found}
-    if list(handles) == [id(None)]:
+def _existing_handle(model: nn.Module, settings: dict, load_biases_from) -> LossFreeBalancing | None:
+    """The handle of an earlier apply on this model's routers, if the settings match (see the
+    Raises of :func:`apply_loss_free_balancing`)."""
+    patched = [m for m in model.modules() if getattr(m, "_moebalance_handle", None) is not None]
+    handles = {id(m._moebalance_handle): m._moebalance_handle for m in patched}
+    if not handles:
         return None
     handle = next(iter(handles.values()))
-    if len(handles) > 1 or handle is None or [r for _, r in found] != handle.routers:
+    if len(handles) > 1 or patched != handle.routers:
         raise ValueError(
             "some of these routers were already given Loss-Free Balancing by another "
             "apply_loss_free_balancing call (on another part of the model); apply it once, to the whole model"
@@ -103,7 +84,7 @@ def _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disab
 def _load_initial_biases(handle: LossFreeBalancing, load_biases_from) -> None:
     if load_biases_from == "auto":
         src = getattr(handle.model, "name_or_path", "") or ""
-        native = all(r._moebalance_family.native_bias is not None for r in handle.routers)
+        native = all(r._moebalance_slot.own for r in handle.routers)
         # DeepSeek-V3's bias is a native weight: from_pretrained already loaded it.
         load_biases_from = src if src and Path(src).is_dir() and not native else None
     if load_biases_from is not None:
@@ -122,15 +103,21 @@ def apply_loss_free_balancing(
     all_reduce: Callable[[torch.Tensor], None] | Literal["auto"] | None = "auto",
     load_biases_from: str | Path | Literal["auto"] | None = "auto",
     dist_timeout_s: float | None = None,
+    probe_inputs: dict | None = None,
 ) -> LossFreeBalancing:
     """Give every MoE router of a transformers model a Loss-Free Balancing bias.
 
-    Softmax routers (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) get a persistent float32 ``expert_bias``
-    ``[E]`` buffer (zeros) that steers their top-K choice only; DeepSeek-V3 routers keep their own
-    ``e_score_correction_bias``, which this handle now updates. With all biases zero the model's
-    outputs are bit-identical to the unpatched model's. Loads exclude padding when the model is
-    called with a ``[B, S]`` ``attention_mask``. ``model.config`` records the training (see
-    :func:`~moebalance.integrations.transformers.checkpoint.record_in_config`).
+    The routers are found by what they do (the modules that make a top-K choice over the experts
+    in a probe forward, :mod:`.discovery`), not by class name, so any family that routes that way
+    works, including families added to transformers later. A router that has a selection bias of
+    its own (``e_score_correction_bias``, ``expert_bias``, ``moe_statics``; on the router or its MoE
+    block) keeps it, and the handle trains *that* slot; any other router gets a persistent float32
+    ``expert_bias`` ``[E]`` buffer (zeros) that steers its top-K choice only (eq. 3 of the paper).
+    Before returning, the probe (:mod:`.probe`) proves on a probe batch that the model's output and
+    every router's choices are bit-identical to the unpatched model's at the current bias, and that
+    a large bias steers every router; otherwise nothing stays patched. Loads exclude padding when
+    the model is called with a ``[B, S]`` ``attention_mask``. ``model.config`` records the training
+    (see :func:`~moebalance.integrations.transformers.checkpoint.record_in_config`).
 
     Calling it again on the same model returns the same handle when the settings match (the biases
     are not reloaded), and raises when they differ. Works on a meta-device model, before or after
@@ -150,43 +137,38 @@ def apply_loss_free_balancing(
             folder the model was loaded from (``model.name_or_path``) when it is a local folder.
         dist_timeout_s: seconds the ``"auto"`` all-reduce waits for the other ranks before raising
             (``None``: the process group's timeout).
+        probe_inputs: keyword inputs for the probe forward (default: ``[2, 11]`` random token ids
+            of the model's vocabulary); give them for a model that needs more than ``input_ids``.
 
     Returns:
         The :class:`LossFreeBalancing` handle.
 
     Raises:
-        ValueError: no supported router in ``model`` (the message names the supported classes), a
+        ValueError: no router in ``model``, or a router that cannot carry the bias (the message
+            names the router class and why), a
             bad ``update_rate`` / ``update`` / ``center`` / ``dist_timeout_s`` / ``all_reduce`` (not
             ``"auto"``, ``None`` or callable) / ``disable_aux_loss`` (not a bool), or a second call
             with other settings or an explicit ``load_biases_from``.
         TypeError: ``load_biases_from`` is not a path, ``"auto"`` or ``None``.
         FileNotFoundError: ``load_biases_from`` names no folder of safetensors files.
-        RuntimeError: the installed transformers routes differently from the checked versions.
+        RuntimeError: the probe forward failed, or the probe found the routing changed or a router
+            not following its bias (the message names the router class).
     """
     _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss)
     balancer = LossFreeBalancer(update_rate, update, center=center)
-    found = _find_routers(model)
     settings = dict(update_rate=float(update_rate), update=update, center=center, all_reduce=all_reduce,
                     dist_timeout_s=dist_timeout_s)
-    existing = _existing_handle(found, settings, load_biases_from)
+    existing = _existing_handle(model, settings, load_biases_from)
     if existing is not None:
         if disable_aux_loss:
             _disable_aux_loss(model)
         return existing
-    mask = TokenMask()
-    for _, router in found:
-        patch_router(router, mask)
-        if normalises_single_gate(router):
-            log.warning(
-                "%s: top-1 routing with renormalised gates (as transformers computes it) gives every "
-                "token a gate of 1, so the router gets no gradient from the loss; moebalance's own "
-                "TopKRouter refuses this combination", type(router).__name__,
-            )
+    found = [(r.name, r.module) for r in install(model, probe_inputs)]
     if disable_aux_loss and (changed := _disable_aux_loss(model)):
         log.info("auxiliary load-balancing loss disabled: %s set to 0/False", ", ".join(changed))
     reduce = timed_all_reduce(dist_timeout_s) if all_reduce == "auto" else all_reduce
     handle = LossFreeBalancing(model, found, balancer, reduce, settings)
-    handle.hooks = install_mask_hooks(model, mask)
+    handle.hooks = install_mask_hooks(model, found[0][1]._moebalance_mask)
     for _, router in found:
         router._moebalance_handle = handle
     _load_initial_biases(handle, load_biases_from)

@@ -62,7 +62,7 @@ def read_biases(handle, path: str | Path) -> int:
     wanted = {layer_key(name): r for name, r in zip(handle.router_names, handle.routers)}
     if len(wanted) != len(handle.routers):
         raise ValueError("router names do not identify their layers; cannot match saved biases")
-    found = _saved_biases(files, {"." + r._moebalance_bias_name for r in handle.routers})
+    found = _saved_biases(files, {"." + r._moebalance_slot.name for r in handle.routers})
     if not found:
         return 0
     if found.keys() != wanted.keys():
@@ -74,8 +74,8 @@ def read_biases(handle, path: str | Path) -> int:
         )
     with torch.no_grad():
         for key, router in wanted.items():
-            bias = getattr(router, router._moebalance_bias_name)
-            saved = found[key][1]
+            bias = router._moebalance_slot.tensor()
+            saved = found[key][1].reshape(-1) if found[key][1].numel() == bias.numel() else found[key][1]
             if saved.shape != bias.shape:
                 raise ValueError(
                     f"{path}: bias of layer {key} has shape {tuple(saved.shape)}, expected {tuple(bias.shape)}"
@@ -95,8 +95,9 @@ def record_in_config(handle) -> None:
     config = getattr(handle.model, "config", None)
     if config is None:
         return
-    name = handle.routers[0]._moebalance_bias_name
-    native = handle.routers[0]._moebalance_family.native_bias is not None
+    slots = [r._moebalance_slot for r in handle.routers]
+    name = slots[0].name
+    native = all(s.own for s in slots)
     setattr(config, CONFIG_KEY, {
         "strategy": "loss_free",
         "paper": "arXiv 2408.15664",
@@ -104,7 +105,7 @@ def record_in_config(handle) -> None:
         "bias_update": handle.balancer.update,
         "bias_center": handle.balancer.center,
         "bias_name": name,
-        "bias_keys": [f"{n}.{name}" for n in handle.router_names],
+        "bias_keys": [s.key for s in slots],
         "used_by_plain_transformers": native,
         "note": (
             "the biases are the model's own e_score_correction_bias; plain transformers routes with them"

@@ -110,7 +110,7 @@ class LossFreeBalancing:
 
     def bias_tensors(self) -> list[torch.Tensor]:
         """The live ``[E]`` float32 bias buffers, one per router (writing to them steers routing)."""
-        return [getattr(r, r._moebalance_bias_name) for r in self.routers]
+        return [r._moebalance_slot.tensor() for r in self.routers]
 
     def biases(self) -> torch.Tensor:
         """``[L, E]`` float32 copy of the biases (all routers must have the same ``E``)."""

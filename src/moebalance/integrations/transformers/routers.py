@@ -11,6 +11,8 @@ persistent buffer (it is saved, and it is identical on every rank anyway).
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -64,50 +66,70 @@ def install_mask_hooks(model: nn.Module, state: TokenMask) -> list:
     return hooks
 
 
-def init_counters(router: nn.Module, mask: TokenMask) -> None:
+#: The plain-attribute load counters every router gets.
+COUNTERS = ("moebalance_load_counts", "moebalance_eval_counts")
+
+
+def init_counters(router: nn.Module, num_experts: int, device: torch.device, mask: TokenMask) -> None:
     """Give ``router`` its zero ``[E]`` float32 training and eval counters (plain attributes)."""
-    device = router.weight.device
-    router.moebalance_load_counts = torch.zeros(router.num_experts, device=device)
-    router.moebalance_eval_counts = torch.zeros(router.num_experts, device=device)
+    router.moebalance_load_counts = torch.zeros(num_experts, device=device)
+    router.moebalance_eval_counts = torch.zeros(num_experts, device=device)
     router._moebalance_mask = mask
 
 
-@torch.no_grad()
 def count(router: nn.Module, index_TK: torch.Tensor) -> None:
-    """Add one forward's ``[T, K]`` choice to the router's counters, padding excluded.
+    """Add one forward's ``[..., K]`` choice to the router's counters, padding excluded.
 
-    Training forwards go to ``moebalance_load_counts`` (once: not again under activation-checkpoint
-    recomputation); eval-mode forwards to ``moebalance_eval_counts`` (MaxVio_global at evaluation).
+    Training forwards with grad enabled go to ``moebalance_load_counts``: a forward under
+    ``torch.no_grad()`` in training mode (RL rollouts, ``generate()``) is not a training step's
+    load, as in Megatron-Core; activation-checkpoint recomputation is not counted twice. Eval-mode
+    forwards go to ``moebalance_eval_counts`` (MaxVio_global at evaluation).
     """
+    if router.training and not torch.is_grad_enabled():
+        return
     if _in_backward_recompute():
         return
-    index_TK = index_TK.reshape(-1, index_TK.shape[-1])
-    mask = router._moebalance_mask.for_tokens(index_TK.shape[0])
-    counts = count_tokens_per_expert(index_TK, router.num_experts, None if mask is None else mask.to(index_TK.device))
-    name = "moebalance_load_counts" if router.training else "moebalance_eval_counts"
-    counter = getattr(router, name)
-    if counter.device != counts.device:  # moved without _apply (FSDP2)
-        counter = counter.to(counts.device)
-        setattr(router, name, counter)
-    counter += counts.to(counter.dtype)
+    with torch.no_grad():
+        index_TK = index_TK.reshape(-1, index_TK.shape[-1])
+        mask = router._moebalance_mask.for_tokens(index_TK.shape[0])
+        num_experts = router.moebalance_load_counts.numel()
+        counts = count_tokens_per_expert(index_TK, num_experts, None if mask is None else mask.to(index_TK.device))
+        name = "moebalance_load_counts" if router.training else "moebalance_eval_counts"
+        counter = getattr(router, name)
+        if counter.device != counts.device:  # moved without _apply (FSDP2)
+            counter = counter.to(counts.device)
+            setattr(router, name, counter)
+        counter += counts.to(counter.dtype)
 
 
-def count_hook(router: nn.Module, args, output) -> None:
-    """Forward hook for routers that are not patched (their output's third element is ``[T, K]``)."""
-    count(router, output[2])
+def keep_fp32(holder: nn.Module, names: list[str], device_of: Callable[[], torch.device]) -> None:
+    """Make ``holder``'s ``_apply`` keep the named tensors (buffers or Parameters: the Loss-Free
+    bias, the counters) float32 through dtype casts (an update of 1e-3 vanishes in bfloat16 once
+    the bias nears 1), move them to ``device_of()`` after the rest, and give zeros after
+    ``to_empty`` on a meta-device model (see :func:`float32_state_after_apply`).
+
+    Patched on the instance; a second call adds its names to the first's.
+    """
+    kept = holder.__dict__.setdefault("_moebalance_fp32", [])
+    kept += [n for n in names if n not in kept]
+    holder._moebalance_device_of = device_of
+    holder._apply = types.MethodType(_keep_fp32_apply, holder)
 
 
-def keep_fp32_apply(self: nn.Module, fn, recurse: bool = True):
-    """``_apply`` that keeps the bias and the counters float32 through dtype casts (an update of 1e-3
-    vanishes in bfloat16 once the bias nears 1), moves them with the router's weight, and gives
-    zeros after ``to_empty`` on a meta-device model (see :func:`float32_state_after_apply`)."""
-    name = self._moebalance_bias_name
-    bias = self._buffers.pop(name)
+def _keep_fp32_apply(self: nn.Module, fn, recurse: bool = True):
+    saved = {}
+    for name in self._moebalance_fp32:
+        for store in (self._parameters, self._buffers):
+            if name in store:
+                saved[name] = (store, store.pop(name))
     try:
         type(self)._apply(self, fn, recurse)
     finally:
-        device = self.weight.device
-        self._buffers[name] = float32_state_after_apply(bias, fn, device, 0.0)
-        for counter in ("moebalance_load_counts", "moebalance_eval_counts"):
-            setattr(self, counter, float32_state_after_apply(getattr(self, counter), fn, device, 0.0))
+        device = self._moebalance_device_of()
+        for name, (store, tensor) in saved.items():
+            new = float32_state_after_apply(tensor.detach(), fn, device, 0.0)
+            store[name] = nn.Parameter(new, requires_grad=False) if isinstance(tensor, nn.Parameter) else new
+        for name in self._moebalance_fp32:
+            if name not in saved and isinstance(getattr(self, name, None), torch.Tensor):  # plain attributes
+                setattr(self, name, float32_state_after_apply(getattr(self, name), fn, device, 0.0))
     return self

@@ -70,3 +70,48 @@ def tiny_moe_config(
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
+
+
+#: Sizes a tiny config of any family gets, for every one of these fields it has (top level and
+#: sub-configs): small enough to build and run in well under a second on a CPU.
+TINY_SIZES = dict(
+    hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=4, head_dim=8, vocab_size=256, max_position_embeddings=128, num_experts=8,
+    num_local_experts=8, n_routed_experts=8, moe_num_experts=8, num_experts_per_tok=2, moe_k=2, top_k=2,
+    shared_expert_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16,
+    q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+    ffn_hidden_size=64, d_model=32, n_layers=2, n_heads=4, num_layers=2, depth=1, embed_dim=32, num_heads=4,
+    out_hidden_size=32, d_ff=64, ffn_dim=64, expert_dim=32, moe_layer_freq=1, decoder_sparse_step=1,
+)
+
+
+def _shrink(config, seen: set) -> None:
+    if id(config) in seen:
+        return
+    seen.add(id(config))
+    for key, value in list(vars(config).items()):
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+            _shrink(value, seen)
+        elif key in TINY_SIZES and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, key, TINY_SIZES[key])
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value >= TINY_SIZES["vocab_size"]:
+            setattr(config, key, None)
+
+
+def tiny_config_for(model_type: str):
+    """A tiny random-init config of any transformers model type, built offline from its defaults.
+
+    Every size field in :data:`TINY_SIZES` that the config (or a sub-config such as
+    ``text_config``) has is set to the tiny value; token ids beyond the tiny vocabulary are unset.
+    Used by :mod:`.coverage` to try every MoE family of the installed transformers.
+
+    Raises:
+        ValueError: ``model_type`` is not a model type of the installed transformers.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type)
+    _shrink(config, set())
+    return config

@@ -1,0 +1,121 @@
+"""Putting Loss-Free Balancing into a model's routers, proven by the probe, or not at all.
+
+Shape legend: E routed experts, K experts per token.
+
+:func:`install` finds the routers (:mod:`.discovery`), gives each its bias slot (the model's own,
+:mod:`.own_bias`, or an added ``expert_bias``, :mod:`.added_bias`), load counters and the
+selection mode (:mod:`.selection`), then runs the probe (:mod:`.probe`). If anything fails, every
+router is put back as it was and the error names the router class and the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from moebalance.integrations.transformers.added_bias import add_slot
+from moebalance.integrations.transformers.discovery import Router, expert_counts, find_routers, probe_batch
+from moebalance.integrations.transformers.own_bias import BiasSlot, adopt, find_own_slot
+from moebalance.integrations.transformers.probe import check_identical, check_steers, tensors_of
+from moebalance.integrations.transformers.routers import COUNTERS, TokenMask, init_counters, keep_fp32
+from moebalance.integrations.transformers.selection import steer_forward, unsteer_forward
+
+log = logging.getLogger("moebalance.integrations.transformers")
+
+#: transformers releases the adapters and the coverage table were generated with.
+TESTED_TRANSFORMERS_VERSIONS = ("5.25.0",)
+
+
+def _device(module: nn.Module, fallback: nn.Module) -> torch.device:
+    for m in (module, fallback):
+        t = next(iter(m.parameters()), None)
+        t = next(iter(m.buffers()), None) if t is None else t
+        if t is not None:
+            return t.device
+    return torch.device("cpu")
+
+
+def _no_router_message(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    experts, ks = expert_counts(config) if config is not None else (set(), set())
+    what = (
+        f"over {sorted(experts)} experts with k in {sorted(ks)}" if experts and ks
+        else "over the experts (its config names no number of experts or of experts per token)"
+    )
+    return (
+        f"no MoE router found in {type(model).__name__}: no module makes a top-K choice {what} in a probe "
+        "forward. moebalance steers routers that pick K experts per token with one top-K; hash routing "
+        "and expert-choice routing (experts pick tokens) cannot carry a Loss-Free bias"
+    )
+
+
+def _patch_one(r: Router, modules: dict[str, nn.Module], mask: TokenMask, model: nn.Module) -> BiasSlot:
+    slot, why = find_own_slot(r.name, r.module, r.num_experts, modules)
+    if why is not None:
+        raise ValueError(f"{r.name} ({type(r.module).__name__}): {why}")
+    device = _device(r.module, model)
+    if slot is not None:
+        adopt(slot)
+    else:
+        slot = add_slot(r.name, r.module, r.num_experts, device)
+    init_counters(r.module, r.num_experts, device, mask)
+    steer_forward(r.module, r.num_experts, r.top_k, None if slot.own else slot.name)
+    keep_fp32(slot.holder, [slot.name], lambda m=r.module, f=model: _device(m, f))
+    keep_fp32(r.module, list(COUNTERS), lambda m=r.module, f=model: _device(m, f))
+    r.module._moebalance_slot = slot
+    return slot
+
+
+def uninstall(routers: list[nn.Module]) -> None:
+    """Put routers back as they were before :func:`install` (forward, added buffer, counters)."""
+    for m in routers:
+        if "_moebalance_inner_forward" in m.__dict__:
+            unsteer_forward(m)
+        slot = m.__dict__.pop("_moebalance_slot", None)
+        if slot is not None and not slot.own:
+            slot.holder._buffers.pop(slot.name, None)
+        for name in (*COUNTERS, "_moebalance_mask", "_moebalance_choice"):
+            m.__dict__.pop(name, None)
+
+
+def install(model: nn.Module, probe_inputs: dict | None = None) -> list[Router]:
+    """Find, patch and prove every router of ``model`` (see the module docstring).
+
+    Args:
+        model: a transformers model, or any module that ``probe_inputs`` can be fed to.
+        probe_inputs: keyword inputs of the probe forward; default ``[2, 11]`` random token ids.
+
+    Returns:
+        The routers, in module order, each with ``module._moebalance_slot`` and its counters.
+
+    Raises:
+        ValueError: no router found, or a router cannot carry the bias (named, with the reason).
+        RuntimeError: the probe forward failed, or the probe found the routing changed or the
+            bias not steering (the router class is named); nothing stays patched.
+    """
+    inputs = probe_inputs if probe_inputs is not None else probe_batch(model)
+    routers, problems, reference = find_routers(model, inputs)
+    if not routers:
+        raise ValueError(_no_router_message(model))
+    if problems:
+        raise ValueError("cannot steer: " + "; ".join(problems))
+    modules = dict(model.named_modules())
+    mask = TokenMask()
+    done: list[nn.Module] = []
+    try:
+        slots = []
+        for r in routers:
+            done.append(r.module)
+            slots.append(_patch_one(r, modules, mask, model))
+        if not any(t.is_meta for _, t in tensors_of(reference)):
+            check_identical(model, inputs, reference, routers)
+            if all(bool(t.isfinite().all()) for _, t in tensors_of(reference) if t.is_floating_point()):
+                check_steers(model, inputs, routers, [s.tensor() for s in slots])
+            else:
+                log.info("the model's weights are not finite (not initialised?): the steering check is skipped")
+    except BaseException:
+        uninstall(done)
+        raise
+    return routers

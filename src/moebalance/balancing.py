@@ -31,6 +31,7 @@ from moebalance.losses import (
     router_z_loss,
     sequence_aux_loss,
 )
+from moebalance.checks import check_loads, check_score_tensor
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
 
 UpdateMode = Literal["sign", "error"]
@@ -189,7 +190,9 @@ class LossFreeBalancer:
 
         Returns:
             ``[L, E]`` float32 loads the update used (global loads when they were all-reduced).
-            A layer whose load is all zero (no training forward since the last step) is left as is.
+            A layer whose load is all zero (no training forward since the last step) is left as is;
+            when any load is NaN or inf, every bias is left as is (:meth:`bias_delta`). Tokens whose
+            router scores were not finite never count (:meth:`TopKRouter.forward`).
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module``.
@@ -217,21 +220,31 @@ class LossFreeBalancer:
         """The change Algorithm 1 makes to the biases for loads ``c`` (``[E]`` or ``[L, E]``).
 
         ``e_i = c_mean - c_i`` with ``c_mean = K*T/E``, the mean of the row; ``delta = u*sign(e)``
-        (or ``u * e / c_mean``). Rows that sum to 0 give a zero delta.
+        (or ``u * e / c_mean``). Rows that sum to 0 give a zero delta. Loads holding a NaN or +inf
+        anywhere give a zero delta everywhere: a step whose loads are not finite moves no bias.
 
         Args:
-            loads_LE: ``[L, E]`` (or ``[E]``) tokens per expert of the step.
-            bias_LE: the current biases, same shape; needed (and only used) with ``center=True``,
+            loads_LE: ``[L, E]`` (or ``[E]``) tokens per expert of the step: a real tensor, >= 0.
+            bias_LE: the current biases, a real float tensor of the same shape; needed (and only used) with ``center=True``,
                 where the delta also removes the row mean of ``bias + delta`` (rows with no load
                 stay untouched).
             rate_scale: multiplies ``u`` for this update; in ``[0, 1]``.
 
         Raises:
-            ValueError: ``center=True`` without ``bias_LE``, or ``rate_scale`` outside ``[0, 1]``.
+            ValueError: ``loads_LE`` not an ``[E]`` / ``[L, E]`` real tensor, or with a negative
+                load; ``bias_LE`` of another shape; ``center=True`` without ``bias_LE``; or
+                ``rate_scale`` outside ``[0, 1]``.
         """
         _check_rate_scale(rate_scale)
+        check_loads("loads_LE", loads_LE, allow_nonfinite=True)
+        if bias_LE is not None:
+            check_score_tensor("bias_LE", bias_LE, (loads_LE.dim(),), f"{list(loads_LE.shape)} (as loads_LE)")
+            if bias_LE.shape != loads_LE.shape:
+                raise ValueError(f"bias_LE must have loads_LE's shape {list(loads_LE.shape)}, got {list(bias_LE.shape)}")
         rate = self.update_rate * float(rate_scale)
         loads = loads_LE.float()
+        if not bool(torch.isfinite(loads).all()):
+            return torch.zeros_like(loads)  # a NaN or inf load: the step's loads are garbage, no update
         mean = loads.mean(dim=-1, keepdim=True)
         error = mean - loads
         if self.update == "sign":

@@ -31,7 +31,7 @@ from moebalance.losses import (
     router_z_loss,
     sequence_aux_loss,
 )
-from moebalance.checks import check_loads, check_score_tensor
+from moebalance.checks import check_loads, check_number, check_score_tensor
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
 
 UpdateMode = Literal["sign", "error"]
@@ -84,7 +84,13 @@ def pop_expert_loads(routers: Sequence[TopKRouter]) -> torch.Tensor:
     Returns:
         ``[L, E]`` float32 tokens routed to each expert of each layer since the last call.
         All routers must have the same ``E``.
+
+    Raises:
+        ValueError: no router, an item that is not a :class:`TopKRouter`, or routers of different ``E``.
     """
+    bad = [type(r).__name__ for r in routers if not isinstance(r, TopKRouter)]
+    if bad:
+        raise ValueError(f"routers must be TopKRouter modules (see find_routers), got {bad[0]}")
     if not routers:
         raise ValueError("no TopKRouter found: the model has no MoE layer")
     sizes = {r.load_counts.numel() for r in routers}
@@ -103,7 +109,12 @@ def sum_over_default_group_(tensor: torch.Tensor) -> None:
 
     The ``all_reduce="auto"`` of :class:`LossFreeBalancer`. Every rank must call it (a rank that
     skips the bias update leaves the others waiting until the group's timeout).
+
+    Raises:
+        ValueError: ``tensor`` is not a ``torch.Tensor``.
     """
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -318,6 +329,8 @@ class OptimizerHook:
     """
 
     def __init__(self, optimizer, update: Callable[[], object]) -> None:
+        if not callable(update):
+            raise ValueError(f"update must be a function of no argument, got {type(update).__name__}")
         self.optimizer = unwrap_optimizer(optimizer)
         self._update = update
         self.steps = 0
@@ -381,12 +394,17 @@ class AuxLossBalancer:
 
         Returns:
             0-dim float32 tensor to add to the language-model loss.
+
+        Raises:
+            ValueError: no output, an item that is not a :class:`RouterOutput`, an expert-choice
+                output (its ``indices`` are ``[E, C]`` token ids, not ``[T, K]`` expert ids, and
+                its load is balanced by construction), or an output of a ``[T, D]`` input.
         """
-        outputs = [routing] if isinstance(routing, RouterOutput) else list(routing)
-        if not outputs:
-            raise ValueError("AuxLossBalancer needs at least one RouterOutput")
+        outputs = check_router_outputs("routing", routing)
         total = None
         for out in outputs:
+            if getattr(out, "is_expert_choice", False):
+                raise ValueError("routing is an expert-choice output ([E, C] token ids); the auxiliary loss needs top-K routing")
             if out.seq_len is None:
                 raise ValueError("sequence-wise aux loss needs router outputs from [B, S, D] inputs")
             layer = sequence_aux_loss(aux_scores(out, self.scores), out.indices, out.seq_len, out.mask)
@@ -394,6 +412,25 @@ class AuxLossBalancer:
         return self.coeff * total
 
 
+
+
+def check_router_outputs(name: str, routing: object) -> list[RouterOutput]:
+    """``routing`` (one :class:`RouterOutput` or an iterable of them) as a non-empty list.
+
+    Raises:
+        ValueError: empty, or an item that is not a :class:`RouterOutput` (the message names ``name``).
+    """
+    if isinstance(routing, RouterOutput):
+        return [routing]
+    if isinstance(routing, (str, bytes, torch.Tensor)) or not isinstance(routing, Iterable):
+        raise ValueError(f"{name} must be a RouterOutput or a list of them (one per MoE layer), got {type(routing).__name__}")
+    outputs = list(routing)
+    if not outputs:
+        raise ValueError(f"{name} must hold at least one RouterOutput, got none")
+    bad = [type(r).__name__ for r in outputs if not isinstance(r, RouterOutput)]
+    if bad:
+        raise ValueError(f"{name} must hold RouterOutput items (what a router returns), got {bad[0]}")
+    return outputs
 
 
 class GlobalBatchCounts:
@@ -414,12 +451,23 @@ class GlobalBatchCounts:
     """
 
     def __init__(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        if not (all_reduce is None or callable(all_reduce)):
+            raise ValueError(f"all_reduce must be None or a function summing a tensor in place, got {all_reduce!r}")
         self.all_reduce = all_reduce
         self.counts_LE: torch.Tensor | None = None
 
     @torch.no_grad()
     def add(self, routing: Sequence[RouterOutput]) -> torch.Tensor:
-        """Add one micro-batch's counts (masked tokens excluded) and return the running ``[L, E]`` total."""
+        """Add one micro-batch's counts (masked tokens excluded) and return the running ``[L, E]`` total.
+
+        Raises:
+            ValueError: ``routing`` not a non-empty list of :class:`RouterOutput`, or a number of
+                layers or experts that differs from the running total's.
+        """
+        routing = check_router_outputs("routing", routing)
+        shape = (len(routing), routing[0].tokens_per_expert.numel())
+        if self.counts_LE is not None and self.counts_LE.shape != shape:
+            raise ValueError(f"routing gives [L, E] = {list(shape)} counts, the global batch so far {list(self.counts_LE.shape)}")
         step_LE = torch.stack([r.tokens_per_expert.float() for r in routing])
         if self.all_reduce is not None:
             self.all_reduce(step_LE)
@@ -459,7 +507,9 @@ class Balancing:
         bias_center: see :class:`LossFreeBalancer` (``center``).
 
     Raises:
-        ValueError: unknown strategy or ``aux_loss_scores``, or a negative coefficient.
+        ValueError: unknown strategy or ``aux_loss_scores``, a coefficient that is not a finite
+            number >= 0, or a bias argument :class:`LossFreeBalancer` refuses (checked also for
+            strategies that do not update the bias: a bad value is never silently ignored).
     """
 
     def __init__(
@@ -478,13 +528,15 @@ class Balancing:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
         for name, value in (("aux_loss_coeff", aux_loss_coeff), ("z_loss_coeff", z_loss_coeff), ("seq_aux_coeff", seq_aux_coeff)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            check_number(name, value, 0.0)
+        if not (all_reduce is None or callable(all_reduce)):
+            raise ValueError(f"all_reduce must be None or a function summing a tensor in place, got {all_reduce!r}")
+        bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce, bias_center)  # checks them
         self.strategy = strategy
         self.aux_kind, uses_bias = STRATEGIES[strategy]
         self.aux_coeff = float(seq_aux_coeff if strategy == "deepseek_v3" else aux_loss_coeff)
         self.all_reduce = all_reduce
-        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce, bias_center) if uses_bias else None
+        self.bias = bias if uses_bias else None
         # Kept for callers of the core API: the sequence-wise balancer of the ``aux_loss`` strategy.
         self.aux_scores = aux_loss_scores
         self.aux = AuxLossBalancer(self.aux_coeff, aux_loss_scores) if self.aux_kind == "sequence" else None
@@ -534,8 +586,10 @@ class Balancing:
             ``(loss, parts)``; ``(None, {})`` when the strategy adds no loss.
 
         Raises:
-            ValueError: an auxiliary loss was asked of expert-choice routing outputs.
+            ValueError: ``routing`` not a non-empty list of :class:`RouterOutput`, or an auxiliary
+                loss asked of expert-choice routing outputs.
         """
+        routing = check_router_outputs("routing", routing)
         total, parts = None, {}
         if self.aux_kind is not None and self.aux_coeff > 0:
             total = self._aux_loss(routing)
@@ -555,7 +609,12 @@ class Balancing:
 
         Returns:
             ``[L, E]`` loads of the step (all-reduced when ``all_reduce`` is set).
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ValueError: ``rate_scale`` not a number in ``[0, 1]``, or no router in ``model``.
         """
+        _check_rate_scale(rate_scale)
         if self.global_counts is not None:
             self.global_counts.reset()
         if self.bias is not None:

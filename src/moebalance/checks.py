@@ -29,7 +29,9 @@ __all__ = [
     "check_number",
     "check_score_tensor",
     "check_tensor",
+    "describe",
     "is_finite_number",
+    "is_integer_tensor",
 ]
 
 
@@ -42,6 +44,20 @@ def is_finite_number(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:
         return False
+
+
+def describe(value: object) -> str:
+    """A tensor's shape and dtype, or a non-tensor's type, for an error message."""
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)} dtype {value.dtype}"
+    return type(value).__name__
+
+
+def is_integer_tensor(value: object) -> bool:
+    """``True`` for a tensor of an integer dtype (not bool, float or complex)."""
+    return isinstance(value, torch.Tensor) and not (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    )
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool = False) -> str:
@@ -146,7 +162,7 @@ def check_index_tensor(name: str, value: object, num_rows: int | None, bound: in
         ValueError: not a 2-D integer tensor, another number of rows, or an id out of range.
     """
     check_tensor(name, value, (2,), "[T, K]")
-    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+    if not is_integer_tensor(value):
         raise ValueError(f"{name} must be an integer tensor of {what}, got dtype {value.dtype}")
     if num_rows is not None and value.shape[0] != num_rows:
         raise ValueError(f"{name} must have one row per token ({num_rows}), got shape {tuple(value.shape)}")

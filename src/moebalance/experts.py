@@ -38,7 +38,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebalance.checks import check_int, check_number
+from moebalance.checks import (
+    check_bool,
+    check_choice,
+    check_int,
+    check_mask,
+    check_number,
+    check_score_tensor,
+    describe,
+    is_integer_tensor,
+)
 
 DropPolicy = Literal["position", "score"]
 
@@ -48,6 +57,7 @@ __all__ = [
     "GroupedExperts",
     "SwiGLU",
     "combine",
+    "count_pairs",
     "expert_capacity",
     "expert_compute_plan",
     "permute",
@@ -67,10 +77,15 @@ class SwiGLU(nn.Module):
 
     Shapes: ``[..., D]`` -> ``[..., D]``, in the autocast dtype under autocast, else the promoted
     dtype of the input and the weights.
+
+    Raises:
+        ValueError: ``d_model`` or ``d_ff`` not an int >= 1.
     """
 
     def __init__(self, d_model: int, d_ff: int) -> None:
         super().__init__()
+        check_int("d_model", d_model, 1)
+        check_int("d_ff", d_ff, 1)
         self.w1 = nn.Linear(d_model, d_ff, bias=False)
         self.w3 = nn.Linear(d_model, d_ff, bias=False)
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
@@ -162,22 +177,22 @@ def permute(
         combine the results.
 
     Raises:
-        ValueError: ``capacity < 0`` or an unknown ``drop_policy``.
+        ValueError: ``x_TD`` not a ``[T, D]`` real float tensor, ``indices_TK`` not ``[T, K]``
+            integer ids in ``[0, E)``, ``gates_TK`` not a real float tensor of ``indices_TK``'s
+            shape, ``num_experts`` not an int >= 1, ``capacity`` not ``None`` or an int ``>= 0``,
+            an unknown ``drop_policy``, or ``mask_T`` not ``[T]`` bool.
     """
+    mask_T = _check_permute_args(x_TD, indices_TK, gates_TK, num_experts, capacity, drop_policy, mask_T)
     num_tokens, top_k = indices_TK.shape
     flat_experts = indices_TK.reshape(-1)
     flat_gates = gates_TK.reshape(-1)
-    counts = torch.bincount(flat_experts, minlength=num_experts)
+    counts = count_pairs(flat_experts, num_experts)
     if capacity is None:
         order = torch.argsort(flat_experts, stable=True)
         dropped = counts.new_zeros(())
         token_ids = order // top_k
         return x_TD[token_ids], Dispatch(token_ids, flat_gates[order], counts, dropped)
 
-    if capacity < 0:
-        raise ValueError(f"capacity must be >= 0, got {capacity}")
-    if drop_policy not in ("position", "score"):
-        raise ValueError(f"drop_policy must be 'position' or 'score', got {drop_policy!r}")
     pad_N = None if mask_T is None else ~mask_T.reshape(-1, 1).expand(num_tokens, top_k).reshape(-1)
     if drop_policy == "score":
         # Best gate first; padding last. The stable sort by expert below keeps this order.
@@ -205,6 +220,37 @@ def permute(
     return x_TD[token_ids], Dispatch(token_ids, flat_gates[order], kept_counts, dropped)
 
 
+def _check_permute_args(x_TD, indices_TK, gates_TK, num_experts, capacity, drop_policy, mask_T):
+    """The checks of :func:`permute` (its Raises); returns the mask as ``[T]`` bool or ``None``."""
+    check_score_tensor("x_TD", x_TD, (2,), "[T, D]")
+    check_int("num_experts", num_experts, 1)
+    if not is_integer_tensor(indices_TK) or indices_TK.dim() != 2 or indices_TK.shape[0] != x_TD.shape[0]:
+        raise ValueError(f"indices_TK must be a [T={x_TD.shape[0]}, K] integer tensor of expert ids, got {describe(indices_TK)}")
+    check_score_tensor("gates_TK", gates_TK, (2,), "[T, K]")
+    if gates_TK.shape != indices_TK.shape:
+        raise ValueError(f"gates_TK must have indices_TK's shape {tuple(indices_TK.shape)}, got {tuple(gates_TK.shape)}")
+    if capacity is not None:
+        check_int("capacity", capacity, 0)
+    check_choice("drop_policy", drop_policy, ("position", "score"))
+    return check_mask("mask_T", mask_T, x_TD.shape[:1], "[T]")
+
+
+def count_pairs(flat_experts: torch.Tensor, num_experts: int, name: str = "indices_TK") -> torch.Tensor:
+    """``[E]`` int64 pairs per expert of ``[N]`` integer expert ids.
+
+    Raises:
+        ValueError: an id outside ``[0, E)`` (the message names ``name``); checked on the counts,
+            so it costs no host synchronisation beyond ``bincount``'s own.
+    """
+    try:
+        counts = torch.bincount(flat_experts, minlength=num_experts)
+    except RuntimeError as err:  # a negative id
+        raise ValueError(f"{name} must hold expert ids in [0, num_experts={num_experts}): {err}") from None
+    if counts.numel() != num_experts:
+        raise ValueError(f"{name} must hold expert ids in [0, num_experts={num_experts}), got {counts.numel() - 1}")
+    return counts
+
+
 def combine(y_ND: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Tensor:
     """Weight expert outputs by their gates and sum them back per token.
 
@@ -223,7 +269,17 @@ def combine(y_ND: torch.Tensor, dispatch: Dispatch, num_tokens: int) -> torch.Te
 
     Returns:
         ``[T, D]`` in ``y_ND``'s dtype.
+
+    Raises:
+        ValueError: ``y_ND`` not an ``[N, D]`` real float tensor, ``dispatch`` not a
+            :class:`Dispatch` with ``N`` rows, or ``num_tokens`` not an int >= 0.
     """
+    check_score_tensor("y_ND", y_ND, (2,), "[N, D]")
+    if not isinstance(dispatch, Dispatch):
+        raise ValueError(f"dispatch must be the Dispatch of permute(), got {type(dispatch).__name__}")
+    check_int("num_tokens", num_tokens, 0)
+    if dispatch.token_ids.shape != (y_ND.shape[0],) or dispatch.gates.shape != (y_ND.shape[0],):
+        raise ValueError(f"dispatch must describe y_ND's {y_ND.shape[0]} rows, got {dispatch.token_ids.numel()} token ids")
     wide = torch.promote_types(y_ND.dtype, torch.float32)
     weighted = y_ND.to(wide) * dispatch.gates.to(wide).unsqueeze(-1)
     out = weighted.new_zeros(num_tokens, y_ND.shape[-1])
@@ -353,10 +409,17 @@ class GroupedExperts(nn.Module):
         use_grouped_mm: use ``torch.nn.functional.grouped_mm`` where the dtype and shapes allow
             it (see :func:`expert_compute_plan`); otherwise (or when ``False``) loop over the
             experts' contiguous slices.
+
+    Raises:
+        ValueError: a size not an int >= 1, or ``use_grouped_mm`` not a bool.
     """
 
     def __init__(self, num_experts: int, d_model: int, d_ff: int, use_grouped_mm: bool = True) -> None:
         super().__init__()
+        check_int("num_experts", num_experts, 1)
+        check_int("d_model", d_model, 1)
+        check_int("d_ff", d_ff, 1)
+        check_bool("use_grouped_mm", use_grouped_mm)
         self.num_experts = num_experts
         self.use_grouped_mm = use_grouped_mm
         self.w1 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
@@ -386,7 +449,21 @@ class GroupedExperts(nn.Module):
         Returns:
             ``[N, D]`` in the compute dtype of :meth:`plan` (float32 for bf16 on a CPU without
             native bf16; the autocast dtype under autocast; else the promoted input dtype).
+
+        Raises:
+            ValueError: ``x_ND`` not an ``[N, D]`` real float tensor, or ``counts_E`` not an ``[E]``
+                integer tensor summing to ``N`` (one host synchronisation).
         """
+        check_score_tensor("x_ND", x_ND, (2,), f"[N, D={self.w1.shape[2]}]")
+        if x_ND.shape[1] != self.w1.shape[2]:
+            raise ValueError(f"x_ND must have shape [N, D={self.w1.shape[2]}], got {tuple(x_ND.shape)}")
+        ok = is_integer_tensor(counts_E) and counts_E.shape == (self.num_experts,)
+        total, smallest = torch.stack([counts_E.sum(), counts_E.min()]).tolist() if ok else (-1, -1)
+        if total != x_ND.shape[0] or smallest < 0:
+            raise ValueError(
+                f"counts_E must be [E={self.num_experts}] integer rows per expert, >= 0, summing to "
+                f"N={x_ND.shape[0]}, got {describe(counts_E)}"
+            )
         kernel, compute = self.plan(x_ND)
         # Under autocast these casts are the ones autocast would make for a linear layer.
         (x_ND, w1, w3, w2), upcast = _cast_for_compute(compute, x_ND, self.w1, self.w3, self.w2)

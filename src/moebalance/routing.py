@@ -24,8 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moebalance.checks import check_bool, check_int, check_mask, check_number, check_score_tensor, is_finite_number
-from moebalance.experts import expert_capacity
+from moebalance.checks import (
+    check_bool,
+    check_int,
+    check_mask,
+    check_number,
+    check_score_tensor,
+    describe,
+    is_finite_number,
+    is_integer_tensor,
+)
+from moebalance.experts import count_pairs, expert_capacity
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 BiasMode = Literal["additive", "multiplicative"]
@@ -86,11 +95,20 @@ def count_tokens_per_expert(
 
     Returns:
         ``[E]`` int64 counts ``c_i`` (Algorithm 1 of arXiv 2408.15664).
+
+    Raises:
+        ValueError: ``num_experts`` not an int >= 1, ``indices`` not a 2-D integer tensor of ids in
+            ``[0, E)``, or ``mask`` not a ``[T]`` bool tensor. The id range is checked on the
+            counts (no extra host synchronisation).
     """
+    check_int("num_experts", num_experts, 1)
+    if not is_integer_tensor(indices) or indices.dim() != 2:
+        raise ValueError(f"indices must be a [T, K] integer tensor of expert ids, got {describe(indices)}")
     flat = indices.reshape(-1)
-    if mask is not None:
-        flat = flat[mask.reshape(-1, 1).expand_as(indices).reshape(-1)]
-    return torch.bincount(flat, minlength=num_experts)
+    flat_mask = check_mask("mask", mask, indices.shape[:1], "[T]")
+    if flat_mask is not None:
+        flat = flat[flat_mask.reshape(-1, 1).expand_as(indices).reshape(-1)]
+    return count_pairs(flat, num_experts, "indices")
 
 
 def route_topk(
@@ -126,7 +144,18 @@ def route_topk(
 
     Returns:
         ``[T, K]`` int64 expert ids, best first.
+
+    Raises:
+        ValueError: ``scores`` not a ``[T, E]`` real float tensor, ``bias`` not ``None`` or an ``[E]``
+            real float tensor, or ``top_k``, ``bias_mode``, ``n_group``, ``topk_group`` outside
+            the ranges of :class:`TopKRouter`.
     """
+    check_score_tensor("scores", scores)
+    check_routing_args(scores.shape[1], top_k, "sigmoid", 1.0, bias_mode, n_group, topk_group)
+    if bias is not None:
+        check_score_tensor("bias", bias, (1,), f"[E={scores.shape[1]}]")
+        if bias.shape[0] != scores.shape[1]:
+            raise ValueError(f"bias must have shape [E={scores.shape[1]}] (as scores), got {tuple(bias.shape)}")
     choice = scores
     if bias is not None:
         choice = scores * bias if bias_mode == "multiplicative" else scores + bias
@@ -440,7 +469,14 @@ def route_expert_choice(scores_TE: torch.Tensor, capacity: int, mask_T: torch.Te
 
     Returns:
         ``[E, C]`` int64 token ids, best first.
+
+    Raises:
+        ValueError: ``scores_TE`` not a ``[T, E]`` real float tensor, ``capacity`` not an int in
+            ``[0, T]``, or ``mask_T`` not a ``[T]`` bool tensor.
     """
+    check_score_tensor("scores_TE", scores_TE)
+    check_int("capacity", capacity, 0, scores_TE.shape[0])
+    mask_T = check_mask("mask_T", mask_T, scores_TE.shape[:1], "[T]")
     choice_ET = scores_TE.detach().t()
     if mask_T is not None:
         choice_ET = choice_ET.masked_fill(~mask_T.reshape(1, -1), float("-inf"))
@@ -448,7 +484,13 @@ def route_expert_choice(scores_TE: torch.Tensor, capacity: int, mask_T: torch.Te
 
 
 def chosen_experts(out: RouterOutput) -> torch.Tensor:
-    """``[T, E]`` bool: which experts each token went to, for top-K and expert-choice outputs."""
+    """``[T, E]`` bool: which experts each token went to, for top-K and expert-choice outputs.
+
+    Raises:
+        ValueError: ``out`` is not a :class:`RouterOutput`.
+    """
+    if not isinstance(out, RouterOutput):
+        raise ValueError(f"out must be a RouterOutput (what a router returns), got {type(out).__name__}")
     if isinstance(out, ExpertChoiceOutput):
         num_experts = out.indices.shape[0]
         chosen = torch.zeros(num_experts, out.num_tokens, dtype=torch.bool, device=out.indices.device)

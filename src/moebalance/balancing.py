@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from moebalance.checks import check_loads, check_number, check_score_tensor
 from moebalance.losses import (
     batch_aux_loss,
     global_batch_aux_loss,
@@ -31,7 +32,6 @@ from moebalance.losses import (
     router_z_loss,
     sequence_aux_loss,
 )
-from moebalance.checks import check_loads, check_number, check_score_tensor
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
 
 UpdateMode = Literal["sign", "error"]
@@ -74,7 +74,7 @@ def find_routers(module: nn.Module) -> list[TopKRouter]:
         TypeError: ``module`` is not an ``nn.Module``.
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"expected an nn.Module (a model, an MoE layer or a TopKRouter), got {type(module).__name__}")
+        raise TypeError(f"model must be an nn.Module (a model, an MoE layer or a TopKRouter), got {type(module).__name__}")
     return [m for m in module.modules() if isinstance(m, TopKRouter)]
 
 
@@ -312,7 +312,7 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
             break
         seen = inner
     if not isinstance(seen, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
     return seen
 
 
@@ -406,7 +406,7 @@ class AuxLossBalancer:
             if getattr(out, "is_expert_choice", False):
                 raise ValueError("routing is an expert-choice output ([E, C] token ids); the auxiliary loss needs top-K routing")
             if out.seq_len is None:
-                raise ValueError("sequence-wise aux loss needs router outputs from [B, S, D] inputs")
+                raise ValueError("routing must come from [B, S, D] inputs (seq_len set): the sequence-wise aux loss needs the sequences")
             layer = sequence_aux_loss(aux_scores(out, self.scores), out.indices, out.seq_len, out.mask)
             total = layer if total is None else total + layer
         return self.coeff * total

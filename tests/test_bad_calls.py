@@ -37,7 +37,15 @@ from moebalance.balancing import (
     sum_over_default_group_,
     unwrap_optimizer,
 )
-from moebalance.experts import Dispatch, GroupedExperts, SwiGLU, combine, expert_capacity, permute
+from moebalance.experts import (
+    Dispatch,
+    GroupedExperts,
+    SwiGLU,
+    combine,
+    expert_capacity,
+    expert_compute_plan,
+    permute,
+)
 from moebalance.losses import expert_counts, normalize_scores
 from moebalance.metrics import coefficient_of_variation, dead_experts, load_share
 from moebalance.routing import (
@@ -211,6 +219,11 @@ BAD_CALLS = [
     ("counts_E", lambda: GroupedExperts(E, D, 32)(_x(E, D), torch.ones(E))),
     ("counts_E", lambda: GroupedExperts(E, D, 32)(_x(E, D), torch.ones(E - 1, dtype=torch.long))),
     ("counts_E", lambda: GroupedExperts(E, D, 32)(_x(E, D), torch.tensor([-1, 3, 1, 1, 1, 1, 1, 1]))),
+    ("device", lambda: expert_compute_plan("cpu", torch.float32, D, 32)),
+    ("dtype", lambda: expert_compute_plan(torch.device("cpu"), "float32", D, 32)),
+    ("d_model", lambda: expert_compute_plan(torch.device("cpu"), torch.float32, 0, 32)),
+    ("d_ff", lambda: expert_compute_plan(torch.device("cpu"), torch.float32, D, 32.0)),
+    ("use_grouped_mm", lambda: expert_compute_plan(torch.device("cpu"), torch.float32, D, 32, "no")),
     ("d_model", lambda: SwiGLU(0, 32)),
     ("d_ff", lambda: SwiGLU(D, "32")),
     # --- losses ---

@@ -317,7 +317,18 @@ def expert_compute_plan(
 
     Returns:
         ``(kernel, compute_dtype)`` with kernel ``"grouped_mm"`` or ``"loop"``.
+
+    Raises:
+        ValueError: ``device`` not a ``torch.device``, ``dtype`` not a ``torch.dtype``, a size not
+            an int >= 1, or ``use_grouped_mm`` not a bool.
     """
+    if not isinstance(device, torch.device):
+        raise ValueError(f"device must be a torch.device, got {device!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype, got {dtype!r}")
+    check_int("d_model", d_model, 1)
+    check_int("d_ff", d_ff, 1)
+    check_bool("use_grouped_mm", use_grouped_mm)
     compute = dtype
     if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_has_native_bf16():
         compute = torch.float32

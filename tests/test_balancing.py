@@ -234,3 +234,66 @@ def test_a_tensor_or_numpy_float32_rate_is_refused_as_not_an_int_or_float():
         with pytest.raises(ValueError, match=r"rate_scale must be .*\(int or float\)"):
             LossFreeBalancer().bias_delta(torch.ones(4), rate_scale=bad)
     assert LossFreeBalancer(update_rate=np.float64(1e-3)).update_rate == 1e-3  # a float subclass
+
+
+# --- Non-finite inputs and loads never move the bias (issue 22) ---
+
+NAN_BATCH = (2, 4, 16)
+
+
+@pytest.mark.parametrize("bias_mode", ["additive", "multiplicative"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_batch_of_nonfinite_tokens_carries_no_load_and_moves_no_bias(bias_mode, bad):
+    router = TopKRouter(16, 8, 2, bias_mode=bias_mode)
+    before = router.expert_bias.clone()
+    out = router(torch.full(NAN_BATCH, bad))
+    assert out.tokens_per_expert.sum().item() == 0
+    loads = LossFreeBalancer().step(router)
+    assert loads.sum().item() == 0
+    assert torch.equal(router.expert_bias, before)
+
+
+def test_moe_layer_with_a_nan_batch_moves_no_bias():
+    layer = MoELayer(16, 32, 8, 2)
+    layer(torch.full(NAN_BATCH, float("nan")))
+    LossFreeBalancer().step(layer)
+    assert torch.equal(layer.router.expert_bias, torch.zeros(8))
+
+
+def test_only_the_finite_tokens_of_a_batch_are_counted():
+    torch.manual_seed(0)
+    router = TopKRouter(16, 8, 2)
+    x = torch.randn(2, 4, 16)
+    clean = router(x).tokens_per_expert
+    router.load_counts.zero_()
+    x_bad = torch.cat([x, torch.full((2, 3, 16), float("nan"))], dim=1)  # 3 NaN tokens per sequence
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, 1] = False  # padding and NaN exclusions combine
+    out = router(x_bad, mask)
+    expected = clean - router(x[0, 1].unsqueeze(0)).tokens_per_expert
+    assert torch.equal(out.tokens_per_expert, expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("update", ["sign", "error"])
+@pytest.mark.parametrize("center", [False, True])
+def test_nonfinite_loads_give_a_zero_delta(bad, update, center):
+    loads = torch.tensor([[3.0, 1.0, bad, 0.0], [4.0, 2.0, 1.0, 1.0]])
+    bias = torch.ones(2, 4)
+    delta = LossFreeBalancer(update=update, center=center).bias_delta(loads, bias)
+    assert torch.equal(delta, torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_step_whose_all_reduced_loads_are_not_finite_moves_no_bias(bad):
+    routers = nn.ModuleList([TopKRouter(8, 4, 1), TopKRouter(8, 4, 1)])
+    _fill(routers[0], [10, 2, 4, 0])
+    _fill(routers[1], [10, 2, 4, 0])
+
+    def broken_sum_(loads_LE):  # one garbage entry in one layer's global loads
+        loads_LE[1, 3] = bad
+
+    loads = LossFreeBalancer(all_reduce=broken_sum_).step(routers)
+    assert not torch.isfinite(loads).all()  # returned as the update saw them
+    for router in routers:
+        assert torch.equal(router.expert_bias, torch.zeros(4))

@@ -73,6 +73,71 @@ def test_expert_capacity():
         expert_capacity(100, 2, 8, 0.0)
 
 
+@pytest.mark.parametrize(
+    "T,K,E,cf,expected",
+    [
+        (100, 1, 11, 1.1, 10),  # 1.1 * 100 / 11 = 10.000000000000002 in floating point
+        (100, 1, 11, 1.11, 11),  # 10.09...: a real fraction still rounds up
+        (64, 2, 8, 1.0, 16),
+        (5, 2, 2, 4.0, 5),  # at most T
+        (16, 2, 8, 1e300, 16),  # a huge factor is dropless, not an OverflowError
+        (0, 2, 8, 1.0, 0),
+    ],
+)
+def test_one_capacity_rule_for_token_and_expert_choice(T, K, E, cf, expected):
+    from moebalance.routing import expert_choice_capacity
+
+    assert expert_capacity(T, K, E, cf) == expected
+    assert expert_choice_capacity(T, E, K, cf) == expected
+
+
+def test_layer_with_a_huge_capacity_factor_is_dropless():
+    torch.manual_seed(0)
+    dropless = MoELayer(16, 32, 8, 2).double()
+    huge = MoELayer(16, 32, 8, 2, capacity_factor=1e300).double()
+    huge.load_state_dict(dropless.state_dict())
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    out = huge(x)
+    assert int(out.dropped_tokens) == 0
+    torch.testing.assert_close(out.output, dropless(x).output)
+
+
+def _combine_error_ratio(y_ND, d, num_tokens):
+    """Mean error of ``combine`` against a float64 reference, over that of rounding the reference once."""
+    ref = torch.zeros(num_tokens, y_ND.shape[-1], dtype=torch.float64)
+    ref.index_add_(0, d.token_ids, y_ND.double() * d.gates.double().unsqueeze(-1))
+    err = (combine(y_ND, d, num_tokens).double() - ref).abs().mean()
+    one_rounding = (ref.to(y_ND.dtype).double() - ref).abs().mean()
+    return float(err / one_rounding)
+
+
+def test_combine_sums_in_float32_and_rounds_once(monkeypatch):
+    # The issue's case: MoELayer(64, 128, 16, 8, softmax) in bf16, 256 tokens, experts computing in
+    # bf16 (what a GPU or a CPU with native bf16 does; forced here). Summing the 8 weighted bf16
+    # outputs in bf16 gave 1.8-1.9x the error of one rounding; float32 then one cast gives 1.0x.
+    monkeypatch.setattr(ex, "_cpu_has_native_bf16", lambda: True)
+    torch.manual_seed(0)
+    layer = MoELayer(64, 128, 16, 8, score_func="softmax").to(torch.bfloat16)
+    x = torch.randn(256, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        routing = layer.router(x)
+        x_ND, d = permute(x, routing.indices, routing.gates, 16)
+        y_ND = layer.experts(x_ND, d.counts)
+    assert y_ND.dtype == torch.bfloat16
+    assert _combine_error_ratio(y_ND, d, 256) <= 1.05
+    assert combine(y_ND, d, 256).dtype == torch.bfloat16
+
+
+def test_combine_keeps_float64():
+    torch.manual_seed(0)
+    y = torch.randn(6, 4, dtype=torch.float64)
+    d = ex.Dispatch(torch.tensor([0, 0, 1, 1, 2, 2]), torch.rand(6), torch.tensor([2, 2, 2]))
+    out = combine(y, d, 3)  # float64 outputs are not narrowed to the float32 accumulator
+    ref = torch.zeros(3, 4, dtype=torch.float64).index_add_(0, d.token_ids, y * d.gates.double().unsqueeze(-1))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-15, atol=1e-15)
+
+
 @pytest.mark.parametrize("policy", ["position", "score"])
 def test_layer_with_capacity_matches_reference_and_counts_drops(policy):
     torch.manual_seed(3)

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from moebalance.checks import check_loads, check_number, check_score_tensor
 from moebalance.losses import (
     batch_aux_loss,
     global_batch_aux_loss,
@@ -73,7 +74,7 @@ def find_routers(module: nn.Module) -> list[TopKRouter]:
         TypeError: ``module`` is not an ``nn.Module``.
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"expected an nn.Module (a model, an MoE layer or a TopKRouter), got {type(module).__name__}")
+        raise TypeError(f"model must be an nn.Module (a model, an MoE layer or a TopKRouter), got {type(module).__name__}")
     return [m for m in module.modules() if isinstance(m, TopKRouter)]
 
 
@@ -83,7 +84,13 @@ def pop_expert_loads(routers: Sequence[TopKRouter]) -> torch.Tensor:
     Returns:
         ``[L, E]`` float32 tokens routed to each expert of each layer since the last call.
         All routers must have the same ``E``.
+
+    Raises:
+        ValueError: no router, an item that is not a :class:`TopKRouter`, or routers of different ``E``.
     """
+    bad = [type(r).__name__ for r in routers if not isinstance(r, TopKRouter)]
+    if bad:
+        raise ValueError(f"routers must be TopKRouter modules (see find_routers), got {bad[0]}")
     if not routers:
         raise ValueError("no TopKRouter found: the model has no MoE layer")
     sizes = {r.load_counts.numel() for r in routers}
@@ -102,7 +109,12 @@ def sum_over_default_group_(tensor: torch.Tensor) -> None:
 
     The ``all_reduce="auto"`` of :class:`LossFreeBalancer`. Every rank must call it (a rank that
     skips the bias update leaves the others waiting until the group's timeout).
+
+    Raises:
+        ValueError: ``tensor`` is not a ``torch.Tensor``.
     """
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -189,7 +201,9 @@ class LossFreeBalancer:
 
         Returns:
             ``[L, E]`` float32 loads the update used (global loads when they were all-reduced).
-            A layer whose load is all zero (no training forward since the last step) is left as is.
+            A layer whose load is all zero (no training forward since the last step) is left as is;
+            when any load is NaN or inf, every bias is left as is (:meth:`bias_delta`). Tokens whose
+            router scores were not finite never count (:meth:`TopKRouter.forward`).
 
         Raises:
             TypeError: ``model`` is not an ``nn.Module``.
@@ -217,21 +231,31 @@ class LossFreeBalancer:
         """The change Algorithm 1 makes to the biases for loads ``c`` (``[E]`` or ``[L, E]``).
 
         ``e_i = c_mean - c_i`` with ``c_mean = K*T/E``, the mean of the row; ``delta = u*sign(e)``
-        (or ``u * e / c_mean``). Rows that sum to 0 give a zero delta.
+        (or ``u * e / c_mean``). Rows that sum to 0 give a zero delta. Loads holding a NaN or +inf
+        anywhere give a zero delta everywhere: a step whose loads are not finite moves no bias.
 
         Args:
-            loads_LE: ``[L, E]`` (or ``[E]``) tokens per expert of the step.
-            bias_LE: the current biases, same shape; needed (and only used) with ``center=True``,
+            loads_LE: ``[L, E]`` (or ``[E]``) tokens per expert of the step: a real tensor, >= 0.
+            bias_LE: the current biases, a real float tensor of the same shape; needed (and only used) with ``center=True``,
                 where the delta also removes the row mean of ``bias + delta`` (rows with no load
                 stay untouched).
             rate_scale: multiplies ``u`` for this update; in ``[0, 1]``.
 
         Raises:
-            ValueError: ``center=True`` without ``bias_LE``, or ``rate_scale`` outside ``[0, 1]``.
+            ValueError: ``loads_LE`` not an ``[E]`` / ``[L, E]`` real tensor, or with a negative
+                load; ``bias_LE`` of another shape; ``center=True`` without ``bias_LE``; or
+                ``rate_scale`` outside ``[0, 1]``.
         """
         _check_rate_scale(rate_scale)
+        check_loads("loads_LE", loads_LE, allow_nonfinite=True)
+        if bias_LE is not None:
+            check_score_tensor("bias_LE", bias_LE, (loads_LE.dim(),), f"{list(loads_LE.shape)} (as loads_LE)")
+            if bias_LE.shape != loads_LE.shape:
+                raise ValueError(f"bias_LE must have loads_LE's shape {list(loads_LE.shape)}, got {list(bias_LE.shape)}")
         rate = self.update_rate * float(rate_scale)
         loads = loads_LE.float()
+        if not bool(torch.isfinite(loads).all()):
+            return torch.zeros_like(loads)  # a NaN or inf load: the step's loads are garbage, no update
         mean = loads.mean(dim=-1, keepdim=True)
         error = mean - loads
         if self.update == "sign":
@@ -288,7 +312,7 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
             break
         seen = inner
     if not isinstance(seen, torch.optim.Optimizer):
-        raise TypeError(f"expected a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
     return seen
 
 
@@ -305,6 +329,8 @@ class OptimizerHook:
     """
 
     def __init__(self, optimizer, update: Callable[[], object]) -> None:
+        if not callable(update):
+            raise ValueError(f"update must be a function of no argument, got {type(update).__name__}")
         self.optimizer = unwrap_optimizer(optimizer)
         self._update = update
         self.steps = 0
@@ -368,19 +394,43 @@ class AuxLossBalancer:
 
         Returns:
             0-dim float32 tensor to add to the language-model loss.
+
+        Raises:
+            ValueError: no output, an item that is not a :class:`RouterOutput`, an expert-choice
+                output (its ``indices`` are ``[E, C]`` token ids, not ``[T, K]`` expert ids, and
+                its load is balanced by construction), or an output of a ``[T, D]`` input.
         """
-        outputs = [routing] if isinstance(routing, RouterOutput) else list(routing)
-        if not outputs:
-            raise ValueError("AuxLossBalancer needs at least one RouterOutput")
+        outputs = check_router_outputs("routing", routing)
         total = None
         for out in outputs:
+            if getattr(out, "is_expert_choice", False):
+                raise ValueError("routing is an expert-choice output ([E, C] token ids); the auxiliary loss needs top-K routing")
             if out.seq_len is None:
-                raise ValueError("sequence-wise aux loss needs router outputs from [B, S, D] inputs")
+                raise ValueError("routing must come from [B, S, D] inputs (seq_len set): the sequence-wise aux loss needs the sequences")
             layer = sequence_aux_loss(aux_scores(out, self.scores), out.indices, out.seq_len, out.mask)
             total = layer if total is None else total + layer
         return self.coeff * total
 
 
+
+
+def check_router_outputs(name: str, routing: object) -> list[RouterOutput]:
+    """``routing`` (one :class:`RouterOutput` or an iterable of them) as a non-empty list.
+
+    Raises:
+        ValueError: empty, or an item that is not a :class:`RouterOutput` (the message names ``name``).
+    """
+    if isinstance(routing, RouterOutput):
+        return [routing]
+    if isinstance(routing, (str, bytes, torch.Tensor)) or not isinstance(routing, Iterable):
+        raise ValueError(f"{name} must be a RouterOutput or a list of them (one per MoE layer), got {type(routing).__name__}")
+    outputs = list(routing)
+    if not outputs:
+        raise ValueError(f"{name} must hold at least one RouterOutput, got none")
+    bad = [type(r).__name__ for r in outputs if not isinstance(r, RouterOutput)]
+    if bad:
+        raise ValueError(f"{name} must hold RouterOutput items (what a router returns), got {bad[0]}")
+    return outputs
 
 
 class GlobalBatchCounts:
@@ -401,12 +451,23 @@ class GlobalBatchCounts:
     """
 
     def __init__(self, all_reduce: Callable[[torch.Tensor], None] | None = None) -> None:
+        if not (all_reduce is None or callable(all_reduce)):
+            raise ValueError(f"all_reduce must be None or a function summing a tensor in place, got {all_reduce!r}")
         self.all_reduce = all_reduce
         self.counts_LE: torch.Tensor | None = None
 
     @torch.no_grad()
     def add(self, routing: Sequence[RouterOutput]) -> torch.Tensor:
-        """Add one micro-batch's counts (masked tokens excluded) and return the running ``[L, E]`` total."""
+        """Add one micro-batch's counts (masked tokens excluded) and return the running ``[L, E]`` total.
+
+        Raises:
+            ValueError: ``routing`` not a non-empty list of :class:`RouterOutput`, or a number of
+                layers or experts that differs from the running total's.
+        """
+        routing = check_router_outputs("routing", routing)
+        shape = (len(routing), routing[0].tokens_per_expert.numel())
+        if self.counts_LE is not None and self.counts_LE.shape != shape:
+            raise ValueError(f"routing gives [L, E] = {list(shape)} counts, the global batch so far {list(self.counts_LE.shape)}")
         step_LE = torch.stack([r.tokens_per_expert.float() for r in routing])
         if self.all_reduce is not None:
             self.all_reduce(step_LE)
@@ -446,7 +507,9 @@ class Balancing:
         bias_center: see :class:`LossFreeBalancer` (``center``).
 
     Raises:
-        ValueError: unknown strategy or ``aux_loss_scores``, or a negative coefficient.
+        ValueError: unknown strategy or ``aux_loss_scores``, a coefficient that is not a finite
+            number >= 0, or a bias argument :class:`LossFreeBalancer` refuses (checked also for
+            strategies that do not update the bias: a bad value is never silently ignored).
     """
 
     def __init__(
@@ -465,13 +528,15 @@ class Balancing:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {sorted(STRATEGIES)}, got {strategy!r}")
         for name, value in (("aux_loss_coeff", aux_loss_coeff), ("z_loss_coeff", z_loss_coeff), ("seq_aux_coeff", seq_aux_coeff)):
-            if not value >= 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+            check_number(name, value, 0.0)
+        if not (all_reduce is None or callable(all_reduce)):
+            raise ValueError(f"all_reduce must be None or a function summing a tensor in place, got {all_reduce!r}")
+        bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce, bias_center)  # checks them
         self.strategy = strategy
         self.aux_kind, uses_bias = STRATEGIES[strategy]
         self.aux_coeff = float(seq_aux_coeff if strategy == "deepseek_v3" else aux_loss_coeff)
         self.all_reduce = all_reduce
-        self.bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce, bias_center) if uses_bias else None
+        self.bias = bias if uses_bias else None
         # Kept for callers of the core API: the sequence-wise balancer of the ``aux_loss`` strategy.
         self.aux_scores = aux_loss_scores
         self.aux = AuxLossBalancer(self.aux_coeff, aux_loss_scores) if self.aux_kind == "sequence" else None
@@ -521,8 +586,10 @@ class Balancing:
             ``(loss, parts)``; ``(None, {})`` when the strategy adds no loss.
 
         Raises:
-            ValueError: an auxiliary loss was asked of expert-choice routing outputs.
+            ValueError: ``routing`` not a non-empty list of :class:`RouterOutput`, or an auxiliary
+                loss asked of expert-choice routing outputs.
         """
+        routing = check_router_outputs("routing", routing)
         total, parts = None, {}
         if self.aux_kind is not None and self.aux_coeff > 0:
             total = self._aux_loss(routing)
@@ -542,7 +609,12 @@ class Balancing:
 
         Returns:
             ``[L, E]`` loads of the step (all-reduced when ``all_reduce`` is set).
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ValueError: ``rate_scale`` not a number in ``[0, 1]``, or no router in ``model``.
         """
+        _check_rate_scale(rate_scale)
         if self.global_counts is not None:
             self.global_counts.reset()
         if self.bias is not None:

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import torch
 
+from moebalance.checks import check_index_tensor, check_int, check_loads, check_mask, check_score_tensor
+
 __all__ = [
     "batch_aux_loss",
     "expert_counts",
@@ -45,11 +47,21 @@ __all__ = [
 
 
 def _token_weights(num_tokens: int, mask_T: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    if mask_T is None:
+    """``[T]`` float32 weights: 1 for a real token, 0 for padding (``mask_T`` checked: ``[T]`` bool)."""
+    flat = check_mask("mask_T", mask_T, (num_tokens,), "[T]")
+    if flat is None:
         return torch.ones(num_tokens, device=device)
-    if mask_T.numel() != num_tokens:
-        raise ValueError(f"mask has {mask_T.numel()} entries for {num_tokens} tokens")
-    return mask_T.reshape(-1).to(device, torch.float32)
+    return flat.to(device, torch.float32)
+
+
+def _check_routing(scores_TE: object, indices_TK: object) -> tuple[int, int, int]:
+    """``(T, E, K)`` of checked ``[T, E]`` scores and ``[T, K]`` expert ids (K in [1, E])."""
+    check_score_tensor("scores_TE", scores_TE)
+    num_tokens, num_experts = scores_TE.shape
+    check_index_tensor("indices_TK", indices_TK, num_tokens, num_experts, f"expert ids (E={num_experts})")
+    if not 1 <= indices_TK.shape[1] <= num_experts:
+        raise ValueError(f"indices_TK must have K in [1, E={num_experts}] columns, got shape {tuple(indices_TK.shape)}")
+    return num_tokens, num_experts, indices_TK.shape[1]
 
 
 def normalize_scores(scores_TE: torch.Tensor) -> torch.Tensor:
@@ -67,7 +79,11 @@ def normalize_scores(scores_TE: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``[T, E]`` float32; each row sums to 1 (to rounding) unless it was all zero.
+
+    Raises:
+        ValueError: ``scores_TE`` not a 2-D real floating-point tensor.
     """
+    check_score_tensor("scores_TE", scores_TE)
     scores = scores_TE.float()
     return scores / scores.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
@@ -82,7 +98,13 @@ def expert_counts(indices_TK: torch.Tensor, num_experts: int, mask_T: torch.Tens
 
     Returns:
         ``[E]`` float32 counts; they sum to ``K * T_unmasked``.
+
+    Raises:
+        ValueError: ``num_experts`` not an int >= 1, ``indices_TK`` not a 2-D integer tensor of ids
+            in ``[0, E)``, or ``mask_T`` not a ``[T]`` bool tensor.
     """
+    check_int("num_experts", num_experts, 1)
+    check_index_tensor("indices_TK", indices_TK, None, num_experts, f"expert ids (E={num_experts})")
     weight_T = _token_weights(indices_TK.shape[0], mask_T, indices_TK.device)
     counts = torch.zeros(num_experts, device=indices_TK.device)
     return counts.index_add_(0, indices_TK.reshape(-1), weight_T.repeat_interleave(indices_TK.shape[1]))
@@ -111,14 +133,18 @@ def sequence_aux_loss(
         0-dim float32 tensor.
 
     Raises:
-        ValueError: ``seq_len`` does not divide the number of tokens.
+        ValueError: ``scores_TE`` not a ``[T, E]`` real float tensor, ``indices_TK`` not ``[T, K]``
+            integer expert ids in ``[0, E)`` with ``K`` in ``[1, E]``, ``seq_len`` not an int >= 1
+            dividing ``T``, or ``mask_T`` not ``[T]`` bool. An empty batch (``T = 0``) gives 0.
     """
-    num_tokens, num_experts = scores_TE.shape
-    top_k = indices_TK.shape[1]
-    if seq_len < 1 or num_tokens % seq_len != 0:
+    num_tokens, num_experts, top_k = _check_routing(scores_TE, indices_TK)
+    check_int("seq_len", seq_len, 1)
+    if num_tokens % seq_len != 0:
         raise ValueError(f"seq_len must divide the {num_tokens} tokens, got {seq_len}")
     num_seqs = num_tokens // seq_len
     weight_T = _token_weights(num_tokens, mask_T, scores_TE.device)
+    if num_seqs == 0:
+        return (scores_TE.float().sum() * 0.0).reshape(())  # keeps the graph; mean of nothing is NaN
     with torch.no_grad():
         onehot_TE = torch.zeros_like(scores_TE, dtype=torch.float32).scatter_(1, indices_TK, 1.0)
         counts_BE = (onehot_TE * weight_T[:, None]).view(num_seqs, seq_len, num_experts).sum(1)
@@ -145,9 +171,13 @@ def batch_aux_loss(
         mask_T: optional ``[T]`` bool, ``False`` for padding.
 
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor (0 for an empty batch).
+
+    Raises:
+        ValueError: as :func:`sequence_aux_loss`.
     """
-    return sequence_aux_loss(scores_TE, indices_TK, scores_TE.shape[0], mask_T)
+    _check_routing(scores_TE, indices_TK)
+    return sequence_aux_loss(scores_TE, indices_TK, max(scores_TE.shape[0], 1), mask_T)
 
 
 def global_batch_aux_loss(
@@ -174,10 +204,18 @@ def global_batch_aux_loss(
 
     Returns:
         0-dim float32 tensor (0 when the global batch has no token).
+
+    Raises:
+        ValueError: ``scores_TE`` not a ``[T, E]`` real float tensor, ``global_counts_E`` not
+            ``[E]`` finite counts >= 0, ``top_k`` not an int in ``[1, E]``, or ``mask_T`` not
+            ``[T]`` bool.
     """
+    check_score_tensor("scores_TE", scores_TE)
     num_tokens, num_experts = scores_TE.shape
+    check_loads("global_counts_E", global_counts_E)
     if global_counts_E.shape != (num_experts,):
         raise ValueError(f"global_counts_E must have shape [{num_experts}], got {tuple(global_counts_E.shape)}")
+    check_int("top_k", top_k, 1, num_experts)
     weight_T = _token_weights(num_tokens, mask_T, scores_TE.device)
     counts = global_counts_E.detach().float().to(scores_TE.device)
     total_tokens = counts.sum() / top_k
@@ -201,8 +239,12 @@ def importance_loss(scores_TE: torch.Tensor, mask_T: torch.Tensor | None = None)
         mask_T: optional ``[T]`` bool, ``False`` for padding.
 
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor (0 for an empty batch).
+
+    Raises:
+        ValueError: ``scores_TE`` not a ``[T, E]`` real float tensor, or ``mask_T`` not ``[T]`` bool.
     """
+    check_score_tensor("scores_TE", scores_TE)
     weight_T = _token_weights(scores_TE.shape[0], mask_T, scores_TE.device)
     p_E = (scores_TE.float() * weight_T[:, None]).sum(0) / weight_T.sum().clamp_min(1.0)
     mean = p_E.mean()
@@ -220,10 +262,12 @@ def router_z_loss(logits_TE: torch.Tensor, mask_T: torch.Tensor | None = None) -
         mask_T: optional ``[T]`` bool, ``False`` for padding.
 
     Returns:
-        0-dim float32 tensor.
+        0-dim float32 tensor (0 for an empty batch, like the other losses; ``mean`` would be NaN).
+
+    Raises:
+        ValueError: ``logits_TE`` not a ``[T, E]`` real float tensor, or ``mask_T`` not ``[T]`` bool.
     """
+    check_score_tensor("logits_TE", logits_TE)
+    weight_T = _token_weights(logits_TE.shape[0], mask_T, logits_TE.device)
     z_T = torch.logsumexp(logits_TE.float(), dim=-1) ** 2
-    if mask_T is None:
-        return z_T.mean()
-    weight = mask_T.reshape(-1).to(z_T.dtype)
-    return (z_T * weight).sum() / weight.sum().clamp_min(1.0)
+    return (z_T * weight_T).sum() / weight_T.sum().clamp_min(1.0)

@@ -9,22 +9,14 @@ from __future__ import annotations
 
 import torch
 
+from moebalance.checks import check_loads
+
 __all__ = ["coefficient_of_variation", "dead_experts", "load_share", "max_violation"]
 
 
 def _as_float_loads(tokens_per_expert: torch.Tensor) -> torch.Tensor:
-    if tokens_per_expert.dim() not in (1, 2):
-        raise ValueError(
-            f"tokens_per_expert must be [E] or [layers, E], got shape {tuple(tokens_per_expert.shape)}"
-        )
-    if tokens_per_expert.shape[-1] < 1:
-        raise ValueError("tokens_per_expert must have at least one expert")
-    loads = tokens_per_expert.detach().double()
-    if not torch.isfinite(loads).all():
-        raise ValueError("tokens_per_expert must be finite (got NaN or inf)")
-    if (loads < 0).any():
-        raise ValueError("tokens_per_expert must be >= 0")
-    return loads
+    """The checked loads as float64 (see :func:`~moebalance.checks.check_loads`)."""
+    return check_loads("tokens_per_expert", tokens_per_expert).detach().double()
 
 
 def max_violation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -38,7 +30,9 @@ def max_violation(tokens_per_expert: torch.Tensor) -> torch.Tensor:
         A layer with no load at all has MaxVio 0.
 
     Raises:
-        ValueError: wrong rank, no experts, or negative loads.
+        ValueError: not a tensor, not ``[E]`` or ``[L, E]``, no experts, a bool or complex dtype,
+            a NaN/inf or a negative load (the message names ``tokens_per_expert``). The other
+            metrics of this module raise the same.
     """
     loads = _as_float_loads(tokens_per_expert)
     mean = loads.mean(-1)

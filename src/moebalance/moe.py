@@ -6,12 +6,12 @@ residual, which the Transformer block adds; shared experts as in DeepSeekMoE).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from moebalance.checks import check_choice, check_int, check_number
 from moebalance.experts import Dispatch, DropPolicy, GroupedExperts, SwiGLU, combine, expert_capacity, permute
 from moebalance.routing import BiasMode, ExpertChoiceOutput, ExpertChoiceRouter, RouterOutput, ScoreFunc, TopKRouter
 
@@ -59,7 +59,9 @@ class MoELayer(nn.Module):
             GShard/Switch) or ``"score"`` (largest gates); see :func:`~moebalance.experts.permute`.
 
     Raises:
-        ValueError: a field outside its range (the message names it).
+        ValueError: a field of the wrong type or outside its range (the message names it), also
+            one that the chosen ``routing`` does not use (``expert_choice_capacity`` with
+            ``"topk"``).
     """
 
     def __init__(
@@ -82,20 +84,17 @@ class MoELayer(nn.Module):
         drop_policy: DropPolicy = "position",
     ) -> None:
         super().__init__()
-        if capacity_factor is not None and not 0 < capacity_factor < math.inf:
-            raise ValueError(f"capacity_factor must be > 0 and finite, or None (dropless), got {capacity_factor}")
-        if drop_policy not in ("position", "score"):
-            raise ValueError(f"drop_policy must be 'position' or 'score', got {drop_policy!r}")
+        if capacity_factor is not None:
+            check_number("capacity_factor", capacity_factor, 0.0, low_open=True)
+        check_choice("drop_policy", drop_policy, ("position", "score"))
+        check_choice("routing", routing, ("topk", "expert_choice"))
         if capacity_factor is not None and routing == "expert_choice":
             raise ValueError("capacity_factor applies to routing='topk'; expert choice has expert_choice_capacity")
+        check_number("expert_choice_capacity", expert_choice_capacity, 0.0, low_open=True)
+        check_int("d_ff", d_ff, 1)
+        check_int("num_shared_experts", num_shared_experts, 0)
         self.capacity_factor = capacity_factor
         self.drop_policy = drop_policy
-        if d_ff < 1:
-            raise ValueError(f"d_ff must be >= 1, got {d_ff}")
-        if num_shared_experts < 0:
-            raise ValueError(f"num_shared_experts must be >= 0, got {num_shared_experts}")
-        if routing not in ("topk", "expert_choice"):
-            raise ValueError(f"routing must be 'topk' or 'expert_choice', got {routing!r}")
         if routing == "expert_choice":
             self.router: TopKRouter = ExpertChoiceRouter(
                 d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale, expert_choice_capacity
@@ -117,6 +116,9 @@ class MoELayer(nn.Module):
 
         Returns:
             :class:`MoEOutput` with ``output`` of ``x``'s shape and dtype.
+
+        Raises:
+            ValueError: as :meth:`~moebalance.routing.TopKRouter.forward` (``x`` and ``mask``).
         """
         routing = self.router(x, mask)
         x_TD = x.reshape(-1, x.shape[-1])

@@ -17,13 +17,24 @@ in training mode; it never changes the bias itself. The update (Algorithm 1) liv
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moebalance.checks import (
+    check_bool,
+    check_int,
+    check_mask,
+    check_number,
+    check_score_tensor,
+    describe,
+    is_finite_number,
+    is_integer_tensor,
+)
+from moebalance.experts import count_pairs, expert_capacity
 
 ScoreFunc = Literal["sigmoid", "softmax"]
 BiasMode = Literal["additive", "multiplicative"]
@@ -52,7 +63,8 @@ class RouterOutput:
         scores: ``[T, E]`` float32 scores ``s_{i,t}`` after the score function.
         logits: ``[T, E]`` float32 router logits ``u_t . e_i`` (for the z-loss).
         tokens_per_expert: ``[E]`` int64, tokens assigned to each expert by this call
-            (masked tokens excluded); sums to ``K * T_unmasked``.
+            (masked tokens and tokens whose scores are not finite excluded); sums to
+            ``K * T_counted``.
         seq_len: length ``S`` of the sequences when the input was ``[B, S, D]`` (``None`` for a
             flat ``[T, D]`` input); the sequence-wise auxiliary loss needs it.
         mask: ``[T]`` bool, ``True`` for real tokens, or ``None`` when every token counts.
@@ -83,11 +95,20 @@ def count_tokens_per_expert(
 
     Returns:
         ``[E]`` int64 counts ``c_i`` (Algorithm 1 of arXiv 2408.15664).
+
+    Raises:
+        ValueError: ``num_experts`` not an int >= 1, ``indices`` not a 2-D integer tensor of ids in
+            ``[0, E)``, or ``mask`` not a ``[T]`` bool tensor. The id range is checked on the
+            counts (no extra host synchronisation).
     """
+    check_int("num_experts", num_experts, 1)
+    if not is_integer_tensor(indices) or indices.dim() != 2:
+        raise ValueError(f"indices must be a [T, K] integer tensor of expert ids, got {describe(indices)}")
     flat = indices.reshape(-1)
-    if mask is not None:
-        flat = flat[mask.reshape(-1, 1).expand_as(indices).reshape(-1)]
-    return torch.bincount(flat, minlength=num_experts)
+    flat_mask = check_mask("mask", mask, indices.shape[:1], "[T]")
+    if flat_mask is not None:
+        flat = flat[flat_mask.reshape(-1, 1).expand_as(indices).reshape(-1)]
+    return count_pairs(flat, num_experts, "indices")
 
 
 def route_topk(
@@ -123,7 +144,18 @@ def route_topk(
 
     Returns:
         ``[T, K]`` int64 expert ids, best first.
+
+    Raises:
+        ValueError: ``scores`` not a ``[T, E]`` real float tensor, ``bias`` not ``None`` or an ``[E]``
+            real float tensor, or ``top_k``, ``bias_mode``, ``n_group``, ``topk_group`` outside
+            the ranges of :class:`TopKRouter`.
     """
+    check_score_tensor("scores", scores)
+    check_routing_args(scores.shape[1], top_k, "sigmoid", 1.0, bias_mode, n_group, topk_group)
+    if bias is not None:
+        check_score_tensor("bias", bias, (1,), f"[E={scores.shape[1]}]")
+        if bias.shape[0] != scores.shape[1]:
+            raise ValueError(f"bias must have shape [E={scores.shape[1]}] (as scores), got {tuple(bias.shape)}")
     choice = scores
     if bias is not None:
         choice = scores * bias if bias_mode == "multiplicative" else scores + bias
@@ -193,14 +225,14 @@ class TopKRouter(nn.Module):
         topk_group: int = 1,
     ) -> None:
         super().__init__()
+        check_int("d_model", d_model, 1)
+        check_bool("norm_topk_prob", norm_topk_prob)
         check_routing_args(num_experts, top_k, score_func, route_scale, bias_mode, n_group, topk_group)
         if norm_topk_prob and top_k == 1 and type(self)._normalises_top1:
             raise ValueError(
                 "norm_topk_prob=True with top_k=1 makes every gate 1 (times route_scale), so the "
                 "router gets no gradient from the loss; set norm_topk_prob=False for top-1 routing"
             )
-        if d_model < 1:
-            raise ValueError(f"d_model must be >= 1, got {d_model}")
         self.d_model = d_model
         self.num_experts = num_experts
         self.top_k = top_k
@@ -239,20 +271,20 @@ class TopKRouter(nn.Module):
 
         Args:
             x: ``[T, D]`` or ``[B, S, D]`` token representations ``u_t``.
-            mask: optional ``[T]`` or ``[B, S]`` bool, ``False`` for padding tokens.
+            mask: optional bool of ``x``'s shape without ``D`` (``[T]`` or ``[B, S]``), ``False``
+                for padding tokens.
 
         Returns:
-            :class:`RouterOutput` over the ``T = B*S`` flattened tokens.
+            :class:`RouterOutput` over the ``T = B*S`` flattened tokens. A token whose scores are
+            not finite (a NaN or inf input) is routed, but counts for no load
+            (``tokens_per_expert``, ``load_counts``): the Loss-Free bias must not move on it.
+
+        Raises:
+            ValueError: ``x`` not a real floating-point ``[T, D]`` / ``[B, S, D]`` tensor with
+                ``D = d_model``, or ``mask`` not of shape ``x.shape[:-1]`` (``[B, S]`` for
+                ``[B, S, D]``: an ``[S, B]`` mask is refused) or not bool (or integer 0/1).
         """
-        seq_len = x.shape[1] if x.dim() == 3 else None
-        if not x.is_floating_point():
-            raise ValueError(f"router input must be a floating-point tensor, got {x.dtype}")
-        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
-            raise ValueError(f"router input must be [T, d_model={self.d_model}] or [B, S, d_model], got shape {tuple(x.shape)}")
-        x_TD = x.reshape(-1, self.d_model)
-        flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool)
-        if flat_mask is not None and flat_mask.numel() != x_TD.shape[0]:
-            raise ValueError(f"mask has {flat_mask.numel()} entries for {x_TD.shape[0]} tokens")
+        seq_len, x_TD, flat_mask = self._check_input(x, mask)
         # Router math in float32, also under bf16 autocast: top-K on bf16 scores ties easily.
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -274,7 +306,7 @@ class TopKRouter(nn.Module):
             if self.route_scale != 1.0:
                 gates_TK = gates_TK * self.route_scale
         with torch.no_grad():
-            tokens_per_expert = count_tokens_per_expert(indices_TK, self.num_experts, flat_mask)
+            tokens_per_expert = count_tokens_per_expert(indices_TK, self.num_experts, _finite_tokens(scores_TE, flat_mask))
         self._count_load(tokens_per_expert)
         return RouterOutput(
             gates=gates_TK,
@@ -285,6 +317,15 @@ class TopKRouter(nn.Module):
             seq_len=seq_len,
             mask=flat_mask,
         )
+
+    def _check_input(self, x: torch.Tensor, mask: torch.Tensor | None) -> tuple[int | None, torch.Tensor, torch.Tensor | None]:
+        """``(seq_len, x_TD, mask_T)`` of a checked router input (see :meth:`forward`'s errors)."""
+        shape_text = f"[T, d_model={self.d_model}] or [B, S, d_model={self.d_model}]"
+        check_score_tensor("x (the router input)", x, (2, 3), shape_text)
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x (the router input) must have shape {shape_text}, got shape {tuple(x.shape)}")
+        flat_mask = check_mask("mask", mask, x.shape[:-1], "[T]" if x.dim() == 2 else "[B, S] (as x's [B, S, D])")
+        return (x.shape[1] if x.dim() == 3 else None), x.reshape(-1, self.d_model), flat_mask
 
     @torch.no_grad()
     def _count_load(self, tokens_per_expert: torch.Tensor) -> None:
@@ -328,6 +369,16 @@ def float32_state_after_apply(state: torch.Tensor, fn, device: torch.device, ini
     return state.to(device=device, dtype=torch.float32)
 
 
+def _finite_tokens(scores_TE: torch.Tensor, mask_T: torch.Tensor | None) -> torch.Tensor:
+    """``[T]`` bool: the tokens that carry load, real (``mask_T``) and with finite scores.
+
+    A NaN or inf input gives non-finite scores, and ``topk`` still picks experts for them (NaN
+    ranks first); counting those picks would move the Loss-Free bias on garbage.
+    """
+    finite_T = torch.isfinite(scores_TE).all(dim=-1)
+    return finite_T if mask_T is None else finite_T & mask_T
+
+
 def _in_backward_recompute() -> bool:
     """True while autograd runs a backward pass (activation-checkpoint recomputation).
 
@@ -336,17 +387,6 @@ def _in_backward_recompute() -> bool:
     metrics would not, so the recomputation is simply not counted.
     """
     return torch._C._current_graph_task_id() != -1
-
-
-def is_finite_number(value: object) -> bool:
-    """``True`` for a finite int or float (not a bool, a string or a tensor); ``False`` also for an
-    int too large for a float (``math.isfinite(10**400)`` raises ``OverflowError``)."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
 
 
 def check_routing_args(
@@ -410,11 +450,10 @@ def expert_choice_capacity(num_tokens: int, num_experts: int, top_k: int, capaci
 
     With ``capacity_factor = 1`` expert choice does the same expert computation as top-``K``
     token choice (``E * C = K * T`` pairs). Zhou et al. 2022 §3.1 write ``k = n * c / e``.
+    The rule (and its rounding and errors) is :func:`moebalance.experts.expert_capacity`'s, the
+    capacity of token-choice dispatch: one rule for both.
     """
-    if not 0 < capacity_factor < math.inf:
-        raise ValueError(f"capacity_factor must be > 0 and finite, got {capacity_factor}")
-    raw = round(capacity_factor * top_k * num_tokens / num_experts, 9)  # 16.0000001 is 16, not 17
-    return min(num_tokens, math.ceil(raw))
+    return expert_capacity(num_tokens, top_k, num_experts, capacity_factor)
 
 
 def route_expert_choice(scores_TE: torch.Tensor, capacity: int, mask_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -430,7 +469,14 @@ def route_expert_choice(scores_TE: torch.Tensor, capacity: int, mask_T: torch.Te
 
     Returns:
         ``[E, C]`` int64 token ids, best first.
+
+    Raises:
+        ValueError: ``scores_TE`` not a ``[T, E]`` real float tensor, ``capacity`` not an int in
+            ``[0, T]``, or ``mask_T`` not a ``[T]`` bool tensor.
     """
+    check_score_tensor("scores_TE", scores_TE)
+    check_int("capacity", capacity, 0, scores_TE.shape[0])
+    mask_T = check_mask("mask_T", mask_T, scores_TE.shape[:1], "[T]")
     choice_ET = scores_TE.detach().t()
     if mask_T is not None:
         choice_ET = choice_ET.masked_fill(~mask_T.reshape(1, -1), float("-inf"))
@@ -438,7 +484,13 @@ def route_expert_choice(scores_TE: torch.Tensor, capacity: int, mask_T: torch.Te
 
 
 def chosen_experts(out: RouterOutput) -> torch.Tensor:
-    """``[T, E]`` bool: which experts each token went to, for top-K and expert-choice outputs."""
+    """``[T, E]`` bool: which experts each token went to, for top-K and expert-choice outputs.
+
+    Raises:
+        ValueError: ``out`` is not a :class:`RouterOutput`.
+    """
+    if not isinstance(out, RouterOutput):
+        raise ValueError(f"out must be a RouterOutput (what a router returns), got {type(out).__name__}")
     if isinstance(out, ExpertChoiceOutput):
         num_experts = out.indices.shape[0]
         chosen = torch.zeros(num_experts, out.num_tokens, dtype=torch.bool, device=out.indices.device)
@@ -478,9 +530,7 @@ class ExpertChoiceRouter(TopKRouter):
         capacity_factor: float = 1.0,
     ) -> None:
         super().__init__(d_model, num_experts, top_k, score_func, norm_topk_prob, route_scale)
-        if not 0 < capacity_factor < math.inf:
-            raise ValueError(f"capacity_factor must be > 0 and finite, got {capacity_factor}")
-        self.capacity_factor = float(capacity_factor)
+        self.capacity_factor = check_number("capacity_factor", capacity_factor, 0.0, low_open=True)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> ExpertChoiceOutput:
         """Route a batch.
@@ -490,17 +540,12 @@ class ExpertChoiceRouter(TopKRouter):
 
         Returns:
             :class:`ExpertChoiceOutput` (expert-major ``[E, C]`` token ids and gates).
+
+        Raises:
+            ValueError: as :meth:`TopKRouter.forward`.
         """
-        seq_len = x.shape[1] if x.dim() == 3 else None
-        if not x.is_floating_point():
-            raise ValueError(f"router input must be a floating-point tensor, got {x.dtype}")
-        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
-            raise ValueError(f"router input must be [T, d_model={self.d_model}] or [B, S, d_model], got shape {tuple(x.shape)}")
-        x_TD = x.reshape(-1, self.d_model)
+        seq_len, x_TD, flat_mask = self._check_input(x, mask)
         num_tokens = x_TD.shape[0]
-        flat_mask = None if mask is None else mask.reshape(-1).to(torch.bool)
-        if flat_mask is not None and flat_mask.numel() != num_tokens:
-            raise ValueError(f"mask has {flat_mask.numel()} entries for {num_tokens} tokens")
         real_tokens = num_tokens if flat_mask is None else int(flat_mask.sum())
         capacity = expert_choice_capacity(real_tokens, self.num_experts, self.top_k, self.capacity_factor)
         with torch.autocast(device_type=x.device.type, enabled=False):

@@ -143,6 +143,30 @@ def test_hook_without_the_scaler_of_a_non_fused_optimizer_carries_the_loads():
     assert [int(x.sum()) for x in loads] == [32 * 2, 2 * 32 * 2]
 
 
+def test_hook_under_accelerate_with_a_grad_scaler_discards_an_overflow_step():
+    accelerate = pytest.importorskip("accelerate")
+    layer = _layer()
+    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16 builds on a GPU; the CPU runs it too
+    try:
+        model, opt = accelerator.prepare(layer, torch.optim.SGD(layer.parameters(), lr=1e-3))
+        balancer = LossFreeBalancer(0.01)
+        hook = balancer.attach(opt, model)  # no scaler= : the AcceleratedOptimizer's own is found
+        assert hook.scaler is accelerator.scaler
+        biases = []
+        for step in range(3):
+            out = model(_skewed(16, step))
+            accelerator.backward(out.output.float().pow(2).mean() * (float("inf") if step == 1 else 1.0))
+            opt.step()
+            opt.zero_grad()
+            biases.append(layer.router.expert_bias.clone())
+        assert accelerator.optimizer_step_was_skipped is False  # the last step ran
+        assert hook.steps == 2 and hook.skipped == 1 and torch.equal(biases[1], biases[0])
+        assert layer.router.load_counts.sum() == 0
+    finally:
+        accelerate.state.AcceleratorState._reset_state(True)
+
+
 def test_hook_finds_the_scaler_of_a_wrapper():
     from moebalance.balancing import OptimizerHook, grad_scaler_of
 

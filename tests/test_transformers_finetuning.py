@@ -100,7 +100,7 @@ def test_bad_modes_are_refused():
         handle.freeze_after_steps = 3
     with pytest.raises(ValueError, match="update_biases must be True or False"):
         handle.update_biases = 1
-    args = (model, handle.router_names and list(zip(handle.router_names, handle.routers)), handle.balancer, None, {})
+    args = (model, list(zip(handle.router_names, handle.routers)), handle.balancer, None, {})
     with pytest.raises(ValueError, match="mode must be one of"):
         LossFreeBalancing(*args, mode="Update")
 

@@ -84,8 +84,8 @@ class LossFreeBalancing:
 
     * ``mode="update"`` (default): Algorithm 1, one update after every optimizer step.
     * ``mode="frozen"``: the bias is never moved; it routes as loaded (e.g. a released model's
-      trained ``e_score_correction_bias``). Megatron-Bridge's fine-tuning recipes do this for
-      GLM-4.5 and Kimi K3 (docs/transformers.md).
+      trained ``e_score_correction_bias``). Megatron-Bridge does this for GLM-4.5 and Kimi K3
+      (its bridges set a bias update rate of 0; docs/transformers.md).
     * ``mode="update", freeze_after_steps=N``: Algorithm 1 for the first ``N`` steps (counted by
       :attr:`steps`), frozen after.
 
@@ -169,7 +169,8 @@ class LossFreeBalancing:
 
     @property
     def mode(self) -> BiasMode:
-        """``"update"`` or ``"frozen"`` (see the class docstring)."""
+        """``"update"`` or ``"frozen"`` (see the class docstring). Setting ``"frozen"`` also clears
+        :attr:`freeze_after_steps` (which only applies to ``"update"``)."""
         return self._mode
 
     @mode.setter
@@ -405,10 +406,10 @@ class LossFreeBalancing:
             TypeError: ``target`` is neither.
             ValueError: the optimizer holds a bias (:meth:`check_optimizer`).
         """
-        self.announce()
         if hasattr(target, "callback_handler"):
             from moebalance.integrations.transformers.callback import LossFreeBalancingCallback
 
+            self.announce()
             for cb in target.callback_handler.callbacks:
                 if isinstance(cb, LossFreeBalancingCallback) and cb.balancing is self:
                     return cb
@@ -421,6 +422,7 @@ class LossFreeBalancing:
         """The optimizer half of :meth:`attach`."""
         self.check_optimizer(optimizer)
         hook = OptimizerHook(optimizer, lambda: self.step(), discard=self.discard_step, scaler=scaler)
+        self.announce()
         if self.optimizer_hook is not None and self.optimizer_hook.attached:
             if self.optimizer_hook.optimizer is hook.optimizer:
                 hook.detach()

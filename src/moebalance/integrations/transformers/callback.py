@@ -27,7 +27,8 @@ class LossFreeBalancingCallback(TrainerCallback):
     (the scaler did not call ``step()``: a non-fused optimizer; DeepSpeed's ``overflow``) or a
     scale that went down across the optimizer step (a fused optimizer such as
     ``optim="adamw_torch_fused"``, whose ``step()`` the scaler calls even on an overflow, so
-    Accelerate reports no skip; the scale only goes down on an overflow).
+    Accelerate reports no skip; the scale only goes down on an overflow). Reading the scale costs
+    two device syncs per optimizer step, only when a scaler is in use.
 
     At ``on_train_begin`` it refuses an optimizer that holds a bias
     (:meth:`LossFreeBalancing.check_optimizer`), logs the mode once, and raises the handle's

@@ -99,6 +99,98 @@ def test_hook_under_accelerate_accumulation():
         accelerate.state.AcceleratorState._reset_state(True)
 
 
+def _steps_with_an_overflow(fused: bool, pass_scaler: bool = True):
+    """Three GradScaler steps of AdamW on a MoE layer, the second with inf gradients on purpose;
+    returns the layer, the hook, the biases after each step and the loads of each update."""
+    layer = _layer()
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-3, fused=fused)
+    scaler = torch.amp.GradScaler("cpu")  # CPU: enabled, and AdamW(fused=True) takes its found_inf
+    balancer = LossFreeBalancer(0.01)
+    hook = balancer.attach(opt, layer, scaler=scaler if pass_scaler else None)
+    loads, original = [], balancer.step
+    balancer.step = lambda m: loads.append(original(m)) or loads[-1]
+    biases, weights = [], []
+    for step in range(3):
+        out = layer(_skewed(32, step))
+        loss = out.output.float().pow(2).mean() * (float("inf") if step == 1 else 1.0)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        biases.append(layer.router.expert_bias.clone())
+        weights.append(layer.router.weight.detach().clone())
+    assert torch.equal(weights[1], weights[0])  # the scaler did skip the weights of step 1
+    return layer, hook, biases, loads, scaler
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_hook_never_updates_on_a_step_the_grad_scaler_skips(fused):
+    layer, hook, biases, loads, scaler = _steps_with_an_overflow(fused)
+    assert hook.steps == 2 and hook.skipped == 1
+    assert not torch.equal(biases[0], torch.zeros(4)) and torch.equal(biases[1], biases[0])
+    # the loads of the skipped step were discarded, not carried into the next update
+    assert [int(x.sum()) for x in loads] == [32 * 2, 32 * 2]
+    assert layer.router.load_counts.sum() == 0
+    hook.detach()
+    assert "update" not in scaler.__dict__  # the scaler's own update() again
+
+
+def test_hook_without_the_scaler_of_a_non_fused_optimizer_carries_the_loads():
+    # documented fallback: the scaler never calls step(), so nothing tells the hook
+    _, hook, biases, loads, _ = _steps_with_an_overflow(False, pass_scaler=False)
+    assert hook.scaler is None and hook.skipped == 0
+    assert torch.equal(biases[1], biases[0])  # still no update on the skipped step
+    assert [int(x.sum()) for x in loads] == [32 * 2, 2 * 32 * 2]
+
+
+def test_hook_under_accelerate_with_a_grad_scaler_discards_an_overflow_step():
+    accelerate = pytest.importorskip("accelerate")
+    layer = _layer()
+    accelerator = accelerate.Accelerator(cpu=True)
+    accelerator.scaler = torch.amp.GradScaler("cpu")  # what fp16 builds on a GPU; the CPU runs it too
+    try:
+        model, opt = accelerator.prepare(layer, torch.optim.SGD(layer.parameters(), lr=1e-3))
+        balancer = LossFreeBalancer(0.01)
+        hook = balancer.attach(opt, model)  # no scaler= : the AcceleratedOptimizer's own is found
+        assert hook.scaler is accelerator.scaler
+        biases = []
+        for step in range(3):
+            out = model(_skewed(16, step))
+            accelerator.backward(out.output.float().pow(2).mean() * (float("inf") if step == 1 else 1.0))
+            opt.step()
+            opt.zero_grad()
+            biases.append(layer.router.expert_bias.clone())
+        assert accelerator.optimizer_step_was_skipped is False  # the last step ran
+        assert hook.steps == 2 and hook.skipped == 1 and torch.equal(biases[1], biases[0])
+        assert layer.router.load_counts.sum() == 0
+    finally:
+        accelerate.state.AcceleratorState._reset_state(True)
+
+
+def test_hook_finds_the_scaler_of_a_wrapper():
+    from moebalance.balancing import OptimizerHook, grad_scaler_of
+
+    inner = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+
+    class Wrapper:  # Accelerate's AcceleratedOptimizer keeps the scaler as .scaler
+        def __init__(self, opt, scaler):
+            self.optimizer, self.scaler = opt, scaler
+
+    assert grad_scaler_of(Wrapper(inner, scaler)) is scaler
+    assert grad_scaler_of(Wrapper(inner, None)) is None
+    assert grad_scaler_of(Wrapper(inner, torch.amp.GradScaler("cpu", enabled=False))) is None
+    first = OptimizerHook(Wrapper(inner, scaler), lambda: None)
+    second = OptimizerHook(inner, lambda: None, scaler=scaler)
+    assert first.scaler is scaler and scaler.update == second._scaler_update
+    second.detach()
+    assert scaler.update == first._scaler_update  # the earlier wrapper again
+    first.detach()
+    assert "update" not in scaler.__dict__
+    with pytest.raises(TypeError, match="scaler must be a torch.amp.GradScaler"):
+        OptimizerHook(inner, lambda: None, scaler=object())
+
+
 # ---------------------------------------------------------------------------------------------
 # Centring
 # ---------------------------------------------------------------------------------------------

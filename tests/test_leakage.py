@@ -82,3 +82,17 @@ def test_leakage_command_writes_json(tmp_path):
     assert saved["loss_free"] == 0.0 and saved["expert_choice"] > 0.0
     assert set(saved["per_layer"]) == {"expert_choice", "loss_free", "current_batch_bias"}
     assert saved["position"] == 15 and result["tokens_compared"] == 4 * 16
+
+
+def test_warmup_without_a_checkpoint_learns_a_bias():
+    # the warm-up forwards count their loads (they once ran under no_grad, which counts nothing)
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from moebalance.lab.leakage import _models
+
+    cfg = apply_overrides(get_preset("smoke"), ["model.d_model=32", "model.n_heads=2", "train.batch_size=2", "train.seq_len=8"])
+    data = SimpleNamespace(train=np.random.default_rng(0).integers(0, cfg.model.vocab_size, 200))
+    topk, _ = _models(cfg, data, None, 2, torch.Generator().manual_seed(0))
+    assert all(r.expert_bias.abs().sum() > 0 for r in topk.routers)

@@ -84,6 +84,23 @@ def test_counts_only_in_training_mode():
     assert torch.equal(router.load_counts, out.tokens_per_expert.float())
 
 
+def test_counts_only_with_grad_enabled():
+    # an RL rollout or generate() in training mode runs under no_grad / inference_mode: it trains
+    # nothing, so its tokens must not enter the next bias update (Megatron-Core counts the same way)
+    router = TopKRouter(8, 4, 2).train()
+    x = torch.randn(6, 8)
+    with torch.no_grad():
+        router(x)
+    with torch.inference_mode():
+        router(x)
+    assert router.load_counts.sum().item() == 0
+    out = router(x)
+    assert torch.equal(router.load_counts, out.tokens_per_expert.float())
+    with torch.no_grad(), torch.enable_grad():  # what counts is the grad mode of the forward
+        router(x)
+    assert torch.equal(router.load_counts, 2 * out.tokens_per_expert.float())
+
+
 def test_mask_excludes_padding():
     router = TopKRouter(8, 4, 2)
     x = torch.randn(2, 5, 8)

@@ -59,6 +59,8 @@ __all__ = [
     "OptimizerHook",
     "STRATEGIES",
     "find_routers",
+    "fused_step_found_inf",
+    "grad_scaler_of",
     "pop_expert_loads",
     "router_z_loss",
     "sequence_aux_loss",
@@ -270,20 +272,28 @@ class LossFreeBalancer:
         shift = updated.mean(dim=-1, keepdim=True) * (mean > 0)
         return delta - shift
 
-    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> OptimizerHook:
+    def attach(self, optimizer: torch.optim.Optimizer, model: nn.Module, scaler=None) -> OptimizerHook:
         """Run :meth:`step` on ``model`` after every real step of ``optimizer`` (a step post-hook).
 
         Works in any loop, because the update is tied to the optimizer step itself: plain loops,
         own DDP loops with gradient accumulation, Accelerate (whose wrapped ``optimizer.step()``
         skips the inner step on accumulation micro-batches; the hook sits on the inner torch
-        optimizer, so it fires only when the weights really change) and Lightning. A step that
-        a ``GradScaler`` skips (inf/nan gradients) does not fire it; its loads carry into the
-        next step's update. Do not also call :meth:`step` by hand.
+        optimizer, so it fires only when the weights really change) and Lightning. Do not also
+        call :meth:`step` by hand.
+
+        A step that a ``torch.amp.GradScaler`` skips for inf/NaN gradients never moves the
+        bias, and the loads counted for it are discarded (see :class:`OptimizerHook`): a fused
+        optimizer's skipped step is seen through ``optimizer.found_inf``; a non-fused one's,
+        where the scaler does not call ``step()`` at all, through ``scaler`` (or the scaler of
+        an Accelerate wrapper, found by itself). Without it the loads of such a step carry
+        into the next step's update.
 
         Args:
             optimizer: a ``torch.optim.Optimizer``, or a wrapper holding one as ``.optimizer``
                 (Accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``).
             model: the model (or DDP/FSDP wrapper) whose routers are balanced.
+            scaler: the ``GradScaler`` that steps ``optimizer`` (Lightning:
+                ``trainer.precision_plugin.scaler``); ``None``: the wrapper's ``.scaler``, if any.
 
         Returns:
             An :class:`OptimizerHook`; its :meth:`~OptimizerHook.detach` removes the hook.
@@ -294,7 +304,9 @@ class LossFreeBalancer:
         """
         if not find_routers(model):
             raise ValueError("no TopKRouter found: the model has no MoE layer")
-        return OptimizerHook(optimizer, lambda: self.step(model))
+        return OptimizerHook(
+            optimizer, lambda: self.step(model), discard=lambda: pop_expert_loads(find_routers(model)), scaler=scaler
+        )
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -316,39 +328,136 @@ def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     return seen
 
 
+def grad_scaler_of(optimizer):
+    """The enabled ``torch.amp.GradScaler`` that a wrapper steps ``optimizer`` through (its
+    ``.scaler``, as Accelerate's ``AcceleratedOptimizer``), or ``None``."""
+    seen = optimizer
+    for _ in range(8):  # wrappers nest at most a few levels
+        scaler = getattr(seen, "scaler", None)
+        if scaler is not None and is_grad_scaler(scaler) and scaler.is_enabled():
+            return scaler
+        inner = getattr(seen, "optimizer", None)
+        if inner is None or inner is seen:
+            return None
+        seen = inner
+    return None
+
+
+def is_grad_scaler(scaler) -> bool:
+    """True for a ``torch.amp.GradScaler`` or an object with its ``get_scale``/``update``/``is_enabled``."""
+    return all(callable(getattr(scaler, name, None)) for name in ("get_scale", "update", "is_enabled"))
+
+
+def fused_step_found_inf(optimizer: torch.optim.Optimizer) -> bool:
+    """True while a ``GradScaler`` runs a step of a fused optimizer on inf/NaN gradients.
+
+    ``GradScaler.step`` calls ``step()`` of an optimizer with ``_step_supports_amp_scaling``
+    (``Adam``/``AdamW``/``SGD`` with ``fused=True``) even on an overflow: it sets
+    ``optimizer.found_inf`` (a 0-dim float tensor) for the duration of the call, and the fused
+    kernel leaves the weights as they are when it is non-zero (torch ``amp/grad_scaler.py``).
+    Reads it with ``.item()`` (one device sync per step, only when it is set).
+    """
+    found_inf = getattr(optimizer, "found_inf", None)
+    return isinstance(found_inf, torch.Tensor) and bool(found_inf.item() != 0)
+
+
 class OptimizerHook:
     """A bias update registered as a step post-hook of one optimizer (see :meth:`LossFreeBalancer.attach`).
+
+    Skipped steps (mixed precision with ``torch.amp.GradScaler``, inf/NaN gradients) never call
+    ``update``; they call ``discard``, which forgets the loads counted for the skipped step, so
+    the next update uses the loads of its own step only (as :meth:`Balancing.discard_step` does
+    in moebalance's trainer):
+
+    * fused optimizer: the scaler still calls ``step()`` and the hook fires;
+      :func:`fused_step_found_inf` tells it the kernel skipped the weights.
+    * non-fused optimizer: the scaler does not call ``step()``, so the hook does not fire. With a
+      ``scaler`` the hook wraps that scaler's ``update`` (on the instance, until :meth:`detach`):
+      when the scale went down in an ``update`` (an overflow: ``backoff_factor < 1``) and the
+      hook did not fire since the previous ``update``, the step was skipped. Without a scaler
+      these loads carry into the next real step's update.
 
     Args:
         optimizer: the optimizer or a wrapper of one (see :func:`unwrap_optimizer`).
         update: called with no argument after each real ``step()`` of the inner optimizer.
+        discard: called with no argument for each skipped step; ``None``: nothing to forget.
+        scaler: the ``GradScaler`` stepping ``optimizer``; ``None``: the wrapper's enabled
+            ``.scaler`` (Accelerate), if any (:func:`grad_scaler_of`).
 
     Attributes:
         optimizer: the inner ``torch.optim.Optimizer`` the hook is registered on.
-        steps: how many times the hook has run.
+        scaler: the scaler whose ``update`` is watched, or ``None``.
+        steps: how many times ``update`` ran. skipped: how many skipped steps were discarded.
+
+    Raises:
+        TypeError: ``optimizer`` holds no torch optimizer, or ``scaler`` is not a ``GradScaler``.
     """
 
-    def __init__(self, optimizer, update: Callable[[], object]) -> None:
+    def __init__(
+        self, optimizer, update: Callable[[], object], discard: Callable[[], object] | None = None, scaler=None
+    ) -> None:
         if not callable(update):
             raise ValueError(f"update must be a function of no argument, got {type(update).__name__}")
         self.optimizer = unwrap_optimizer(optimizer)
+        if scaler is not None and not is_grad_scaler(scaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        self.scaler = scaler if scaler is not None else grad_scaler_of(optimizer)
         self._update = update
+        self._discard = discard
         self.steps = 0
+        self.skipped = 0
+        self._fired = False  # the hook ran since the scaler's last update()
         self._handle = self.optimizer.register_step_post_hook(self._after_step)
+        self._scaler_update = None
+        if self.scaler is not None and self.scaler.is_enabled():
+            self._wrap_scaler_update()
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        self._fired = True
+        if fused_step_found_inf(optimizer):
+            self._skip()
+            return
         self.steps += 1
         self._update()
+
+    def _skip(self) -> None:
+        self.skipped += 1
+        if self._discard is not None:
+            self._discard()
+
+    def _wrap_scaler_update(self) -> None:
+        scaler, original = self.scaler, self.scaler.update
+        self._scaler_previous = scaler.__dict__.get("update")  # an earlier instance wrapper, or None
+
+        def update(*args, **kwargs):
+            if not self.attached:
+                return original(*args, **kwargs)
+            before, fired = scaler.get_scale(), self._fired
+            self._fired = False
+            result = original(*args, **kwargs)
+            if not fired and scaler.get_scale() < before:
+                self._skip()
+            return result
+
+        self._scaler_update = scaler.update = update
 
     @property
     def attached(self) -> bool:
         return self._handle is not None
 
     def detach(self) -> None:
-        """Remove the hook (idempotent); later optimizer steps no longer update the biases."""
+        """Remove the hook (idempotent); later optimizer steps no longer update the biases. The
+        scaler's ``update`` is restored, unless something wrapped it again since (then the
+        wrapper stays and does nothing more)."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._scaler_update is not None and self.scaler.__dict__.get("update") is self._scaler_update:
+            if self._scaler_previous is None:
+                del self.scaler.update
+            else:
+                self.scaler.update = self._scaler_previous
+        self._scaler_update = None
 
 
 def check_aux_scores(scores: str) -> None:

@@ -194,7 +194,7 @@ class TopKRouter(nn.Module):
         float32 when the module is cast (``.to(torch.bfloat16)``, ``.half()``): an update of
         ``1e-3`` on a bias near 1 vanishes in bfloat16.
         ``load_counts`` ``[E]`` float32: tokens routed to each expert *by this rank* since the
-        balancer last read them. Filled under ``no_grad`` and only in training mode. A plain
+        balancer last read them. Filled only by forwards in training mode with grad enabled. A plain
         tensor attribute, not a buffer, so that ``DistributedDataParallel`` (which broadcasts rank
         0's buffers at every forward by default) cannot overwrite one rank's counts with
         another's under gradient accumulation; it is not in the ``state_dict``, follows the
@@ -327,11 +327,12 @@ class TopKRouter(nn.Module):
         flat_mask = check_mask("mask", mask, x.shape[:-1], "[T]" if x.dim() == 2 else "[B, S] (as x's [B, S, D])")
         return (x.shape[1] if x.dim() == 3 else None), x.reshape(-1, self.d_model), flat_mask
 
-    @torch.no_grad()
     def _count_load(self, tokens_per_expert: torch.Tensor) -> None:
-        """Add a forward's load to ``load_counts``: in training mode only, and not during an
-        activation-checkpoint recomputation (the same tokens again)."""
-        if self.training and not _in_backward_recompute():
+        """Add a forward's load to ``load_counts``: in training mode with grad enabled only (as
+        Megatron-Core: a ``torch.no_grad()`` forward in training mode, an RL rollout or
+        ``generate()``, trains nothing), and not during an activation-checkpoint recomputation
+        (the same tokens again). ``tokens_per_expert`` carries no graph, so no ``no_grad`` here."""
+        if self.training and torch.is_grad_enabled() and not _in_backward_recompute():
             if self.load_counts.device != tokens_per_expert.device:  # moved without _apply (FSDP2)
                 self.load_counts = self.load_counts.to(tokens_per_expert.device)
             self.load_counts += tokens_per_expert.to(self.load_counts.dtype)

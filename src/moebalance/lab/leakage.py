@@ -227,11 +227,10 @@ def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generat
             raise ValueError(f"the checkpoint's model weights do not fit its own config: {short_reason(exc)}") from exc
     else:  # a bias learnt from past batches only
         balancer = LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update)
-        topk.train()
-        with torch.no_grad():
-            for _ in range(warmup_batches):
-                topk(sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, gen)[0])
-                balancer.step(topk)
+        topk.train()  # with grad enabled: the routers count only training forwards (no backward needed)
+        for _ in range(warmup_batches):
+            topk(sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, gen)[0])
+            balancer.step(topk)
     ec_cfg = copy.deepcopy(cfg.model)
     ec_cfg.routing = "expert_choice"
     expert_choice = MoETransformer(ec_cfg)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import TrainerCallback
 
+from moebalance.balancing import grad_scaler_of
 from moebalance.metrics import max_violation
 
 
@@ -19,6 +20,20 @@ class LossFreeBalancingCallback(TrainerCallback):
     Exactly one update per optimizer step, however the handle is wired: several callbacks of one
     handle update once per ``global_step`` between them, and a handle already attached to the
     optimizer (:meth:`LossFreeBalancing.attach`) is left to its hook.
+
+    A step the Trainer skipped for inf/NaN gradients (fp16 with Accelerate's ``GradScaler``, or
+    DeepSpeed's loss scaler) never moves the bias: its loads are discarded
+    (:meth:`LossFreeBalancing.discard_step`). Skipped means Accelerate's ``step_was_skipped``
+    (the scaler did not call ``step()``: a non-fused optimizer; DeepSpeed's ``overflow``) or a
+    scale that went down across the optimizer step (a fused optimizer such as
+    ``optim="adamw_torch_fused"``, whose ``step()`` the scaler calls even on an overflow, so
+    Accelerate reports no skip; the scale only goes down on an overflow). Reading the scale costs
+    two device syncs per optimizer step, only when a scaler is in use.
+
+    At ``on_train_begin`` it refuses an optimizer that holds a bias
+    (:meth:`LossFreeBalancing.check_optimizer`), logs the mode once, and raises the handle's
+    ``steps`` to the Trainer's ``global_step`` (a resumed run keeps counting towards
+    ``freeze_after_steps``).
 
     Logged at training logs (averaged over the steps since the previous log where it says so):
     ``moe/maxvio_batch`` and ``moe/maxvio_batch_layer{i}`` (mean over those steps), ``moe/bias_min``,
@@ -40,19 +55,42 @@ class LossFreeBalancingCallback(TrainerCallback):
         self._vio_steps = 0
         self._seen_steps = balancing.steps
         self._eval: dict[str, float] = {}
+        self._scale_before: float | None = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        handle = self.balancing
+        if optimizer is not None:
+            handle.check_optimizer(optimizer)
+        handle.announce()
         # Loads counted by forwards before training (a sanity forward in train mode) are not a step's.
-        self.balancing.reset_loads()
-        self.balancing.pop_eval_loads()
-        self.balancing._trainer_step = None  # a new train() counts global_step from its own start
+        handle.reset_loads()
+        handle.pop_eval_loads()
+        handle._trainer_step = None  # a new train() counts global_step from its own start
+        handle.steps = self._seen_steps = max(handle.steps, state.global_step)
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scaler = None if optimizer is None else grad_scaler_of(optimizer)
+        self._scale_before = None if scaler is None else scaler.get_scale()
+
+    def _step_was_skipped(self, optimizer) -> bool:
+        """Whether the optimizer step that just ran was skipped (see the class docstring)."""
+        if optimizer is None:
+            return False
+        if getattr(optimizer, "step_was_skipped", False):
+            return True
+        scaler = grad_scaler_of(optimizer)
+        return scaler is not None and self._scale_before is not None and scaler.get_scale() < self._scale_before
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         handle = self.balancing
         hooked = handle.optimizer_hook is not None and handle.optimizer_hook.attached
         if not hooked and getattr(handle, "_trainer_step", None) != state.global_step:
             handle._trainer_step = state.global_step
-            handle.step()
+            if self._step_was_skipped(optimizer):
+                handle.discard_step()
+            else:
+                handle.step()
+        self._scale_before = None
         if handle.steps != self._seen_steps and handle.last_loads is not None and handle.last_loads.sum() > 0:
             vio_L = max_violation(handle.last_loads)
             self._vio_sum = vio_L if self._vio_sum is None else self._vio_sum + vio_L

@@ -7,13 +7,36 @@ Shape legend: E routed experts, L MoE layers.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
 
-from moebalance.balancing import LossFreeBalancer, OptimizerHook
+from moebalance.balancing import LossFreeBalancer, OptimizerHook, unwrap_optimizer
 from moebalance.metrics import max_violation
+
+log = logging.getLogger("moebalance.integrations.transformers")
+
+#: The fine-tuning modes of :class:`LossFreeBalancing`.
+BiasMode = Literal["update", "frozen"]
+MODES = ("update", "frozen")
+
+
+def check_mode(mode, freeze_after_steps) -> None:
+    """Raise ``ValueError`` unless ``mode`` is one of :data:`MODES` and ``freeze_after_steps`` is
+    ``None`` or an int >= 1 (and then ``mode`` is ``"update"``)."""
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
+    if freeze_after_steps is None:
+        return
+    if isinstance(freeze_after_steps, bool) or not isinstance(freeze_after_steps, int) or freeze_after_steps < 1:
+        raise ValueError(f"freeze_after_steps must be an int >= 1 or None, got {freeze_after_steps!r}")
+    if mode != "update":
+        raise ValueError(
+            f"freeze_after_steps={freeze_after_steps} needs mode='update' (it freezes an updating bias), got {mode!r}"
+        )
 
 
 def timed_all_reduce(timeout_s: float | None) -> Callable[[torch.Tensor], None]:
@@ -56,18 +79,57 @@ class LossFreeBalancing:
     :meth:`attach` to the optimizer (any loop: the update runs after every real optimizer step),
     :meth:`attach` to a ``Trainer``, or :meth:`step` by hand once after each ``optimizer.step()``.
 
+    Fine-tuning modes (what the bias does while the model trains; the loads are counted, reduced
+    and logged in every mode):
+
+    * ``mode="update"`` (default): Algorithm 1, one update after every optimizer step.
+    * ``mode="frozen"``: the bias is never moved; it routes as loaded (e.g. a released model's
+      trained ``e_score_correction_bias``). Megatron-Bridge does this for GLM-4.5 and Kimi K3
+      (its bridges set a bias update rate of 0; docs/transformers.md).
+    * ``mode="update", freeze_after_steps=N``: Algorithm 1 for the first ``N`` steps (counted by
+      :attr:`steps`), frozen after.
+
+    The mode and update rate in use are logged once (logger ``moebalance.integrations.transformers``,
+    level INFO), at :meth:`attach` or at the first :meth:`step`.
+
+    Args:
+        model: the model. routers: ``(name, module)`` of its L routers. balancer: the update rule.
+        all_reduce: in-place sum of the ``[L, E]`` loads over ranks, or ``None``.
+        settings: the arguments of the apply call (compared on a second apply).
+        mode: ``"update"`` or ``"frozen"``. freeze_after_steps: ``None`` or an int ``>= 1``.
+
     Attributes:
         routers: the L router modules, in module order.
         router_names: their qualified names in the model.
         balancer: the :class:`~moebalance.LossFreeBalancer` whose ``bias_delta`` is applied.
         settings: the arguments the handle was built with (compared on a second apply).
         last_loads: ``[L, E]`` float32 loads of the last :meth:`step` (``None`` before it).
-        steps: how many updates :meth:`step` made.
-        update_biases: when False, :meth:`step` still reads, all-reduces and reports the loads but
-            leaves the biases alone (to monitor a baseline, e.g. one trained with the auxiliary loss).
+        steps: how many optimizer steps :meth:`step` took (updating or not); under ``Trainer`` at
+            least the Trainer's ``global_step`` (set at ``on_train_begin``, so a resumed run
+            keeps counting towards ``freeze_after_steps``).
+        skipped_steps: optimizer steps skipped for inf/NaN gradients (:meth:`discard_step`).
+        mode, freeze_after_steps: see above; assigning them re-checks them.
+        update_biases: whether the next :meth:`step` moves the biases; assigning ``False`` is
+            ``mode = "frozen"`` (to monitor a baseline, e.g. one trained with the auxiliary loss),
+            ``True`` is ``mode = "update"``.
+
+    Raises:
+        ValueError: an unknown ``mode``, or a ``freeze_after_steps`` that is not an int ``>= 1`` (or
+            is given with ``mode="frozen"``).
     """
 
-    def __init__(self, model, routers, balancer: LossFreeBalancer, all_reduce, settings: dict) -> None:
+    def __init__(
+        self,
+        model,
+        routers,
+        balancer: LossFreeBalancer,
+        all_reduce,
+        settings: dict,
+        mode: BiasMode = "update",
+        freeze_after_steps: int | None = None,
+    ) -> None:
+        check_mode(mode, freeze_after_steps)
+        self._mode, self._freeze_after_steps = mode, freeze_after_steps
         self.model = model
         self.router_names = [name for name, _ in routers]
         self.routers = [r for _, r in routers]
@@ -76,7 +138,8 @@ class LossFreeBalancing:
         self.settings = dict(settings)
         self.last_loads: torch.Tensor | None = None
         self.steps = 0
-        self.update_biases = True
+        self.skipped_steps = 0
+        self._announced = False
         self.optimizer_hook: OptimizerHook | None = None
         self.hooks: list = []  # the padding-mask hooks on the model
 
@@ -105,12 +168,97 @@ class LossFreeBalancing:
             record_in_config(self)
 
     @property
+    def mode(self) -> BiasMode:
+        """``"update"`` or ``"frozen"`` (see the class docstring). Setting ``"frozen"`` also clears
+        :attr:`freeze_after_steps` (which only applies to ``"update"``)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: BiasMode) -> None:
+        check_mode(mode, self._freeze_after_steps if mode == "update" else None)
+        self._mode = mode
+        if mode == "frozen":
+            self._freeze_after_steps = None
+
+    @property
+    def freeze_after_steps(self) -> int | None:
+        """Update for this many optimizer steps, then freeze; ``None``: no limit."""
+        return self._freeze_after_steps
+
+    @freeze_after_steps.setter
+    def freeze_after_steps(self, steps: int | None) -> None:
+        check_mode(self._mode, steps)
+        self._freeze_after_steps = steps
+
+    @property
+    def update_biases(self) -> bool:
+        """Whether the next :meth:`step` moves the biases (``mode="update"`` and fewer than
+        ``freeze_after_steps`` steps taken)."""
+        limit = self._freeze_after_steps
+        return self._mode == "update" and (limit is None or self.steps < limit)
+
+    @update_biases.setter
+    def update_biases(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"update_biases must be True or False, got {value!r}")
+        self.mode = "update" if value else "frozen"
+
+    def describe_mode(self) -> str:
+        """One line: the mode and update rate in use (what is logged once at the start)."""
+        head = f"Loss-Free Balancing (arXiv 2408.15664) on {self.num_layers} routers"
+        if self._mode == "frozen":
+            return f"{head}: mode=frozen (loads counted and logged, biases never moved)"
+        b = self.balancer
+        rate = f"update_rate={b.update_rate:g} ({b.update} rule{', centred' if b.center else ''})"
+        if self._freeze_after_steps is None:
+            return f"{head}: mode=update, {rate}, after every optimizer step"
+        return f"{head}: mode=update for the first {self._freeze_after_steps} optimizer steps then frozen, {rate}"
+
+    def announce(self) -> None:
+        """Log :meth:`describe_mode` (INFO), the first time only."""
+        if not self._announced:
+            self._announced = True
+            log.info("%s", self.describe_mode())
+
+    @property
     def num_layers(self) -> int:
         return len(self.routers)
 
     def bias_tensors(self) -> list[torch.Tensor]:
         """The live ``[E]`` float32 bias buffers, one per router (writing to them steers routing)."""
         return [r._moebalance_slot.tensor() for r in self.routers]
+
+    def bias_parameters(self) -> list[torch.nn.Parameter]:
+        """The biases that are ``nn.Parameter`` s (some models keep their own that way: ERNIE-4.5's
+        ``moe_statics.e_score_correction_bias``, AFMoE's ``expert_bias``), one per such router.
+
+        They must never reach an optimizer (its update or weight decay would move them, and an
+        optimizer holding master copies would write its copy back over the Loss-Free update):
+        build the optimizer from parameters with ``requires_grad`` (what ``Trainer`` does; these
+        have ``requires_grad=False``) or leave these out. :meth:`check_optimizer` checks it.
+        """
+        return [b for b in self.bias_tensors() if isinstance(b, torch.nn.Parameter)]
+
+    def check_optimizer(self, optimizer) -> None:
+        """Refuse an optimizer that holds one of the biases (see :meth:`bias_parameters`);
+        called by :meth:`attach` and at the start of ``Trainer.train()``.
+
+        Args:
+            optimizer: a torch optimizer or a wrapper of one (Accelerate's, Lightning's).
+
+        Raises:
+            ValueError: a param group holds a bias tensor; the message names the group and router.
+            TypeError: ``optimizer`` holds no torch optimizer.
+        """
+        biases = {id(b): name for name, b in zip(self.router_names, self.bias_tensors())}
+        for i, group in enumerate(unwrap_optimizer(optimizer).param_groups):
+            held = [biases[id(p)] for p in group["params"] if id(p) in biases]
+            if held:
+                raise ValueError(
+                    f"optimizer param group {i} holds the Loss-Free bias of {len(held)} router(s) ({held[0]}, ...): "
+                    "the optimizer (and its weight decay) must never update it. Build the optimizer from "
+                    "[p for p in model.parameters() if p.requires_grad], or leave out handle.bias_parameters()"
+                )
 
     def biases(self) -> torch.Tensor:
         """``[L, E]`` float32 copy of the biases (all routers must have the same ``E``)."""
@@ -121,9 +269,16 @@ class LossFreeBalancing:
         return torch.stack([r.moebalance_load_counts.detach().cpu() for r in self.routers])
 
     def reset_loads(self) -> None:
-        """Forget the loads counted since the last step (e.g. a skipped step)."""
+        """Forget the loads counted since the last step."""
         for r in self.routers:
             r.moebalance_load_counts.zero_()
+
+    def discard_step(self) -> None:
+        """An optimizer step was skipped (inf/NaN gradients under a ``GradScaler``, a Trainer
+        overflow): forget its loads, move no bias, count it in :attr:`skipped_steps`. The next
+        update then uses the loads of its own step only, as after a real step."""
+        self.reset_loads()
+        self.skipped_steps += 1
 
     def pop_eval_loads(self) -> torch.Tensor:
         """``[L, E]`` float32 tokens per expert of the eval-mode forwards since the last call
@@ -140,15 +295,20 @@ class LossFreeBalancing:
         Call once per optimizer step, after all gradient-accumulation micro-batches (or let
         :meth:`attach` do it). The loads are all-reduced first (sum over data-parallel ranks), so
         every rank applies the same update and the biases stay identical. A layer with no load
-        (no training forward since the last step) is left unchanged.
+        (no training forward since the last step) is left unchanged. With ``mode="frozen"`` (or
+        after ``freeze_after_steps``) the loads are still read, reduced and returned, and the
+        biases stay as they are.
 
         Returns:
             ``[L, E]`` float32 global loads used for the update.
         """
+        self.announce()
         loads_LE = torch.stack([r.moebalance_load_counts for r in self.routers]).clone()
         self.reset_loads()
         if self.all_reduce is not None:
             self.all_reduce(loads_LE)
+        if self._freeze_after_steps is not None and self.steps == self._freeze_after_steps:
+            log.info("Loss-Free Balancing: biases frozen after %d optimizer steps (freeze_after_steps)", self.steps)
         if self.update_biases:
             biases = self.bias_tensors()
             current = torch.stack([b.to(loads_LE.device) for b in biases]) if self.balancer.center else None
@@ -219,7 +379,7 @@ class LossFreeBalancing:
             r.moebalance_eval_counts += kept.to(r.moebalance_eval_counts)
         return loads
 
-    def attach(self, target):
+    def attach(self, target, scaler=None):
         """Drive the bias update from ``target``: a ``transformers.Trainer`` or an optimizer.
 
         * Trainer: adds :class:`LossFreeBalancingCallback` *ahead of* its reporting callbacks
@@ -231,23 +391,38 @@ class LossFreeBalancing:
           :class:`~moebalance.balancing.OptimizerHook` (``detach()`` removes it). Attaching again
           to the same optimizer returns the same hook; to another one moves the hook there.
 
+        Either way a step skipped for inf/NaN gradients never moves the bias and its loads are
+        discarded (:meth:`discard_step`): under ``Trainer`` through Accelerate's
+        ``step_was_skipped`` and its ``GradScaler``'s scale; on an optimizer as
+        :class:`~moebalance.balancing.OptimizerHook` says (pass ``scaler`` for a non-fused
+        optimizer stepped by your own ``torch.amp.GradScaler``). Logs the mode once.
+
+        Args:
+            target: a ``transformers.Trainer``, or an optimizer (or a wrapper of one).
+            scaler: with an optimizer: the ``GradScaler`` that steps it (see
+                :class:`~moebalance.balancing.OptimizerHook`); ignored for a Trainer.
+
         Raises:
             TypeError: ``target`` is neither.
+            ValueError: the optimizer holds a bias (:meth:`check_optimizer`).
         """
         if hasattr(target, "callback_handler"):
             from moebalance.integrations.transformers.callback import LossFreeBalancingCallback
 
+            self.announce()
             for cb in target.callback_handler.callbacks:
                 if isinstance(cb, LossFreeBalancingCallback) and cb.balancing is self:
                     return cb
             cb = LossFreeBalancingCallback(self)
             target.callback_handler.callbacks.insert(0, cb)
             return cb
-        return self.attach_optimizer(target)
+        return self.attach_optimizer(target, scaler)
 
-    def attach_optimizer(self, optimizer) -> OptimizerHook:
+    def attach_optimizer(self, optimizer, scaler=None) -> OptimizerHook:
         """The optimizer half of :meth:`attach`."""
-        hook = OptimizerHook(optimizer, lambda: self.step())
+        self.check_optimizer(optimizer)
+        hook = OptimizerHook(optimizer, lambda: self.step(), discard=self.discard_step, scaler=scaler)
+        self.announce()
         if self.optimizer_hook is not None and self.optimizer_hook.attached:
             if self.optimizer_hook.optimizer is hook.optimizer:
                 hook.detach()

@@ -39,8 +39,11 @@ def _saved_biases(files: list[Path], suffixes: set[str]) -> dict[tuple[int, ...]
     return found
 
 
-def read_biases(handle, path: str | Path) -> int:
+def read_biases(handle, path: str | Path, pattern: str = "*.safetensors") -> int:
     """Read the biases of a ``save_pretrained`` folder (``*.safetensors``) into ``handle``'s routers.
+
+    ``pattern`` selects the files of the folder to read (default: every safetensors file; a PEFT
+    adapter folder or a Trainer checkpoint also holds ``moebalance_biases.safetensors``).
 
     ``save_pretrained`` may rename modules on the way out (Mixtral's ``mlp`` is written as
     ``block_sparse_moe``), so a saved bias is matched to its router by the layer numbers in its
@@ -56,9 +59,9 @@ def read_biases(handle, path: str | Path) -> int:
     """
     if not Path(path).is_dir():
         raise FileNotFoundError(f"load_biases_from={str(path)!r}: no such folder")
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = sorted(Path(path).glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {str(path)!r}")
+        raise FileNotFoundError(f"no {pattern} file in {str(path)!r}")
     wanted = {layer_key(name): r for name, r in zip(handle.router_names, handle.routers)}
     if len(wanted) != len(handle.routers):
         raise ValueError("router names do not identify their layers; cannot match saved biases")
@@ -91,10 +94,16 @@ def record_in_config(handle) -> None:
     the update rule and rate, whether the biases were centred, the buffer name and the state-dict
     keys that hold the biases, and whether an unpatched ``transformers`` uses them. A model without
     ``config`` (a bare module) gets nothing.
+
+    The first call for a handle whose config already held a record (read from ``config.json``)
+    also restores or warns about lost biases
+    (:func:`~moebalance.integrations.transformers.loading.check_recorded_biases`).
     """
     config = getattr(handle.model, "config", None)
     if config is None:
         return
+    first, handle._config_recorded = not getattr(handle, "_config_recorded", False), True
+    previous = getattr(config, CONFIG_KEY, None)
     name = handle.routers[0]._moebalance_bias_name
     native = handle.routers[0]._moebalance_family.native_bias is not None
     setattr(config, CONFIG_KEY, {
@@ -114,6 +123,10 @@ def record_in_config(handle) -> None:
             "apply_loss_free_balancing, or add the bias to the router scores before the top-K"
         ),
     })
+    if first and previous is not None:  # the record config.json came with: trained biases to find
+        from moebalance.integrations.transformers.loading import check_recorded_biases
+
+        check_recorded_biases(handle, previous)
 
 
 def export_biases(handle, name: str = "e_score_correction_bias") -> dict[str, torch.Tensor]:

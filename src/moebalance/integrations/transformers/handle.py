@@ -6,6 +6,7 @@ Shape legend: E routed experts, L MoE layers.
 
 from __future__ import annotations
 
+import copy
 import datetime
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -57,7 +58,8 @@ class LossFreeBalancing:
     :meth:`attach` to a ``Trainer``, or :meth:`step` by hand once after each ``optimizer.step()``.
 
     Attributes:
-        routers: the L router modules, in module order.
+        routers: the L router modules a forward runs, in module order (under PEFT
+            ``modules_to_save``: the active adapter's copies, see :meth:`refresh_routers`).
         router_names: their qualified names in the model.
         balancer: the :class:`~moebalance.LossFreeBalancer` whose ``bias_delta`` is applied.
         settings: the arguments the handle was built with (compared on a second apply).
@@ -68,9 +70,13 @@ class LossFreeBalancing:
     """
 
     def __init__(self, model, routers, balancer: LossFreeBalancer, all_reduce, settings: dict) -> None:
+        from moebalance.integrations.transformers import peft
+
         self.model = model
-        self.router_names = [name for name, _ in routers]
-        self.routers = [r for _, r in routers]
+        routers = peft.active_routers(model, list(routers))  # PEFT modules_to_save: the copy in use
+        self._router_names = [name for name, _ in routers]
+        self._routers = [r for _, r in routers]
+        self._routers_stale = False
         self.balancer = balancer
         self.all_reduce = all_reduce
         self.settings = dict(settings)
@@ -79,6 +85,61 @@ class LossFreeBalancing:
         self.update_biases = True
         self.optimizer_hook: OptimizerHook | None = None
         self.hooks: list = []  # the padding-mask hooks on the model
+        if peft.is_peft_model(model):
+            peft.bind_save(self, model)
+        # Routers copied since the last forward (PEFT modules_to_save) are followed before the next.
+        self._refresh_hook = model.register_forward_pre_hook(self._refresh_if_copied)
+
+    def _refresh_if_copied(self, module, args) -> None:
+        if self._routers_stale:
+            self.refresh_routers()
+
+    def __deepcopy__(self, memo):
+        """Deep-copying the whole model gives the copy its own handle; deep-copying a part of it
+        (PEFT's ``modules_to_save`` copies a router) keeps this handle, which then follows the
+        copies the forward uses (see :meth:`refresh_routers`)."""
+        if id(self.model) not in memo:
+            self._routers_stale = True
+            return self
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    @property
+    def routers(self) -> list:
+        """The L router modules the forward runs, in module order (see :meth:`refresh_routers`)."""
+        if self._routers_stale:
+            self.refresh_routers()
+        return self._routers
+
+    @property
+    def router_names(self) -> list[str]:
+        """The routers' qualified names in :attr:`model` (a PEFT wrapper's own name for its copy)."""
+        if self._routers_stale:
+            self.refresh_routers()
+        return self._router_names
+
+    def refresh_routers(self) -> int:
+        """Follow the routers to the modules a forward runs now.
+
+        After ``get_peft_model(..., modules_to_save=["gate"])`` on a patched model, the forward runs
+        PEFT's copies of the routers, not the originals: the handle switches to the active copies
+        (bias, counters and padding mask included), keeping one router per layer. Runs by itself
+        before the next forward of the model (or use of :attr:`routers`) when a router has been
+        copied; call it after ``set_adapter`` / ``disable_adapter`` changes which copy runs.
+
+        Returns:
+            The number of routers followed (L).
+        """
+        from moebalance.integrations.transformers import peft
+
+        self._routers_stale = False
+        found = peft.follow_copies(self)
+        if found:
+            self._router_names = [n for n, _ in found]
+            self._routers = [r for _, r in found]
+        return len(self._routers)
 
     @property
     def balancer(self) -> LossFreeBalancer:
@@ -220,7 +281,8 @@ class LossFreeBalancing:
         return loads
 
     def attach(self, target):
-        """Drive the bias update from ``target``: a ``transformers.Trainer`` or an optimizer.
+        """Drive the bias update from ``target``: a ``transformers.Trainer`` or an optimizer; or
+        save the biases with a PEFT model.
 
         * Trainer: adds :class:`LossFreeBalancingCallback` *ahead of* its reporting callbacks
           (TensorBoard, W&B...) so the balance metrics reach them; returns the callback. A second
@@ -230,13 +292,30 @@ class LossFreeBalancing:
           update runs exactly once per real optimizer step, whatever loop calls it; returns the
           :class:`~moebalance.balancing.OptimizerHook` (``detach()`` removes it). Attaching again
           to the same optimizer returns the same hook; to another one moves the hook there.
+        * ``peft.PeftModel`` wrapping this handle's model: its ``save_pretrained`` also writes the
+          biases into the adapter folder (``moebalance_biases.safetensors``); returns the model. A
+          Trainer whose model is a ``PeftModel`` gets this too.
+
+        A Trainer from TRL is checked once: its router auxiliary loss being on, or a routing
+        replay option, is logged (see :mod:`~moebalance.integrations.transformers.trl`).
 
         Raises:
-            TypeError: ``target`` is neither.
+            TypeError: ``target`` is none of these.
         """
+        from moebalance.integrations.transformers import peft
+
+        if peft.is_peft_model(target):
+            peft.bind_save(self, target)
+            self.refresh_routers()
+            return target
         if hasattr(target, "callback_handler"):
             from moebalance.integrations.transformers.callback import LossFreeBalancingCallback
+            from moebalance.integrations.transformers.trl import check_trainer
 
+            if peft.is_peft_model(getattr(target, "model", None)):
+                peft.bind_save(self, target.model)
+            self.refresh_routers()
+            check_trainer(self, target)
             for cb in target.callback_handler.callbacks:
                 if isinstance(cb, LossFreeBalancingCallback) and cb.balancing is self:
                     return cb
@@ -277,6 +356,17 @@ class LossFreeBalancing:
         from moebalance.integrations.transformers.checkpoint import read_biases
 
         return read_biases(self, path)
+
+    def save_biases(self, folder: str | Path) -> Path:
+        """Write the biases to ``folder/moebalance_biases.safetensors`` (float32), e.g. beside a PEFT
+        adapter saved by a model :meth:`attach` was not given; :meth:`load_biases` reads it back.
+
+        Raises:
+            FileNotFoundError: ``folder`` does not exist.
+        """
+        from moebalance.integrations.transformers.resume import save_bias_file
+
+        return save_bias_file(self, folder)
 
     def export_biases(self, name: str = "e_score_correction_bias") -> dict[str, torch.Tensor]:
         """The ``[E]`` float32 biases keyed for an inference engine, see :func:`export_biases`."""

@@ -1,14 +1,23 @@
 """Biases in and out of ``save_pretrained`` folders: reading them back, recording in the model's
 config that it was trained with Loss-Free Balancing, and exporting them for inference engines.
 
+A model whose ``config.json`` holds that record gets its biases back or a loud warning, never a
+silent zero: ``apply_loss_free_balancing`` reads them from ``model.name_or_path`` when it is a
+local folder, but a model loaded by Hub repo id has its files in the local Hugging Face cache, and
+one re-saved by plain transformers has lost the ``expert_bias`` keys while keeping the record;
+:func:`check_recorded_biases` handles both.
+
 Shape legend: E routed experts, L MoE layers.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("moebalance.integrations.transformers")
 
 #: Key of the record in ``model.config`` (saved to ``config.json`` by ``save_pretrained``).
 CONFIG_KEY = "moebalance_loss_free"
@@ -97,7 +106,7 @@ def record_in_config(handle) -> None:
 
     The first call for a handle whose config already held a record (read from ``config.json``)
     also restores or warns about lost biases
-    (:func:`~moebalance.integrations.transformers.loading.check_recorded_biases`).
+    (:func:`check_recorded_biases`).
     """
     config = getattr(handle.model, "config", None)
     if config is None:
@@ -124,9 +133,61 @@ def record_in_config(handle) -> None:
         ),
     })
     if first and previous is not None:  # the record config.json came with: trained biases to find
-        from moebalance.integrations.transformers.loading import check_recorded_biases
-
         check_recorded_biases(handle, previous)
+
+
+def saved_bias_count(handle, folder: Path) -> int:
+    """How many routers' bias tensors the ``*.safetensors`` files of ``folder`` hold (keys ending
+    in the handle's bias name); 0 for a folder without such files or with unreadable ones."""
+    files = sorted(folder.glob("*.safetensors"))
+    try:
+        return len(_saved_biases(files, {"." + r._moebalance_bias_name for r in handle.routers}))
+    except ValueError:
+        return 0
+
+
+def check_recorded_biases(handle, record) -> int:
+    """Restore or warn when ``config.json`` recorded trained biases (``record``, the
+    ``moebalance_loss_free`` entry read from it) and the model's biases are all zero.
+
+    * the weights folder (``name_or_path``, or the Hub cache snapshot of a repo id) holds bias
+      tensors: a Hub snapshot's are read into the routers (a local folder's were read by
+      ``apply_loss_free_balancing`` already, or were zero when saved);
+    * otherwise ``log.warning`` names the model, its class, where it looked and what is lost.
+
+    Returns:
+        The number of routers restored from the Hub cache (0 otherwise).
+    """
+    from moebalance.integrations.transformers.hub import hub_snapshot
+
+    if not isinstance(record, dict) or record.get("strategy") != "loss_free":
+        return 0
+    if any(bool(b.detach().ne(0).any()) for b in handle.bias_tensors()):
+        return 0  # loaded from somewhere (a folder, load_biases_from, the model's own weights)
+    name = getattr(handle.model, "name_or_path", "") or ""
+    local = Path(name) if name and Path(name).is_dir() else None
+    folder = local or hub_snapshot(handle.model)
+    if folder is not None and saved_bias_count(handle, folder):
+        if local is None and not getattr(handle.routers[0]._moebalance_family, "native_bias", None):
+            n = read_biases(handle, folder)
+            log.info("%s: Loss-Free biases of %d routers read from the Hugging Face cache (%s)", name, n, folder)
+            return n
+        return 0
+    bias_name = record.get("bias_name") or handle.routers[0]._moebalance_bias_name
+    lost = (
+        f"its weights in {folder} hold no {bias_name} tensors"
+        if folder is not None
+        else "moebalance found no local folder or Hub cache snapshot holding them"
+    )
+    log.warning(
+        "%s (%s): config.json records biases trained with Loss-Free Balancing (moebalance_loss_free, "
+        "bias_update_rate=%s, %d routers), but %s, so every router starts from a ZERO bias and routes "
+        "differently from the trained model. A re-save by plain transformers drops the expert_bias keys; "
+        "reload from the folder moebalance saved, or call balancing.load_biases(<that folder>)",
+        name or "a model without name_or_path", type(handle.model).__name__, record.get("bias_update_rate"),
+        len(record.get("bias_keys") or []), lost,
+    )
+    return 0
 
 
 def export_biases(handle, name: str = "e_score_correction_bias") -> dict[str, torch.Tensor]:

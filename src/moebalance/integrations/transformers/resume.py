@@ -4,9 +4,8 @@ folder, and read back when ``Trainer.train(resume_from_checkpoint=...)`` resumes
 Shape legend: E routed experts, L MoE layers.
 
 Why a file of their own: a PEFT (LoRA) checkpoint holds only the adapter, and transformers 5.25
-restores none of Mixtral's MoE weights when the Trainer resumes (its checkpoint keys are the
-renamed ``block_sparse_moe`` ones, loaded with ``strict=False``), so in both cases the biases
-would restart from whatever the model holds. ``moebalance_biases.safetensors`` holds one float32
+restores none of Mixtral's MoE weights when the Trainer resumes (an upstream fault), so in both
+cases the biases would restart from whatever the model holds. ``moebalance_biases.safetensors`` holds one float32
 ``[E]`` tensor per router, keyed ``<router path>.<bias name>``; it is read back by layer number
 (:func:`~moebalance.integrations.transformers.checkpoint.read_biases`), which every renaming keeps.
 """

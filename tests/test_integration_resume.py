@@ -6,7 +6,6 @@ import logging
 import pytest
 import torch
 from safetensors import safe_open
-from torch import nn
 
 transformers = pytest.importorskip("transformers")
 

@@ -51,13 +51,16 @@ def _common(tmp_path, steps):
                 report_to=[], use_cpu=True, bf16=False, disable_tqdm=True, seed=0)
 
 
-def _sft(tmp_path, steps=3, **kw):
+def _sft(tmp_path, steps=3, peft_config=None, save_strategy_override=None, **kw):
     tokenizer = _tokenizer()
     model = _model(tokenizer)
     handle = apply_loss_free_balancing(model, update_rate=1e-2)
+    common = _common(tmp_path, steps)
+    if save_strategy_override:
+        common["save_strategy"] = save_strategy_override
     args = trl.SFTConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_length=16,
-                         **_common(tmp_path, steps), **kw)
-    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer,
+                         **common, **kw)
+    trainer = trl.SFTTrainer(model=model, args=args, processing_class=tokenizer, peft_config=peft_config,
                              train_dataset=datasets.Dataset.from_dict({"text": TEXTS}))
     return trainer, handle
 
@@ -71,6 +74,28 @@ def test_sft_trainer_updates_once_per_optimizer_step(tmp_path, caplog):
     assert handle.biases().abs().sum() > 0
     assert "auxiliary loss is on" not in caplog.text  # apply zeroed the model's coefficient before TRL read it
     assert any("moe/maxvio_batch" in log for log in trainer.state.log_history)
+
+
+def test_sft_trainer_with_peft_config_and_the_router_in_modules_to_save(tmp_path):
+    peft = pytest.importorskip("peft")
+    trainer, handle = _sft(tmp_path, steps=2, save_strategy_override="steps",
+                           peft_config=peft.LoraConfig(r=4, target_modules=["o_proj"], modules_to_save=["gate"]))
+    handle.attach(trainer)  # TRL wrapped the model in get_peft_model: the handle follows the router copies
+    trainer.train()
+    used = [layer.mlp.gate.modules_to_save["default"] for layer in trainer.model.base_model.model.model.layers]
+    assert handle.num_layers == 2 and all(a is b for a, b in zip(handle.routers, used))
+    assert handle.steps == 2  # the copies' biases moved (the log of step 1; a sign step may undo it at step 2)
+    assert trainer.state.log_history[0]["moe/bias_range_layer0"] > 0
+    assert (tmp_path / "checkpoint-2" / "moebalance_biases.safetensors").is_file()
+
+
+def test_callback_passed_to_the_trainer_says_the_aux_loss_once(tmp_path, caplog):
+    trainer, handle = _sft(tmp_path, steps=2, router_aux_loss_coef=1e-2)
+    trainer.add_callback(handle.callback())
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        trainer.train()
+    assert sum("router_aux_loss_coef=0.01" in r.getMessage() for r in caplog.records) == 1
+    assert handle.steps == 2
 
 
 def test_trl_router_aux_loss_is_said_once_and_how_it_combines(tmp_path, caplog):

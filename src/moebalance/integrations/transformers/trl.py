@@ -1,5 +1,5 @@
 """TRL trainers (``trl`` >= 1.0) beside Loss-Free Balancing: their router auxiliary loss and
-routing replay, said once per handle.
+routing replay, said once per handle and trainer.
 
 TRL 1.16's ``SFTTrainer``, ``GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer`` and ``KTOTrainer``
 take ``router_aux_loss_coef`` from their config; left at ``None`` they use the model config's own
@@ -52,12 +52,13 @@ def replay_options(args) -> list[str]:
 
 
 def say_once(handle, trainer=None, args=None, model=None) -> list[str]:
-    """Log, once per handle, that TRL's router auxiliary loss is on beside the bias and how the two
-    combine, and warn when a routing replay option is on. Returns the messages logged (empty once
-    said, or when there is nothing to say)."""
-    if getattr(handle, "_trl_said", False):
-        return []
+    """Warn, once per handle and trainer arguments, that TRL's router auxiliary loss is on beside
+    the bias and how the two combine, and that a routing replay option is on. Returns the messages
+    logged (empty once said, or when there is nothing to say)."""
     args = getattr(trainer, "args", None) if args is None else args
+    said_for = handle.__dict__.setdefault("_trl_said_for", set())
+    if id(args) in said_for:
+        return []
     model = getattr(trainer, "model", None) if model is None else model
     name = type(trainer).__name__ if trainer is not None else type(args).__name__
     said = []
@@ -79,7 +80,7 @@ def say_once(handle, trainer=None, args=None, model=None) -> list[str]:
         )
         log.warning(said[-1])
     if args is not None:
-        handle._trl_said = True
+        said_for.add(id(args))
     return said
 
 

@@ -62,6 +62,17 @@ def test_hub_repo_id_reads_the_biases_from_the_local_cache(tmp_path, monkeypatch
     assert torch.equal(apply_loss_free_balancing(model).biases(), handle.biases())
 
 
+def test_hub_snapshot_of_another_revision_is_not_read(tmp_path, monkeypatch, caplog):
+    _trained("qwen2_moe", tmp_path / "saved")
+    repo = _in_hub_cache(monkeypatch, tmp_path, tmp_path / "saved")
+    model = transformers.AutoModelForCausalLM.from_pretrained(repo, local_files_only=True)
+    with torch.no_grad():  # as if loaded from another revision than the one main points to
+        model.model.layers[0].mlp.gate.weight.add_(1.0)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        handle = apply_loss_free_balancing(model)
+    assert handle.biases().abs().sum() == 0 and "holds other router weights than the loaded model" in caplog.text
+
+
 def _resave_plain(src, dst):
     """Load with plain transformers (no moebalance) and save again: the expert_bias keys are dropped,
     the moebalance_loss_free record in config.json is kept."""

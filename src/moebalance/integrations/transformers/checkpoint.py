@@ -146,6 +146,41 @@ def saved_bias_count(handle, folder: Path) -> int:
         return 0
 
 
+def _router_weight_matches(handle, folder: Path) -> bool:
+    """Whether the first router's weight saved in ``folder`` (the key beside its saved bias) equals
+    the model's, i.e. the folder holds the checkpoint the model was loaded from. True when the
+    folder has no such key (nothing to compare)."""
+    from safetensors import safe_open
+
+    bias_name = handle.routers[0]._moebalance_bias_name
+    files = sorted(folder.glob("*.safetensors"))
+    found = _saved_biases(files, {"." + bias_name})
+    first = min(found)
+    router = {layer_key(n): r for n, r in zip(handle.router_names, handle.routers)}.get(first)
+    weight_key = found[first][0][: -len(bias_name)] + "weight"
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            if weight_key in st.keys() and router is not None:
+                saved = st.get_tensor(weight_key)
+                mine = router.weight.detach().cpu()
+                return saved.shape == mine.shape and torch.equal(saved.to(mine.dtype), mine)
+    return True
+
+
+def _read_hub_biases(handle, folder: Path, name: str) -> int:
+    """Read the biases of a Hub cache snapshot, if it is the checkpoint the model was loaded from."""
+    if not _router_weight_matches(handle, folder):
+        log.warning(
+            "%s: the Hugging Face cache snapshot %s holds other router weights than the loaded model (another "
+            "revision?), so its Loss-Free biases are NOT read and every router starts from a ZERO bias; call "
+            "balancing.load_biases(<folder of the revision loaded>)", name, folder,
+        )
+        return 0
+    n = read_biases(handle, folder)
+    log.info("%s: Loss-Free biases of %d routers read from the Hugging Face cache (%s)", name, n, folder)
+    return n
+
+
 def check_recorded_biases(handle, record) -> int:
     """Restore or warn when ``config.json`` recorded trained biases (``record``, the
     ``moebalance_loss_free`` entry read from it) and the model's biases are all zero.
@@ -169,9 +204,7 @@ def check_recorded_biases(handle, record) -> int:
     folder = local or hub_snapshot(handle.model)
     if folder is not None and saved_bias_count(handle, folder):
         if local is None and not getattr(handle.routers[0]._moebalance_family, "native_bias", None):
-            n = read_biases(handle, folder)
-            log.info("%s: Loss-Free biases of %d routers read from the Hugging Face cache (%s)", name, n, folder)
-            return n
+            return _read_hub_biases(handle, folder, name)
         return 0
     bias_name = record.get("bias_name") or handle.routers[0]._moebalance_bias_name
     lost = (

@@ -17,7 +17,8 @@ def hub_snapshot(model) -> Path | None:
     ``model.name_or_path`` is the repo id; the snapshot is looked up with
     ``huggingface_hub.snapshot_download(..., local_files_only=True)`` (``HF_HUB_CACHE`` /
     ``HF_HOME``, the revision ``main`` points to), so nothing is downloaded. A model loaded
-    with its own ``cache_dir=`` or ``revision=`` is not found (``None``).
+    with its own ``cache_dir=`` is not found (``None``); one loaded with another ``revision=``
+    gets ``main``'s folder, which the caller must check against the model's weights.
     """
     name = getattr(model, "name_or_path", "") or ""
     if not name or Path(name).is_dir() or name.count("/") > 1:

@@ -151,3 +151,10 @@ def test_save_biases_without_attach(tmp_path):
     assert fresh.load_biases(tmp_path) == 2 and torch.equal(fresh.biases(), handle.biases())
     with pytest.raises(FileNotFoundError, match="no such folder"):
         handle.save_biases(tmp_path / "missing")
+
+
+def test_attach_refuses_a_peft_model_around_another_model():
+    _, handle = _peft("qwen2_moe", "apply_first")
+    other = peft.get_peft_model(_model("qwen2_moe", seed=2), _lora())
+    with pytest.raises(ValueError, match="does not hold the model the handle was built on"):
+        handle.attach(other)

@@ -301,10 +301,16 @@ class LossFreeBalancing:
 
         Raises:
             TypeError: ``target`` is none of these.
+            ValueError: ``target`` is a ``PeftModel`` that does not hold this handle's model.
         """
         from moebalance.integrations.transformers import peft
 
         if peft.is_peft_model(target):
+            if not peft.wraps(target, self.model):
+                raise ValueError(
+                    f"attach: this {type(target).__name__} does not hold the model the handle was built on "
+                    f"({type(self.model).__name__}); apply_loss_free_balancing to its base model first"
+                )
             peft.bind_save(self, target)
             self.refresh_routers()
             return target
@@ -312,7 +318,7 @@ class LossFreeBalancing:
             from moebalance.integrations.transformers.callback import LossFreeBalancingCallback
             from moebalance.integrations.transformers.trl import check_trainer
 
-            if peft.is_peft_model(getattr(target, "model", None)):
+            if peft.is_peft_model(getattr(target, "model", None)) and peft.wraps(target.model, self.model):
                 peft.bind_save(self, target.model)
             self.refresh_routers()
             check_trainer(self, target)

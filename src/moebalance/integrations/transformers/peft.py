@@ -42,6 +42,11 @@ def is_peft_model(model) -> bool:
     return "PeftModel" in _class_names(model)
 
 
+def wraps(peft_model: nn.Module, model: nn.Module) -> bool:
+    """True when ``model`` is ``peft_model`` or one of its submodules (the base model it wraps)."""
+    return any(m is model for m in peft_model.modules())
+
+
 def _is_wrapper(module: nn.Module) -> bool:
     return "ModulesToSaveWrapper" in _class_names(module) and "original_module" in module._modules
 

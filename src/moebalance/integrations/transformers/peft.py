@@ -123,8 +123,11 @@ def bind_save(handle, peft_model) -> None:
     @functools.wraps(original)
     def save_pretrained(save_directory, *args, **kwargs):
         out = original(save_directory, *args, **kwargs)
-        if kwargs.get("is_main_process", True):
-            adapters = kwargs.get("selected_adapters") or list(getattr(peft_model, "peft_config", {}) or ["default"])
+        # PEFT's signature: (save_directory, safe_serialization, selected_adapters, save_embedding_layers,
+        # is_main_process, ...), any of them by keyword.
+        if kwargs.get("is_main_process", args[3] if len(args) > 3 else True):
+            selected = kwargs.get("selected_adapters", args[1] if len(args) > 1 else None)
+            adapters = selected or list(getattr(peft_model, "peft_config", {}) or ["default"])
             for adapter in adapters:
                 folder = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
                 if folder.is_dir():

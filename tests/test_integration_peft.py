@@ -166,3 +166,19 @@ def test_attach_refuses_a_peft_model_around_another_model():
 def test_second_apply_under_modules_to_save_returns_the_handle():
     peft_model, handle = _peft("qwen2_moe", "apply_first", modules_to_save=["gate"])
     assert apply_loss_free_balancing(peft_model) is handle
+
+
+def test_a_deep_copy_of_a_bound_peft_model_saves_itself(tmp_path):
+    import copy
+
+    peft_model, handle = _peft("qwen2_moe", "apply_first")
+    handle.attach(peft_model)
+    twin = copy.deepcopy(peft_model)
+    twin_handle = twin._moebalance_bias_handle
+    assert twin_handle is not handle and twin_handle.model is twin.base_model.model
+    with torch.no_grad():
+        twin_handle.bias_tensors()[0][0] = 0.5
+    twin.save_pretrained(tmp_path)
+    fresh = apply_loss_free_balancing(_model("qwen2_moe", seed=1))
+    fresh.load_biases(tmp_path)
+    assert fresh.biases()[0, 0] == 0.5 and handle.biases()[0, 0] == 0

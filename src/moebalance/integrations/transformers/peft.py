@@ -22,8 +22,8 @@ recognised by name, so the module works (and does nothing) without it.
 
 from __future__ import annotations
 
-import functools
 import logging
+import types
 from pathlib import Path
 
 from torch import nn
@@ -105,37 +105,35 @@ def follow_copies(handle) -> list[tuple[str, nn.Module]]:
     return found
 
 
+def save_pretrained(self, save_directory, *args, **kwargs):
+    """``PeftModel.save_pretrained`` (the class's), then the biases of the handle bound by
+    :func:`bind_save` into each adapter folder written, on the main process only."""
+    from moebalance.integrations.transformers.resume import save_bias_file
+
+    out = type(self).save_pretrained(self, save_directory, *args, **kwargs)
+    # PEFT's signature: (save_directory, safe_serialization, selected_adapters, save_embedding_layers,
+    # is_main_process, ...), any of them by keyword.
+    if kwargs.get("is_main_process", args[3] if len(args) > 3 else True):
+        selected = kwargs.get("selected_adapters", args[1] if len(args) > 1 else None)
+        for adapter in selected or list(getattr(self, "peft_config", {}) or ["default"]):
+            folder = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
+            if folder.is_dir():
+                save_bias_file(self._moebalance_bias_handle, folder)
+    return out
+
+
 def bind_save(handle, peft_model) -> None:
     """Make ``peft_model.save_pretrained(folder, ...)`` also write ``handle``'s biases into the
     adapter folder (``moebalance_biases.safetensors``, float32), on the main process only.
 
-    Bound on this instance only (the class is untouched); binding twice keeps one wrapper. With
+    Bound on this instance only (the class is untouched), as a method, so a deep copy of the model
+    saves itself with its own handle; binding again re-points it to ``handle``. With
     ``selected_adapters`` other than ``"default"`` PEFT writes ``folder/<adapter>``: the biases go
     into each such folder.
     """
-    from moebalance.integrations.transformers.resume import save_bias_file
-
-    current = peft_model.save_pretrained
-    if getattr(current, "_moebalance_handle", None) is handle:
-        return
-    original = getattr(current, "_moebalance_original", current)
-
-    @functools.wraps(original)
-    def save_pretrained(save_directory, *args, **kwargs):
-        out = original(save_directory, *args, **kwargs)
-        # PEFT's signature: (save_directory, safe_serialization, selected_adapters, save_embedding_layers,
-        # is_main_process, ...), any of them by keyword.
-        if kwargs.get("is_main_process", args[3] if len(args) > 3 else True):
-            selected = kwargs.get("selected_adapters", args[1] if len(args) > 1 else None)
-            adapters = selected or list(getattr(peft_model, "peft_config", {}) or ["default"])
-            for adapter in adapters:
-                folder = Path(save_directory) if adapter == "default" else Path(save_directory) / adapter
-                if folder.is_dir():
-                    save_bias_file(handle, folder)
-        return out
-
-    save_pretrained._moebalance_handle = handle
-    save_pretrained._moebalance_original = original
-    peft_model.save_pretrained = save_pretrained
-    log.info("%s.save_pretrained now also writes the Loss-Free biases (moebalance_biases.safetensors)",
-             type(peft_model).__name__)
+    first = "_moebalance_bias_handle" not in peft_model.__dict__
+    peft_model._moebalance_bias_handle = handle
+    peft_model.save_pretrained = types.MethodType(save_pretrained, peft_model)
+    if first:
+        log.info("%s.save_pretrained now also writes the Loss-Free biases (moebalance_biases.safetensors)",
+                 type(peft_model).__name__)

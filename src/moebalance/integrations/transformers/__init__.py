@@ -28,7 +28,9 @@ generates the table of every MoE family of the installed transformers (docs/tran
 Other modules: :mod:`.patch` (install / uninstall, proven or not at all), :mod:`.routers`
 (counters, padding mask, float32 state), :mod:`.handle` (:class:`LossFreeBalancing`),
 :mod:`.callback` (the Trainer callback), :mod:`.checkpoint` (bias files, config record, export),
-:mod:`.apply` (the entry point), :mod:`.tiny` (tiny configs). May import the library and
+:mod:`.apply` (the entry point), :mod:`.tiny` (tiny configs), :mod:`.peft` (PEFT ``modules_to_save``
+copies, biases in adapter folders), :mod:`.resume` (the bias file of Trainer checkpoints, resume),
+:mod:`.hub` (the local Hub cache), :mod:`.trl` (TRL's router aux loss and routing replay). May import the library and
 :mod:`moebalance.parallel` only.
 """
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from moebalance.balancing import LossFreeBalancer, UpdateMode
 from moebalance.integrations.transformers.checkpoint import read_biases, record_in_config
-from moebalance.integrations.transformers.handle import LossFreeBalancing, timed_all_reduce
+from moebalance.integrations.transformers.handle import LossFreeBalancing, check_mode, timed_all_reduce
 from moebalance.integrations.transformers.patch import install, log
 from moebalance.integrations.transformers.routers import install_mask_hooks
 from moebalance.routing import is_finite_number
@@ -104,6 +104,8 @@ def apply_loss_free_balancing(
     load_biases_from: str | Path | Literal["auto"] | None = "auto",
     dist_timeout_s: float | None = None,
     probe_inputs: dict | None = None,
+    mode: str = "update",
+    freeze_after_steps: int | None = None,
 ) -> LossFreeBalancing:
     """Give every MoE router of a transformers model a Loss-Free Balancing bias.
 
@@ -137,6 +139,9 @@ def apply_loss_free_balancing(
             folder the model was loaded from (``model.name_or_path``) when it is a local folder.
         dist_timeout_s: seconds the ``"auto"`` all-reduce waits for the other ranks before raising
             (``None``: the process group's timeout).
+        mode: ``"update"`` (Algorithm 1 after every optimizer step) or ``"frozen"`` (loads counted
+            and logged, the bias never moved); see :class:`LossFreeBalancing`.
+        freeze_after_steps: with ``mode="update"``, stop moving the bias after this many updates.
         probe_inputs: keyword inputs for the probe forward (default: ``[2, 11]`` random token ids
             of the model's vocabulary); give them for a model that needs more than ``input_ids``.
 
@@ -156,8 +161,9 @@ def apply_loss_free_balancing(
     """
     _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss)
     balancer = LossFreeBalancer(update_rate, update, center=center)
+    check_mode(mode, freeze_after_steps)
     settings = dict(update_rate=float(update_rate), update=update, center=center, all_reduce=all_reduce,
-                    dist_timeout_s=dist_timeout_s)
+                    dist_timeout_s=dist_timeout_s, mode=mode, freeze_after_steps=freeze_after_steps)
     existing = _existing_handle(model, settings, load_biases_from)
     if existing is not None:
         if disable_aux_loss:
@@ -167,7 +173,7 @@ def apply_loss_free_balancing(
     if disable_aux_loss and (changed := _disable_aux_loss(model)):
         log.info("auxiliary load-balancing loss disabled: %s set to 0/False", ", ".join(changed))
     reduce = timed_all_reduce(dist_timeout_s) if all_reduce == "auto" else all_reduce
-    handle = LossFreeBalancing(model, found, balancer, reduce, settings)
+    handle = LossFreeBalancing(model, found, balancer, reduce, settings, mode, freeze_after_steps)
     handle.hooks = install_mask_hooks(model, found[0][1]._moebalance_mask)
     for _, router in found:
         router._moebalance_handle = handle

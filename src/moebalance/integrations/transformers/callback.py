@@ -5,11 +5,18 @@ Shape legend: E routed experts, L MoE layers.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 import torch
 from transformers import TrainerCallback
 
 from moebalance.balancing import grad_scaler_of
+from moebalance.integrations.transformers.resume import restore_on_resume, save_bias_file
+from moebalance.integrations.transformers.trl import say_once
 from moebalance.metrics import max_violation
+
+log = logging.getLogger("moebalance.integrations.transformers")
 
 
 class LossFreeBalancingCallback(TrainerCallback):
@@ -44,6 +51,13 @@ class LossFreeBalancingCallback(TrainerCallback):
     evaluation's forwards (eval mode, the bias applied, padding excluded, summed over ranks), also
     in the metrics ``Trainer.evaluate()`` returns. Evaluation never updates the biases.
 
+    Checkpoints: at every ``on_save`` the biases go into the checkpoint folder as
+    ``moebalance_biases.safetensors`` (float32, main process only), and a train resumed from a
+    checkpoint reads them back at ``on_train_begin`` (:mod:`~moebalance.integrations.transformers.resume`):
+    PEFT checkpoints hold only the adapter, and transformers 5.25 restores none of Mixtral's MoE
+    weights on resume. At ``on_train_begin`` a TRL trainer's router auxiliary loss or routing
+    replay is said once (:mod:`~moebalance.integrations.transformers.trl`).
+
     For the metrics to reach the Trainer's TensorBoard / W&B callbacks, this callback must run before
     them: add it with :meth:`LossFreeBalancing.attach`. Passed as ``Trainer(callbacks=[...])`` it
     still balances, and the metrics still reach the console and ``trainer.state.log_history``.
@@ -57,8 +71,11 @@ class LossFreeBalancingCallback(TrainerCallback):
         self._eval: dict[str, float] = {}
         self._scale_before: float | None = None
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         handle = self.balancing
+        # A resumed train: the checkpoint's biases (PEFT adapters and Mixtral checkpoints lose them).
+        restore_on_resume(handle, args, state)
+        say_once(handle, args=args, model=model)
         if optimizer is not None:
             handle.check_optimizer(optimizer)
         handle.announce()
@@ -97,6 +114,16 @@ class LossFreeBalancingCallback(TrainerCallback):
             self._vio_steps += 1
         self._seen_steps = handle.steps
         handle.pop_eval_loads()  # eval-mode forwards outside an evaluation are not its loads
+
+    def on_save(self, args, state, control, **kwargs):
+        # Every checkpoint gets the biases as a file of their own (see moebalance...transformers.resume).
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            save_bias_file(self.balancing, folder)
+        else:
+            log.warning("no checkpoint folder %s to write the Loss-Free biases into", folder)
 
     def _eval_metrics(self, prefix: str) -> dict[str, float]:
         loads_LE = self.balancing.pop_eval_loads()

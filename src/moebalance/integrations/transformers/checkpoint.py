@@ -1,14 +1,23 @@
 """Biases in and out of ``save_pretrained`` folders: reading them back, recording in the model's
 config that it was trained with Loss-Free Balancing, and exporting them for inference engines.
 
+A model whose ``config.json`` holds that record gets its biases back or a loud warning, never a
+silent zero: ``apply_loss_free_balancing`` reads them from ``model.name_or_path`` when it is a
+local folder, but a model loaded by Hub repo id has its files in the local Hugging Face cache, and
+one re-saved by plain transformers has lost the ``expert_bias`` keys while keeping the record;
+:func:`check_recorded_biases` handles both.
+
 Shape legend: E routed experts, L MoE layers.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+
+log = logging.getLogger("moebalance.integrations.transformers")
 
 #: Key of the record in ``model.config`` (saved to ``config.json`` by ``save_pretrained``).
 CONFIG_KEY = "moebalance_loss_free"
@@ -39,8 +48,11 @@ def _saved_biases(files: list[Path], suffixes: set[str]) -> dict[tuple[int, ...]
     return found
 
 
-def read_biases(handle, path: str | Path) -> int:
+def read_biases(handle, path: str | Path, pattern: str = "*.safetensors") -> int:
     """Read the biases of a ``save_pretrained`` folder (``*.safetensors``) into ``handle``'s routers.
+
+    ``pattern`` selects the files of the folder to read (default: every safetensors file; a PEFT
+    adapter folder or a Trainer checkpoint also holds ``moebalance_biases.safetensors``).
 
     ``save_pretrained`` may rename modules on the way out (Mixtral's ``mlp`` is written as
     ``block_sparse_moe``), so a saved bias is matched to its router by the layer numbers in its
@@ -56,9 +68,9 @@ def read_biases(handle, path: str | Path) -> int:
     """
     if not Path(path).is_dir():
         raise FileNotFoundError(f"load_biases_from={str(path)!r}: no such folder")
-    files = sorted(Path(path).glob("*.safetensors"))
+    files = sorted(Path(path).glob(pattern))
     if not files:
-        raise FileNotFoundError(f"no *.safetensors file in {str(path)!r}")
+        raise FileNotFoundError(f"no {pattern} file in {str(path)!r}")
     wanted = {layer_key(name): r for name, r in zip(handle.router_names, handle.routers)}
     if len(wanted) != len(handle.routers):
         raise ValueError("router names do not identify their layers; cannot match saved biases")
@@ -91,10 +103,16 @@ def record_in_config(handle) -> None:
     the update rule and rate, whether the biases were centred, the buffer name and the state-dict
     keys that hold the biases, and whether an unpatched ``transformers`` uses them. A model without
     ``config`` (a bare module) gets nothing.
+
+    The first call for a handle whose config already held a record (read from ``config.json``)
+    also restores or warns about lost biases
+    (:func:`check_recorded_biases`).
     """
     config = getattr(handle.model, "config", None)
     if config is None:
         return
+    first, handle._config_recorded = not getattr(handle, "_config_recorded", False), True
+    previous = getattr(config, CONFIG_KEY, None)
     slots = [r._moebalance_slot for r in handle.routers]
     name = slots[0].name
     native = all(s.own for s in slots)
@@ -115,6 +133,96 @@ def record_in_config(handle) -> None:
             "apply_loss_free_balancing, or add the bias to the router scores before the top-K"
         ),
     })
+    if first and previous is not None:  # the record config.json came with: trained biases to find
+        check_recorded_biases(handle, previous)
+
+
+def saved_bias_count(handle, folder: Path) -> int:
+    """How many routers' bias tensors the ``*.safetensors`` files of ``folder`` hold (keys ending
+    in the handle's bias name); 0 for a folder without such files or with unreadable ones."""
+    files = sorted(folder.glob("*.safetensors"))
+    try:
+        return len(_saved_biases(files, {"." + r._moebalance_slot.name for r in handle.routers}))
+    except ValueError:
+        return 0
+
+
+def _router_weight_matches(handle, folder: Path) -> bool:
+    """Whether the first router's weight saved in ``folder`` (the key beside its saved bias) equals
+    the model's, i.e. the folder holds the checkpoint the model was loaded from. True when the
+    folder has no such key (nothing to compare)."""
+    from safetensors import safe_open
+
+    bias_name = handle.routers[0]._moebalance_slot.name
+    files = sorted(folder.glob("*.safetensors"))
+    found = _saved_biases(files, {"." + bias_name})
+    first = min(found)
+    router = {layer_key(n): r for n, r in zip(handle.router_names, handle.routers)}.get(first)
+    weight_key = found[first][0][: -len(bias_name)] + "weight"
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            mine = getattr(router, "weight", None)
+            if weight_key in st.keys() and isinstance(mine, torch.Tensor):
+                saved = st.get_tensor(weight_key)
+                mine = mine.detach().cpu()
+                return saved.shape == mine.shape and torch.equal(saved.to(mine.dtype), mine)
+    return True
+
+
+def _read_hub_biases(handle, folder: Path, name: str) -> int:
+    """Read the biases of a Hub cache snapshot, if it is the checkpoint the model was loaded from."""
+    if not _router_weight_matches(handle, folder):
+        log.warning(
+            "%s: the Hugging Face cache snapshot %s holds other router weights than the loaded model (another "
+            "revision?), so its Loss-Free biases are NOT read and every router starts from a ZERO bias; call "
+            "balancing.load_biases(<folder of the revision loaded>)", name, folder,
+        )
+        return 0
+    n = read_biases(handle, folder)
+    log.info("%s: Loss-Free biases of %d routers read from the Hugging Face cache (%s)", name, n, folder)
+    return n
+
+
+def check_recorded_biases(handle, record) -> int:
+    """Restore or warn when ``config.json`` recorded trained biases (``record``, the
+    ``moebalance_loss_free`` entry read from it) and the model's biases are all zero.
+
+    * the weights folder (``name_or_path``, or the Hub cache snapshot of a repo id) holds bias
+      tensors: a Hub snapshot's are read into the routers (a local folder's were read by
+      ``apply_loss_free_balancing`` already, or were zero when saved);
+    * otherwise ``log.warning`` names the model, its class, where it looked and what is lost.
+
+    Returns:
+        The number of routers restored from the Hub cache (0 otherwise).
+    """
+    from moebalance.integrations.transformers.hub import hub_snapshot
+
+    if not isinstance(record, dict) or record.get("strategy") != "loss_free":
+        return 0
+    if any(bool(b.detach().ne(0).any()) for b in handle.bias_tensors()):
+        return 0  # loaded from somewhere (a folder, load_biases_from, the model's own weights)
+    name = getattr(handle.model, "name_or_path", "") or ""
+    local = Path(name) if name and Path(name).is_dir() else None
+    folder = local or hub_snapshot(handle.model)
+    if folder is not None and saved_bias_count(handle, folder):
+        if local is None and not handle.routers[0]._moebalance_slot.own:
+            return _read_hub_biases(handle, folder, name)
+        return 0
+    bias_name = record.get("bias_name") or handle.routers[0]._moebalance_slot.name
+    lost = (
+        f"its weights in {folder} hold no {bias_name} tensors"
+        if folder is not None
+        else "moebalance found no local folder or Hub cache snapshot holding them"
+    )
+    log.warning(
+        "%s (%s): config.json records biases trained with Loss-Free Balancing (moebalance_loss_free, "
+        "bias_update_rate=%s, %d routers), but %s, so every router starts from a ZERO bias and routes "
+        "differently from the trained model. A re-save by plain transformers drops the expert_bias keys; "
+        "reload from the folder moebalance saved, or call balancing.load_biases(<that folder>)",
+        name or "a model without name_or_path", type(handle.model).__name__, record.get("bias_update_rate"),
+        len(record.get("bias_keys") or []), lost,
+    )
+    return 0
 
 
 def export_biases(handle, name: str = "e_score_correction_bias") -> dict[str, torch.Tensor]:

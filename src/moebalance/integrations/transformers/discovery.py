@@ -12,7 +12,7 @@ and from the module's own attributes where the config has none. The choices each
 counted, so that :mod:`.probe` can check that the patched model makes the same ones.
 
 What it cannot find is refused by the caller with the reason: no such top-K (hash routing,
-expert-choice routing, which picks tokens per expert), or more than one per forward.
+expert-choice routing, which picks tokens per expert).
 """
 
 from __future__ import annotations
@@ -88,12 +88,12 @@ def expert_counts(config) -> tuple[set[int], set[int]]:
 
 
 class _TopKRecorder(TorchFunctionMode):
-    """Records ``(innermost module, size of the top-K dim, k, [..., k] indices)`` of every
-    largest-top-K call."""
+    """Records ``(innermost module, size of the top-K dim, k, [..., k] indices, that module's
+    forward number)`` of every largest-top-K call."""
 
-    def __init__(self, stack: list) -> None:
+    def __init__(self, stack: list, entered: dict) -> None:
         super().__init__()
-        self.stack, self.calls = stack, []
+        self.stack, self.entered, self.calls = stack, entered, []
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -101,7 +101,8 @@ class _TopKRecorder(TorchFunctionMode):
             x, k, dim, largest, _ = call
             if largest:
                 out = func(*args, **kwargs)
-                self.calls.append((self.stack[-1], x.shape[dim], k, out[1].movedim(dim, -1)))
+                module = self.stack[-1]
+                self.calls.append((module, x.shape[dim], k, out[1].movedim(dim, -1), self.entered.get(module, 0)))
                 return out
         return func(*args, **kwargs)
 
@@ -151,7 +152,7 @@ def _run_probe(model: nn.Module, inputs: dict, stack: list, entered: dict) -> tu
             hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
             hooks.append(m.register_forward_hook(post, always_call=True))
         model.eval()
-        recorder = _TopKRecorder(stack)
+        recorder = _TopKRecorder(stack, entered)
         with torch.no_grad(), recorder:
             output = run_forward(model, inputs)
         return recorder.calls, output
@@ -191,7 +192,8 @@ def find_routers(model: nn.Module, inputs: dict) -> tuple[list[Router], list[str
     names = {m: n for n, m in model.named_modules()}
     skip = {model, getattr(model, "base_model", None)}
     found: dict[nn.Module, Router] = {}
-    for module, size, k, index in calls:
+    last: dict[tuple, torch.Tensor] = {}
+    for module, size, k, index, forward_no in calls:
         if module in skip:
             continue
         e_ok = size in experts or size in _ints(module, EXPERT_NAMES)
@@ -199,14 +201,17 @@ def find_routers(model: nn.Module, inputs: dict) -> tuple[list[Router], list[str
         if e_ok and k_ok and k < size:
             r = found.setdefault(module, Router(names.get(module, ""), module, size, k, entered[module]))
             r.selections += 1
-            counts = torch.bincount(index.reshape(-1).cpu(), minlength=size)[:size].float()
-            r.reference_counts = counts if r.reference_counts is None else r.reference_counts + counts
+            last[module, forward_no] = index
+    for (module, _), index in last.items():  # the choice is a forward's last matching top-K (see .selection)
+        r = found[module]
+        counts = torch.bincount(index.reshape(-1).cpu(), minlength=r.num_experts).float()
+        r.reference_counts = counts if r.reference_counts is None else r.reference_counts + counts
     order = {m: i for i, m in enumerate(names)}
     routers = sorted(found.values(), key=lambda r: order.get(r.module, 0))
     problems = [
         f"{r.name} ({type(r.module).__name__}): {r.selections} top-K choices over {r.num_experts} experts "
-        f"in {r.calls} forwards; moebalance steers exactly one per forward"
+        f"in {r.calls} forwards, not the same number in each"
         for r in routers
-        if r.selections != r.calls
+        if r.selections % r.calls
     ]
     return routers, problems, output

@@ -6,6 +6,7 @@ Shape legend: E routed experts, L MoE layers.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 from collections.abc import Callable, Iterable
@@ -99,7 +100,8 @@ class LossFreeBalancing:
         mode: ``"update"`` or ``"frozen"``. freeze_after_steps: ``None`` or an int ``>= 1``.
 
     Attributes:
-        routers: the L router modules, in module order.
+        routers: the L router modules a forward runs, in module order (under PEFT
+            ``modules_to_save``: the active adapter's copies, see :meth:`refresh_routers`).
         router_names: their qualified names in the model.
         balancer: the :class:`~moebalance.LossFreeBalancer` whose ``bias_delta`` is applied.
         settings: the arguments the handle was built with (compared on a second apply).
@@ -130,9 +132,13 @@ class LossFreeBalancing:
     ) -> None:
         check_mode(mode, freeze_after_steps)
         self._mode, self._freeze_after_steps = mode, freeze_after_steps
+        from moebalance.integrations.transformers import peft
+
         self.model = model
-        self.router_names = [name for name, _ in routers]
-        self.routers = [r for _, r in routers]
+        routers = peft.active_routers(model, list(routers))  # PEFT modules_to_save: the copy in use
+        self._router_names = [name for name, _ in routers]
+        self._routers = [r for _, r in routers]
+        self._routers_stale = False
         self.balancer = balancer
         self.all_reduce = all_reduce
         self.settings = dict(settings)
@@ -142,6 +148,61 @@ class LossFreeBalancing:
         self._announced = False
         self.optimizer_hook: OptimizerHook | None = None
         self.hooks: list = []  # the padding-mask hooks on the model
+        if peft.is_peft_model(model):
+            peft.bind_save(self, model)
+        # Routers copied since the last forward (PEFT modules_to_save) are followed before the next.
+        self._refresh_hook = model.register_forward_pre_hook(self._refresh_if_copied)
+
+    def _refresh_if_copied(self, module, args) -> None:
+        if self._routers_stale:
+            self.refresh_routers()
+
+    def __deepcopy__(self, memo):
+        """Deep-copying the whole model gives the copy its own handle; deep-copying a part of it
+        (PEFT's ``modules_to_save`` copies a router) keeps this handle, which then follows the
+        copies the forward uses (see :meth:`refresh_routers`)."""
+        if id(self.model) not in memo:
+            self._routers_stale = True
+            return self
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
+    @property
+    def routers(self) -> list:
+        """The L router modules the forward runs, in module order (see :meth:`refresh_routers`)."""
+        if self._routers_stale:
+            self.refresh_routers()
+        return self._routers
+
+    @property
+    def router_names(self) -> list[str]:
+        """The routers' qualified names in :attr:`model` (a PEFT wrapper's own name for its copy)."""
+        if self._routers_stale:
+            self.refresh_routers()
+        return self._router_names
+
+    def refresh_routers(self) -> int:
+        """Follow the routers to the modules a forward runs now.
+
+        After ``get_peft_model(..., modules_to_save=["gate"])`` on a patched model, the forward runs
+        PEFT's copies of the routers, not the originals: the handle switches to the active copies
+        (bias, counters and padding mask included), keeping one router per layer. Runs by itself
+        before the next forward of the model (or use of :attr:`routers`) when a router has been
+        copied; call it after ``set_adapter`` / ``disable_adapter`` changes which copy runs.
+
+        Returns:
+            The number of routers followed (L).
+        """
+        from moebalance.integrations.transformers import peft
+
+        self._routers_stale = False
+        found = peft.follow_copies(self)
+        if found:
+            self._router_names = [n for n, _ in found]
+            self._routers = [r for _, r in found]
+        return len(self._routers)
 
     @property
     def balancer(self) -> LossFreeBalancer:
@@ -380,7 +441,8 @@ class LossFreeBalancing:
         return loads
 
     def attach(self, target, scaler=None):
-        """Drive the bias update from ``target``: a ``transformers.Trainer`` or an optimizer.
+        """Drive the bias update from ``target``: a ``transformers.Trainer`` or an optimizer; or
+        save the biases with a PEFT model.
 
         * Trainer: adds :class:`LossFreeBalancingCallback` *ahead of* its reporting callbacks
           (TensorBoard, W&B...) so the balance metrics reach them; returns the callback. A second
@@ -390,6 +452,12 @@ class LossFreeBalancing:
           update runs exactly once per real optimizer step, whatever loop calls it; returns the
           :class:`~moebalance.balancing.OptimizerHook` (``detach()`` removes it). Attaching again
           to the same optimizer returns the same hook; to another one moves the hook there.
+        * ``peft.PeftModel`` wrapping this handle's model: its ``save_pretrained`` also writes the
+          biases into the adapter folder (``moebalance_biases.safetensors``); returns the model. A
+          Trainer whose model is a ``PeftModel`` gets this too.
+
+        A Trainer from TRL is checked once: its router auxiliary loss being on, or a routing
+        replay option, is logged (see :mod:`~moebalance.integrations.transformers.trl`).
 
         Either way a step skipped for inf/NaN gradients never moves the bias and its loads are
         discarded (:meth:`discard_step`): under ``Trainer`` through Accelerate's
@@ -403,12 +471,29 @@ class LossFreeBalancing:
                 :class:`~moebalance.balancing.OptimizerHook`); ignored for a Trainer.
 
         Raises:
-            TypeError: ``target`` is neither.
-            ValueError: the optimizer holds a bias (:meth:`check_optimizer`).
+            TypeError: ``target`` is none of these.
+            ValueError: the optimizer holds a bias (:meth:`check_optimizer`), or ``target`` is a
+                ``PeftModel`` that does not hold this handle's model.
         """
+        from moebalance.integrations.transformers import peft
+
+        if peft.is_peft_model(target):
+            if not peft.wraps(target, self.model):
+                raise ValueError(
+                    f"attach: this {type(target).__name__} does not hold the model the handle was built on "
+                    f"({type(self.model).__name__}); apply_loss_free_balancing to its base model first"
+                )
+            peft.bind_save(self, target)
+            self.refresh_routers()
+            return target
         if hasattr(target, "callback_handler"):
             from moebalance.integrations.transformers.callback import LossFreeBalancingCallback
+            from moebalance.integrations.transformers.trl import check_trainer
 
+            if peft.is_peft_model(getattr(target, "model", None)) and peft.wraps(target.model, self.model):
+                peft.bind_save(self, target.model)
+            self.refresh_routers()
+            check_trainer(self, target)
             self.announce()
             for cb in target.callback_handler.callbacks:
                 if isinstance(cb, LossFreeBalancingCallback) and cb.balancing is self:
@@ -452,6 +537,17 @@ class LossFreeBalancing:
         from moebalance.integrations.transformers.checkpoint import read_biases
 
         return read_biases(self, path)
+
+    def save_biases(self, folder: str | Path) -> Path:
+        """Write the biases to ``folder/moebalance_biases.safetensors`` (float32), e.g. beside a PEFT
+        adapter saved by a model :meth:`attach` was not given; :meth:`load_biases` reads it back.
+
+        Raises:
+            FileNotFoundError: ``folder`` does not exist.
+        """
+        from moebalance.integrations.transformers.resume import save_bias_file
+
+        return save_bias_file(self, folder)
 
     def export_biases(self, name: str = "e_score_correction_bias") -> dict[str, torch.Tensor]:
         """The ``[E]`` float32 biases keyed for an inference engine, see :func:`export_biases`."""

@@ -10,6 +10,8 @@ intercepts exactly that call (``torch.topk`` or ``Tensor.topk`` on a tensor whos
 ``E``, with ``k = K`` and ``largest=True``) and
 
 * records the ``[..., K]`` indices for the load counts (arXiv 2408.15664 Algorithm 1, ``c_i``);
+  when a router makes more than one such top-K in a forward (group-limited routing with one
+  group scores each group by a top-K over all ``E`` experts first), the last one is the choice;
 * for routers without a selection bias of their own, chooses the top-K on ``scores + expert_bias``
   and returns the *unbiased* scores of the chosen experts as the values (eq. 3: the bias only
   selects, the gate weights are computed by the model's own code from the unbiased scores).
@@ -57,7 +59,8 @@ class SelectionMode(TorchFunctionMode):
         top_k: ``K``.
         bias_E: ``[E]`` float32 bias added to the scores for the choice only, or ``None`` (the
             router applies its own bias; only record).
-        on_select: called with the ``[..., K]`` chosen indices (expert dimension last).
+        on_select: called on leaving the mode with the ``[..., K]`` indices of the last matching
+            top-K (expert dimension last).
 
     Source: the selection rule of arXiv 2408.15664 eq. 3; the interception itself is ours.
     """
@@ -67,6 +70,13 @@ class SelectionMode(TorchFunctionMode):
         super().__init__()
         self.num_experts, self.top_k, self.bias_E, self.on_select = num_experts, top_k, bias_E, on_select
         self.calls = 0
+        self.last_index: torch.Tensor | None = None
+
+    def __exit__(self, *exc):
+        out = super().__exit__(*exc)
+        if self.last_index is not None and exc[0] is None:
+            self.on_select(self.last_index)
+        return out
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -87,7 +97,7 @@ class SelectionMode(TorchFunctionMode):
             index = torch.topk(scores.detach() + bias, self.top_k, dim=dim, sorted=sorted_).indices
             values = scores.gather(dim, index)  # unbiased: the bias only selects (eq. 3)
             values = floor_underflowed(values, dim)
-        self.on_select(index.movedim(dim, -1))
+        self.last_index = index.movedim(dim, -1)
         return torch.return_types.topk((values, index))
 
 

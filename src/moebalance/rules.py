@@ -143,7 +143,8 @@ class SMEBURule(BiasRule):
         m_i <- beta * m_i + (1 - beta) * d_i                          momentum
         delta_i = m_i
 
-    The sign rule is its limit ``kappa -> inf``, ``beta = 0`` (up to the centring). The report's
+    The sign rule is its limit ``kappa -> inf``, ``beta = 0`` (up to the centring). A rate of 0
+    (a frozen schedule) moves nothing and keeps ``m``. The report's
     constants were not in our sources; ``kappa = 2``, ``beta = 0.5`` are our defaults.
 
     Args:
@@ -166,6 +167,8 @@ class SMEBURule(BiasRule):
 
     def delta(self, loads_LE, bias_LE=None, rate=1e-3):
         loads, mean, active = _loaded(loads_LE)
+        if rate == 0:  # frozen (schedule at 0): no move, and the momentum is kept for later
+            return torch.zeros_like(loads)
         clamped = torch.tanh(self.kappa * (mean - loads) / mean.clamp_min(1e-12))
         step = rate * (clamped - clamped.mean(dim=-1, keepdim=True)) * active
         if self.momentum_LE is None:
@@ -317,8 +320,8 @@ def margin_histogram(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, 
 
 def bias_from_histogram(counts_LEB: torch.Tensor, tokens_L: torch.Tensor, bias_LE: torch.Tensor, top_k: int) -> torch.Tensor:
     """``[L, E]`` expert duals from margin histograms: ``b_j = -v_j`` with ``v_j`` the point above
-    which ``C = N*K/E`` margins lie, linear within its bin (the histogram form of
-    :func:`bias_from_margins`).
+    which ``C + 1`` margins lie (``C = N*K/E``), linear within its bin: the (C+1)-th largest margin
+    to within one bin width, the histogram form of :func:`bias_from_margins`.
 
     Args:
         counts_LEB: ``[L, E, B]`` summed histograms. tokens_L: ``[L]`` tokens counted.
@@ -329,7 +332,7 @@ def bias_from_histogram(counts_LEB: torch.Tensor, tokens_L: torch.Tensor, bias_L
     for counts_EB, tokens, bias_E in zip(counts_LEB, tokens_L.tolist(), bias_LE):
         lo, hi = histogram_range(bias_E)
         width = (hi - lo) / bins
-        capacity = _capacity(int(round(tokens)), top_k, counts_EB.shape[0])
+        capacity = _capacity(int(round(tokens)), top_k, counts_EB.shape[0]) + 1  # the (C+1)-th largest
         above = counts_EB.flip(-1).cumsum(-1).flip(-1)  # margins in bin k or higher
         k = ((above >= capacity).sum(-1) - 1).clamp_(0, bins - 1)
         in_bin = counts_EB.gather(1, k[:, None]).squeeze(1)

@@ -276,7 +276,8 @@ def bias_from_margins(margins_NE: torch.Tensor, top_k: int) -> torch.Tensor:
     """
     num_tokens, num_experts = margins_NE.shape
     capacity = _capacity(num_tokens, top_k, num_experts)
-    return -margins_NE.kthvalue(num_tokens - capacity, dim=0).values
+    # Along the last dimension of a contiguous [E, N] copy: ~30% faster on CPU than along dim 0.
+    return -margins_NE.t().contiguous().kthvalue(num_tokens - capacity, dim=-1).values
 
 
 def quantile_bias(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int) -> torch.Tensor:
@@ -327,19 +328,17 @@ def bias_from_histogram(counts_LEB: torch.Tensor, tokens_L: torch.Tensor, bias_L
         counts_LEB: ``[L, E, B]`` summed histograms. tokens_L: ``[L]`` tokens counted.
         bias_LE: the biases the histograms were binned with (they set the range).
     """
-    bins = counts_LEB.shape[-1]
-    rows = []
-    for counts_EB, tokens, bias_E in zip(counts_LEB, tokens_L.tolist(), bias_LE):
-        lo, hi = histogram_range(bias_E)
-        width = (hi - lo) / bins
-        capacity = _capacity(int(round(tokens)), top_k, counts_EB.shape[0]) + 1  # the (C+1)-th largest
-        above = counts_EB.flip(-1).cumsum(-1).flip(-1)  # margins in bin k or higher
-        k = ((above >= capacity).sum(-1) - 1).clamp_(0, bins - 1)
-        in_bin = counts_EB.gather(1, k[:, None]).squeeze(1)
-        higher = above.gather(1, k[:, None]).squeeze(1) - in_bin
-        frac = ((capacity - higher) / in_bin.clamp_min(1e-12)).clamp(0, 1)
-        rows.append(-(lo + (k.to(counts_EB.dtype) + 1 - frac) * width))
-    return torch.stack(rows)
+    num_layers, num_experts, bins = counts_LEB.shape
+    capacity = [_capacity(int(round(t)), top_k, num_experts) + 1 for t in tokens_L.tolist()]  # the (C+1)-th largest
+    target_L1 = torch.tensor(capacity, dtype=counts_LEB.dtype, device=counts_LEB.device)[:, None]
+    lo_L1 = -1.0 - bias_LE.amax(-1, keepdim=True).to(counts_LEB)  # histogram_range, per layer
+    width_L1 = ((1.0 - bias_LE.amin(-1, keepdim=True).to(counts_LEB)) - lo_L1) / bins
+    above = counts_LEB.flip(-1).cumsum(-1).flip(-1)  # margins in bin k or higher
+    k = ((above >= target_L1[..., None]).sum(-1) - 1).clamp_(0, bins - 1)  # [L, E]
+    in_bin = counts_LEB.gather(2, k[..., None]).squeeze(2)
+    higher = above.gather(2, k[..., None]).squeeze(2) - in_bin
+    frac = ((target_L1 - higher) / in_bin.clamp_min(1e-12)).clamp(0, 1)
+    return -(lo_L1 + (k.to(counts_LEB.dtype) + 1 - frac) * width_L1)
 
 
 class ScoreRecorder:

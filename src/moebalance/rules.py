@@ -333,7 +333,8 @@ def bias_from_histogram(counts_LEB: torch.Tensor, tokens_L: torch.Tensor, bias_L
     target_L1 = torch.tensor(capacity, dtype=counts_LEB.dtype, device=counts_LEB.device)[:, None]
     lo_L1 = -1.0 - bias_LE.amax(-1, keepdim=True).to(counts_LEB)  # histogram_range, per layer
     width_L1 = ((1.0 - bias_LE.amin(-1, keepdim=True).to(counts_LEB)) - lo_L1) / bins
-    above = counts_LEB.flip(-1).cumsum(-1).flip(-1)  # margins in bin k or higher
+    cum = counts_LEB.cumsum(-1)
+    above = cum[..., -1:] - cum + counts_LEB  # margins in bin k or higher
     k = ((above >= target_L1[..., None]).sum(-1) - 1).clamp_(0, bins - 1)  # [L, E]
     in_bin = counts_LEB.gather(2, k[..., None]).squeeze(2)
     higher = above.gather(2, k[..., None]).squeeze(2) - in_bin
@@ -466,6 +467,8 @@ class QuantileRule(BiasRule):
         if self.estimator == "microbatch":
             return total[:, :-1] / count_L.clamp_min(1)[:, None], active
         counts = total[:, :-1].reshape(bias_LE.shape[0], num_experts, self.bins)
+        if bool(active.all()):
+            return bias_from_histogram(counts, count_L, bias_LE, top_k), active
         est = torch.zeros_like(bias_LE)
         if bool(active.any()):
             est[active] = bias_from_histogram(counts[active], count_L[active], bias_LE[active], top_k)

@@ -62,6 +62,7 @@ __all__ = [
     "STRATEGIES",
     "find_routers",
     "pop_expert_loads",
+    "rule_from_config",
     "router_z_loss",
     "sequence_aux_loss",
     "sum_over_default_group_",
@@ -405,6 +406,21 @@ class OptimizerHook:
             self._handle = None
 
 
+def rule_from_config(cfg) -> BiasRule:
+    """The bias rule of a :class:`~moebalance.train.config.BalanceConfig`: ``bias_update`` with its
+    options (``smebu_kappa``, ``smebu_momentum``, ``target_load``, ``qb_*``).
+
+    Raises:
+        ValueError: an option out of range (see :mod:`moebalance.rules`).
+    """
+    options = {
+        "smebu": dict(kappa=cfg.smebu_kappa, momentum=cfg.smebu_momentum),
+        "proportional": dict(target_load=cfg.target_load or None),
+        "quantile": dict(estimator=cfg.qb_estimator, ema=cfg.qb_ema, window=cfg.qb_window, bins=cfg.qb_bins),
+    }.get(cfg.bias_update, {})
+    return make_rule(cfg.bias_update, **options)
+
+
 def check_aux_scores(scores: str) -> None:
     """Raise ``ValueError`` unless ``scores`` is ``"normalized"`` or ``"raw"``."""
     if scores not in ("normalized", "raw"):
@@ -572,11 +588,6 @@ class Balancing:
     def from_config(cls, cfg, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Balancing:
         """From a :class:`~moebalance.train.config.BalanceConfig` (its ``bias_update`` and the
         rule's options: ``smebu_*``, ``target_load``, ``qb_*``)."""
-        options = {
-            "smebu": dict(kappa=cfg.smebu_kappa, momentum=cfg.smebu_momentum),
-            "proportional": dict(target_load=cfg.target_load or None),
-            "quantile": dict(estimator=cfg.qb_estimator, ema=cfg.qb_ema, window=cfg.qb_window, bins=cfg.qb_bins),
-        }.get(cfg.bias_update, {})
         return cls(
             cfg.strategy,
             cfg.bias_update_rate,
@@ -587,7 +598,7 @@ class Balancing:
             cfg.seq_aux_coeff,
             cfg.aux_loss_scores,
             cfg.bias_center,
-            make_rule(cfg.bias_update, **options),
+            rule_from_config(cfg),
         )
 
     def prepare(self, model: nn.Module) -> None:

@@ -360,3 +360,40 @@ def test_two_ranks_end_with_identical_biases_equal_to_one_process(dist_job, name
     local_only = _run_rule(name, [0], None)
     assert local_only != one_process  # rank 0's own data alone gives other biases: the reduce mattered
     assert all(math.isfinite(v) for row in one_process for v in row)
+
+
+# --- the trainer: rule state in checkpoints -------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["balance.bias_update=smebu", "balance.bias_update_rate=0.05"],
+        ["balance.bias_update=quantile", "balance.qb_estimator=pooled", "balance.qb_window=3", "balance.qb_ema=0.5",
+         "train.grad_accum=2", "model.activation_checkpointing=true"],
+    ],
+    ids=["smebu", "quantile_pooled_window"],
+)
+def test_resume_with_a_stateful_rule_is_bit_identical(tmp_path, monkeypatch, extra):
+    """SMEBU's momentum and the quantile window are saved with the checkpoint: a run stopped and
+    resumed ends exactly as one that never stopped."""
+    import numpy as np
+
+    from moebalance.train.checkpoint import load_checkpoint
+    from moebalance.train.loop import train
+    from test_resume import Crash, assert_same_run, crash_at_batch, tiny_cfg
+
+    tokens = tmp_path / "tokens.bin"
+    np.random.default_rng(0).integers(0, 128, size=20_000, dtype=np.uint16).tofile(tokens)
+    ref = tmp_path / "ref"
+    train(tiny_cfg(tokens, *extra), ref, progress=False)
+    accum = 2 if "train.grad_accum=2" in extra else 1
+    crash_at_batch(monkeypatch, accum * 6 + 1)  # the first batch of step 7, after the checkpoint of step 4
+    with pytest.raises(Crash):
+        train(tiny_cfg(tokens, *extra), tmp_path / "run", progress=False)
+    monkeypatch.undo()
+    train(tiny_cfg(tokens, *extra), tmp_path / "run", progress=False, resume=True)
+    assert_same_run(ref, tmp_path / "run")
+    state = load_checkpoint(ref / "checkpoint.pt")["balancing"]
+    assert state.get("momentum") is not None or len(state.get("history", [])) == 3

@@ -168,7 +168,7 @@ class LossFreeBalancer:
     def __init__(
         self,
         update_rate: float = 1e-3,
-        update: UpdateMode = "sign",
+        update: UpdateMode | BiasRule = "sign",
         all_reduce: Callable[[torch.Tensor], None] | Literal["auto"] | None = "auto",
         center: bool = False,
     ) -> None:

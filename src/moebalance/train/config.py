@@ -174,6 +174,10 @@ class BalanceConfig:
     ``aux_loss_scores``: ``normalized`` (default; DeepSeek-V3 eq. 19-20, per-token scores divided by
     their sum, as Megatron-Core and OLMo-core) or ``raw`` (scores as the gate gives them; with a
     sigmoid gate the loss can then be lowered without balancing, docs/balancing.md).
+    ``bias_update`` picks the bias rule (:mod:`moebalance.rules`; docs/balancing.md, "Bias rules"),
+    ``smebu_*``, ``target_load`` and ``qb_*`` are its options, ``bias_update_schedule``,
+    ``bias_decay_steps`` and ``bias_freeze_after_*`` its rate schedule, ``bias_frozen_layers`` the
+    MoE layers whose bias never moves.
     """
 
     strategy: Strategy = "loss_free"
@@ -238,7 +242,7 @@ _BIAS_RULES = ("sign", "error", "smebu", "proportional", "quantile")
 def _layer_list(text: str) -> list[int] | None:
     """MoE layer indices of ``"0,2"`` (``[]`` for ``""``), or ``None`` when malformed."""
     items = [t.strip() for t in text.split(",")] if text.strip() else []
-    if not all(t.isdigit() for t in items):
+    if not all(t.isascii() and t.isdigit() for t in items):
         return None
     return [int(t) for t in items]
 

@@ -34,7 +34,7 @@ from moebalance.losses import (
     sequence_aux_loss,
 )
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
-from moebalance.rules import RULES, BiasRule, QuantileRule, make_rule
+from moebalance.rules import RULES, BiasRule, make_rule
 
 UpdateMode = Literal["sign", "error", "smebu", "proportional", "quantile"]
 _F32 = torch.finfo(torch.float32)

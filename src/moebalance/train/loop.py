@@ -43,8 +43,8 @@ import torch
 from moebalance import parallel
 from moebalance.balancing import Balancing
 from moebalance.metrics import max_violation
-from moebalance.train.checkpoint import CheckpointDir, save_checkpoint, write_json, write_text
 from moebalance.rules import RateSchedule
+from moebalance.train.checkpoint import CheckpointDir, save_checkpoint, write_json, write_text
 from moebalance.train.config import RunConfig, tokens_per_step
 from moebalance.train.data import (
     TokenData,

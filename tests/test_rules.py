@@ -202,6 +202,21 @@ def test_quantile_balances_a_fixed_batch():
     assert (last.max() - last.mean()) / last.mean() < 0.1 < (first.max() - first.mean()) / first.mean()
 
 
+def test_router_records_scores_once_per_training_forward_not_in_recomputation_or_eval():
+    from torch.utils.checkpoint import checkpoint
+
+    router = TopKRouter(8, 8, 2).train()
+    LossFreeBalancer(U, QuantileRule("pooled"), all_reduce=None).prepare(router)
+    x = torch.randn(16, 8, requires_grad=True)
+    out = checkpoint(lambda h: router(h).gates, x, use_reentrant=False)
+    out.sum().backward()  # recomputes the forward: it must not be recorded again
+    router.eval()
+    router(torch.randn(16, 8))
+    recorded = router.score_recorder.pop(8, torch.device("cpu"))
+    assert recorded.shape == (16, 8)
+    torch.testing.assert_close(recorded, torch.sigmoid(x.detach() @ router.weight.detach().t()))
+
+
 def test_quantile_guards_name_what_is_wrong():
     balancer = LossFreeBalancer(U, "quantile", all_reduce=None)
     with pytest.raises(ValueError, match="group-limited"):

@@ -188,6 +188,28 @@ def test_quantile_pooled_window_pools_past_steps_with_the_current_bias():
     torch.testing.assert_close(router.expert_bias.double(), torch.tensor(ref), rtol=0, atol=1e-6)
 
 
+def test_quantile_histogram_window_pools_past_margins_as_measured():
+    """Window 2: the (C+1)-th largest of the margins of both steps, each against its step's bias
+    (the float64 reference), to within about a bin of the past step's histogram."""
+    bins = 20000
+    router = _identity_router()
+    balancer = LossFreeBalancer(U, QuantileRule("histogram", window=2, bins=bins), all_reduce=None)
+    balancer.prepare(router)
+    margins = []
+    for scores in (SCORES, SECOND):
+        s = torch.sigmoid(_logit(scores)).double().numpy()
+        b = router.expert_bias.double().numpy().copy()
+        alpha = np.array([sorted(row + b, reverse=True)[1] for row in s])
+        margins.append(s - alpha[:, None])
+        router(_logit(scores))
+        balancer.step(router)
+    m = np.concatenate(margins)  # T = 8, C = 2
+    ref = _centre(np.array([-sorted(m[:, j], reverse=True)[2] for j in range(4)]))
+    width = 2 + 2 * float(router.expert_bias.abs().max())
+    assert np.abs(router.expert_bias.double().numpy() - ref).max() <= 3 * width / bins
+    assert balancer.state_dict()["history"][0].shape == (1, 4 * bins + 3)  # counts, tokens, lo, hi
+
+
 def test_quantile_balances_a_fixed_batch():
     torch.manual_seed(0)
     router = TopKRouter(8, 8, 2).train()
@@ -235,7 +257,7 @@ def test_quantile_guards_name_what_is_wrong():
     with pytest.raises(ValueError, match="auxiliary loss"):
         Balancing("deepseek_v3", bias_update="quantile")
     with pytest.raises(ValueError, match="qb_window"):
-        QuantileRule("histogram", window=2)
+        QuantileRule("histogram", window=0)
     with pytest.raises(ValueError, match="quantile rule needs the routers' scores"):
         balancer.bias_delta(torch.ones(1, 8))
 
@@ -327,7 +349,7 @@ DIST_STEPS = 3
 def _dist_rule(name):
     rule, _, estimator = name.partition(":")
     if rule == "quantile":
-        return QuantileRule(estimator, ema=0.5, window=2 if estimator != "histogram" else 1, bins=256)
+        return QuantileRule(estimator, ema=0.5, window=2, bins=256)
     return make_rule(rule)
 
 

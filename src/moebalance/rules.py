@@ -42,6 +42,7 @@ __all__ = [
     "SignRule",
     "SMEBURule",
     "bias_from_histogram",
+    "bias_from_histograms",
     "bias_from_margins",
     "make_rule",
     "margin_histogram",
@@ -319,27 +320,64 @@ def margin_histogram(scores_TE: torch.Tensor, bias_E: torch.Tensor, top_k: int, 
     return torch.bincount(flat.reshape(-1), minlength=num_experts * bins).float().view(num_experts, bins)
 
 
-def bias_from_histogram(counts_LEB: torch.Tensor, tokens_L: torch.Tensor, bias_LE: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``[L, E]`` expert duals from margin histograms: ``b_j = -v_j`` with ``v_j`` the point above
-    which ``C + 1`` margins lie (``C = N*K/E``), linear within its bin: the (C+1)-th largest margin
-    to within one bin width, the histogram form of :func:`bias_from_margins`.
+def _range_of(bias_LE: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lo [L, 1], hi [L, 1])`` of :func:`histogram_range` for every layer."""
+    return -1.0 - bias_LE.amax(-1, keepdim=True).to(dtype), 1.0 - bias_LE.amin(-1, keepdim=True).to(dtype)
+
+
+def _above_edges(counts_LEB: torch.Tensor) -> torch.Tensor:
+    """``[L, E, B+1]`` margins above each bin edge (edge 0 = lo: all of them; edge B = hi: none)."""
+    cum = counts_LEB.cumsum(-1)
+    return torch.cat([cum[..., -1:], cum[..., -1:] - cum], dim=-1)
+
+
+def _above_at(counts_LEB: torch.Tensor, lo_L1: torch.Tensor, hi_L1: torch.Tensor, points_LJ: torch.Tensor) -> torch.Tensor:
+    """``[L, E, J]`` margins above each of ``points_LJ`` in histograms binned over ``[lo, hi]``,
+    linear within a bin (a histogram of another step, whose bias set other edges)."""
+    bins = counts_LEB.shape[-1]
+    above = _above_edges(counts_LEB)
+    pos = ((points_LJ - lo_L1) * (bins / (hi_L1 - lo_L1))).clamp(0, bins)
+    k = pos.floor().clamp(max=bins - 1)
+    frac = (pos - k)[:, None, :]
+    k = k.long()[:, None, :].expand(-1, counts_LEB.shape[1], -1)
+    a0, a1 = above.gather(2, k), above.gather(2, k + 1)
+    return a0 + (a1 - a0) * frac
+
+
+def bias_from_histograms(entries, bias_LE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``[L, E]`` expert duals from margin histograms of one or more steps: ``b_j = -v_j`` with
+    ``v_j`` the point above which ``C + 1`` margins lie (``C = N*K/E``, ``N`` every token of every
+    histogram), linear within a bin: the (C+1)-th largest margin to within about a bin width, the
+    histogram form of :func:`bias_from_margins`.
 
     Args:
-        counts_LEB: ``[L, E, B]`` summed histograms. tokens_L: ``[L]`` tokens counted.
-        bias_LE: the biases the histograms were binned with (they set the range).
+        entries: ``(counts [L, E, B], tokens [L], lo [L, 1], hi [L, 1])`` per step, each binned over
+            its own :func:`histogram_range`; histograms of other steps are read at the current
+            edges (linear within their bins).
+        bias_LE: the current biases: they set the edges the quantile is read on. top_k: ``K``.
     """
-    num_layers, num_experts, bins = counts_LEB.shape
-    capacity = [_capacity(int(round(t)), top_k, num_experts) + 1 for t in tokens_L.tolist()]  # the (C+1)-th largest
-    target_L1 = torch.tensor(capacity, dtype=counts_LEB.dtype, device=counts_LEB.device)[:, None]
-    lo_L1 = -1.0 - bias_LE.amax(-1, keepdim=True).to(counts_LEB)  # histogram_range, per layer
-    width_L1 = ((1.0 - bias_LE.amin(-1, keepdim=True).to(counts_LEB)) - lo_L1) / bins
-    cum = counts_LEB.cumsum(-1)
-    above = cum[..., -1:] - cum + counts_LEB  # margins in bin k or higher
-    k = ((above >= target_L1[..., None]).sum(-1) - 1).clamp_(0, bins - 1)  # [L, E]
-    in_bin = counts_LEB.gather(2, k[..., None]).squeeze(2)
-    higher = above.gather(2, k[..., None]).squeeze(2) - in_bin
-    frac = ((target_L1 - higher) / in_bin.clamp_min(1e-12)).clamp(0, 1)
-    return -(lo_L1 + (k.to(counts_LEB.dtype) + 1 - frac) * width_L1)
+    counts0 = entries[-1][0]
+    num_layers, num_experts, bins = counts0.shape
+    lo, hi = _range_of(bias_LE, counts0.dtype)
+    points = lo + (hi - lo) / bins * torch.arange(bins + 1, dtype=counts0.dtype, device=counts0.device)
+    above, tokens = 0, 0
+    for counts, tok, e_lo, e_hi in entries:
+        same = torch.equal(e_lo, lo) and torch.equal(e_hi, hi)
+        above = above + (_above_edges(counts) if same else _above_at(counts, e_lo, e_hi, points))
+        tokens = tokens + tok
+    capacity = [_capacity(int(round(t)), top_k, num_experts) + 1 for t in tokens.tolist()]  # the (C+1)-th largest
+    target = torch.tensor(capacity, dtype=counts0.dtype, device=counts0.device)[:, None]
+    j = ((above >= target[..., None]).sum(-1) - 1).clamp_(0, bins - 1)  # [L, E]: last edge with enough above
+    a0, a1 = above.gather(2, j[..., None]).squeeze(2), above.gather(2, j[..., None] + 1).squeeze(2)
+    frac = ((a0 - target) / (a0 - a1).clamp_min(1e-12)).clamp(0, 1)
+    return -(lo + (j.to(counts0.dtype) + frac) * (hi - lo) / bins)
+
+
+def bias_from_histogram(counts_LEB: torch.Tensor, tokens_L: torch.Tensor, bias_LE: torch.Tensor, top_k: int) -> torch.Tensor:
+    """:func:`bias_from_histograms` of one step's ``[L, E, B]`` histograms, ``[L]`` tokens, binned
+    with ``bias_LE``."""
+    lo, hi = _range_of(bias_LE, counts_LEB.dtype)
+    return bias_from_histograms([(counts_LEB, tokens_L, lo, hi)], bias_LE, top_k)
 
 
 class ScoreRecorder:
@@ -408,8 +446,8 @@ class QuantileRule(BiasRule):
     * ``histogram``: Kimi K3 / torchtitan / Megatron-LM ``estimation-scope global_batch``: the
       margins ``s_tj - alpha_t`` of the whole global batch in ``bins`` bins per expert, summed over
       micro-batches and ranks (one all-reduce of ``[L, E*B+1]``), then the quantile from the
-      histogram (:func:`bias_from_histogram`). ``window`` must be 1 (past steps' margins were
-      measured against another bias).
+      histogram (:func:`bias_from_histograms`), with the histograms of the last ``window`` steps
+      read at the current edges (their margins were measured against the bias of their step).
     * ``pooled``: the exact quantile over the pooled scores of the step (all micro-batches, all
       ranks: gathered over ``torch.distributed``'s default group) and of the last ``window``
       steps, with ``alpha`` recomputed from the current bias (the estimator of issue 21's
@@ -433,7 +471,6 @@ class QuantileRule(BiasRule):
         _check(estimator in QB_ESTIMATORS, "qb_estimator", f"one of {list(QB_ESTIMATORS)}", estimator)
         _check(_number(ema) and 0 <= ema < 1, "qb_ema", "a number in [0, 1)", ema)
         _check(isinstance(window, int) and not isinstance(window, bool) and 1 <= window <= 100000, "qb_window", "an integer in [1, 100000]", window)
-        _check(estimator != "histogram" or window == 1, "qb_window", "1 with qb_estimator='histogram'", window)
         _check(isinstance(bins, int) and not isinstance(bins, bool) and 2 <= bins <= 100000, "qb_bins", "an integer in [2, 100000]", bins)
         self.estimator, self.ema, self.window, self.bins = estimator, float(ema), window, bins
         self.history: deque[torch.Tensor] = deque(maxlen=window)
@@ -461,17 +498,24 @@ class QuantileRule(BiasRule):
             pooled = torch.cat(list(self.history), dim=1)
             rows = [quantile_bias(s, b, top_k) for s, b in zip(pooled, bias_LE)]
             return torch.stack(rows), torch.ones(bias_LE.shape[0], dtype=torch.bool)
-        total = torch.stack(list(self.history)).sum(0)
-        count_L = total[:, -1]
-        active = count_L > 0
         if self.estimator == "microbatch":
-            return total[:, :-1] / count_L.clamp_min(1)[:, None], active
-        counts = total[:, :-1].reshape(bias_LE.shape[0], num_experts, self.bins)
-        if bool(active.all()):
-            return bias_from_histogram(counts, count_L, bias_LE, top_k), active
+            total = torch.stack(list(self.history)).sum(0)
+            count_L = total[:, -1]
+            return total[:, :-1] / count_L.clamp_min(1)[:, None], count_L > 0
+        return self._histogram_estimate(bias_LE, top_k)
+
+    def _histogram_estimate(self, bias_LE: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``histogram`` estimator over the window (each entry: ``[L, E*B+1]`` and its ``lo, hi``)."""
+        num_layers, num_experts = bias_LE.shape
+        if self.history[-1].shape[1] == num_experts * self.bins + 1:  # the step just added: store its edges
+            lo, hi = _range_of(bias_LE, self.history[-1].dtype)
+            self.history[-1] = torch.cat([self.history[-1], lo.to(self.history[-1].device), hi.to(self.history[-1].device)], dim=1)
+        entries = [(h[:, :-3].reshape(num_layers, num_experts, self.bins), h[:, -3], h[:, -2:-1], h[:, -1:]) for h in self.history]
+        active = sum(e[1] for e in entries) > 0
         est = torch.zeros_like(bias_LE)
         if bool(active.any()):
-            est[active] = bias_from_histogram(counts[active], count_L[active], bias_LE[active], top_k)
+            rows = [(c[active], t[active], lo[active], hi[active]) for c, t, lo, hi in entries]
+            est[active] = bias_from_histograms(rows, bias_LE[active], top_k).to(est)
         return est, active
 
     def delta_from_stats(self, stats, bias_LE: torch.Tensor, top_k: int, rate: float = 1.0) -> torch.Tensor:

@@ -232,7 +232,6 @@ class BalanceConfig:
         _check(self.qb_estimator in ("microbatch", "pooled", "histogram"), "balance.qb_estimator", "'microbatch', 'pooled' or 'histogram'", self.qb_estimator)
         _check(0 <= self.qb_ema < 1, "balance.qb_ema", "in [0, 1)", self.qb_ema)
         _check(1 <= self.qb_window <= 100000, "balance.qb_window", "in [1, 100000]", self.qb_window)
-        _check(self.qb_estimator != "histogram" or self.qb_window == 1, "balance.qb_window", "1 with balance.qb_estimator='histogram' (past margins were measured against another bias)", self.qb_window)
         _check(2 <= self.qb_bins <= 100000, "balance.qb_bins", "in [2, 100000]", self.qb_bins)
 
 

@@ -288,7 +288,8 @@ class LossFreeBalancer:
 
         ``e_i = c_mean - c_i`` with ``c_mean = K*T/E``, the mean of the row; ``delta = u*sign(e)``
         (or ``u * e / c_mean``; the other load-based rules: :mod:`moebalance.rules`). Rows that sum
-        to 0 give a zero delta. The ``quantile`` rule needs scores: see :meth:`step`.
+        to 0 give a zero delta. The ``quantile`` rule needs scores: see :meth:`step`. A stateful
+        rule (``smebu``: its momentum) advances its state at each call: call it once per step.
 
         Args:
             loads_LE: ``[L, E]`` (or ``[E]``) tokens per expert of the step.

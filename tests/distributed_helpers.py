@@ -44,7 +44,7 @@ def run_ranks(fn, world_size: int, *args) -> None:
 
 
 DIST_WORLD = 2
-_PARTS = ("test_expert_parallel", "test_distributed")
+_PARTS = ("test_expert_parallel", "test_distributed", "test_rules")
 
 
 def _shared_job(rank: int, world_size: int, out_dir: str) -> None:

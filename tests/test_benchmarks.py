@@ -41,6 +41,10 @@ def test_quick_benchmark_writes_tables_and_json(tmp_path):
     b = res["balancing"]
     assert b["bias_update_us_64x256"] > 0 and b["tokens_per_s"] > 0
     assert 0 < b["bias_update_share_of_step"] < 1 and "its share of the step" in md
+    rules = {r["rule"]: r for r in b["rules"]}  # every bias rule's update timed beside the sign rule
+    assert set(rules) == {"sign", "error", "smebu", "proportional", "quantile_microbatch", "quantile_pooled", "quantile_histogram"}
+    assert all(r["update_us"] > 0 for r in rules.values()) and rules["quantile_pooled"]["record_us"] > 0
+    assert "4b. Each bias rule's update beside the sign rule" in md
     tr = res["trainer"]
     assert tr["preset"] == "smoke" and tr["malloc"] == "system"  # the test process keeps glibc's defaults
     for k in ("train", "train_in_loop", "moe", "dense", "train_malloc_reuse", "train_malloc_reuse_in_loop"):

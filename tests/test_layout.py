@@ -14,7 +14,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PKG = SRC / "moebalance"
 
-LIBRARY = {"moebalance", *(f"moebalance.{m}" for m in ("checks", "routing", "balancing", "losses", "metrics", "experts", "moe"))}
+LIBRARY = {"moebalance", *(f"moebalance.{m}" for m in ("checks", "routing", "rules", "balancing", "losses", "metrics", "experts", "moe"))}
 # Deprecated aliases of moved modules (moebalance 0.1.x only): they import their new home on purpose.
 ALIASES = {f"moebalance.{m}" for m in ("_moved", "config", "data", "model", "distributed", "expert_parallel")}
 

@@ -3,6 +3,8 @@
 import copy
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -96,3 +98,20 @@ def test_warmup_without_a_checkpoint_learns_a_bias():
     data = SimpleNamespace(train=np.random.default_rng(0).integers(0, cfg.model.vocab_size, 200))
     topk, _ = _models(cfg, data, None, 2, torch.Generator().manual_seed(0))
     assert all(r.expert_bias.abs().sum() > 0 for r in topk.routers)
+
+
+def test_quantile_rule_warms_the_bias_up_from_past_batches_and_stays_causal():
+    """``_models`` runs its warm-up updates with the configured rule; the quantile rule needs the
+    routers' scores, so it must be prepared (it raised 'call prepare' before)."""
+    from types import SimpleNamespace
+
+    from moebalance.lab.leakage import _models
+    from moebalance.train.config import RunConfig, TrainConfig
+
+    cfg = RunConfig(model=copy.deepcopy(CFG), train=TrainConfig(batch_size=4, seq_len=16))
+    cfg = apply_overrides(cfg, ["balance.bias_update=quantile", "balance.qb_estimator=pooled"])
+    data = SimpleNamespace(train=np.random.default_rng(0).integers(0, 64, 4096).astype(np.uint16))
+    topk, _ = _models(cfg, data, None, 3, torch.Generator().manual_seed(0))
+    assert all(torch.count_nonzero(r.expert_bias) > 0 for r in topk.routers)
+    tokens = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1))
+    assert measure_leakage(model_router(topk), tokens, 7, 64, trials=2)["fraction"] == 0.0

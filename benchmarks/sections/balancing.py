@@ -1,7 +1,9 @@
 """Section 4 "balancing": the price of balancing. One full training step (forward, backward,
 AdamW, balancing) of the default small LM with ``none``, ``loss_free`` and ``aux_loss``; the
-Loss-Free bias update alone for 64 layers x 256 experts; training tokens/s against the machine's
-dense GEMM rate. The first of ``--dtypes`` (bf16 under autocast, as the trainer runs it)."""
+Loss-Free bias update alone for 64 layers x 256 experts, for every bias rule of
+``moebalance.rules`` beside the sign rule (and, for the quantile rule, what the routers record
+during the step); training tokens/s against the machine's dense GEMM rate. The first of
+``--dtypes`` (bf16 under autocast, as the trainer runs it)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 from moebalance.balancing import Balancing, LossFreeBalancer
 from moebalance.routing import TopKRouter
+from moebalance.rules import QuantileRule, make_rule
 from moebalance.train.config import ModelConfig
 from moebalance.train.model import MoETransformer
 from pieces import DTYPES, fmt, model_flops_per_token, table
@@ -40,6 +43,60 @@ def _strategy_steps(cfg: ModelConfig, x, y, device: torch.device, dtype: torch.d
 
         fns[strategy] = step
     return fns, after_step_s
+
+
+#: The rules timed beside the sign rule (section 4b): name -> rule factory.
+RULE_CASES = {
+    "sign": lambda: make_rule("sign"),
+    "error": lambda: make_rule("error"),
+    "smebu": lambda: make_rule("smebu"),
+    "proportional": lambda: make_rule("proportional"),
+    "quantile_microbatch": lambda: QuantileRule("microbatch"),
+    "quantile_pooled": lambda: QuantileRule("pooled"),
+    "quantile_histogram": lambda: QuantileRule("histogram", bins=1000),
+}
+
+
+def rule_costs(args, timer: Timer, device: torch.device, gen: torch.Generator) -> list[dict]:
+    """Per rule, 64 layers x 256 experts (top-8): the median µs of one ``LossFreeBalancer.step``
+    (loads read and all-reduced as in one process, the rule's update, the counters cleared) and,
+    for the quantile rule, of recording one micro-batch's scores in all 64 routers (what the
+    routers add to a training forward). Round-robin over the rules, ``args.bias_calls`` rounds;
+    the loads and scores are set before each timed call, outside it."""
+    layers, experts, top_k = 64, 256, 8
+    tokens = 256 if args.quick else 4096  # tokens of the recorded micro-batch (T*K divisible by E)
+    routers = torch.nn.ModuleList(TopKRouter(8, experts, top_k) for _ in range(layers)).to(device)
+    loads = torch.randint(0, 100, (layers, experts), generator=gen).float().to(device)
+    scores = torch.rand(layers, tokens, experts, generator=gen).to(device)
+    balancers = {name: LossFreeBalancer(1e-3, make(), all_reduce=None) for name, make in RULE_CASES.items()}
+    step_s: dict[str, list[float]] = {name: [] for name in RULE_CASES}
+    record_s: dict[str, list[float]] = {name: [] for name in RULE_CASES if name.startswith("quantile")}
+
+    def record() -> None:
+        for r, s_TE in zip(routers, scores):
+            r.score_recorder(s_TE, r.expert_bias)
+
+    for _ in range(args.bias_calls + 1):  # the first round is a warm-up
+        for name, lf in balancers.items():
+            for r, row in zip(routers, loads):
+                r.load_counts.copy_(row)
+                r.score_recorder = None
+            if name in record_s:
+                lf.prepare(routers)
+                record_s[name].append(timer.once(record))
+            step_s[name].append(timer.once(lambda lf=lf: lf.step(routers)))
+    for r in routers:
+        r.score_recorder = None
+    rows = []
+    for name in RULE_CASES:
+        step_us = statistics.median(step_s[name][1:]) * 1e6
+        row = {"rule": name, "update_us": step_us, "record_us": statistics.median(record_s[name][1:]) * 1e6 if name in record_s else None}
+        rows.append(row)
+    sign_us = rows[0]["update_us"]
+    for row in rows:
+        row["update_over_sign"] = row["update_us"] / sign_us
+        row["tokens"] = tokens
+    return rows
 
 
 def dense_gemm_seconds(n: int, D: int, device: torch.device, dtype: torch.dtype, timer: Timer) -> tuple[float, int]:
@@ -78,6 +135,7 @@ def run(args, timer: Timer, device: torch.device) -> dict:
     lf = LossFreeBalancer(1e-3)
     upd = [timer.once(lambda: lf.step(routers)) for _ in range(args.bias_calls)]
 
+    rules = rule_costs(args, timer, device, gen)
     gemm, gemm_flops = dense_gemm_seconds(B * S, cfg.d_model, device, dtype, timer)
     flops_tok = model_flops_per_token(cfg, S)
     res = {
@@ -94,6 +152,9 @@ def run(args, timer: Timer, device: torch.device) -> dict:
         "fraction_of_dense_ceiling": flops_tok * B * S / t["loss_free"] / (gemm_flops / gemm),
     }
     print("  balancing " + fmt(res), flush=True)
+    for row in rules:
+        print("  bias rule " + fmt(row), flush=True)
+    res["rules"] = rules
     return res
 
 
@@ -106,4 +167,11 @@ def markdown(b: dict, res: dict) -> str:
                        ("bias_update_us_64x256", "bias update, 64x256 (µs)", ".0f")])
     out += ("\nTraining throughput (loss_free): " + f"{b['tokens_per_s']:.0f} tokens/s, {b['model_tflops_per_token'] * 1e6:.2f} MFLOP/token, "
             f"{b['fraction_of_dense_ceiling']:.2f} of the dense GEMM rate ({b['dense_gemm_gflops']:.1f} GFLOP/s).\n")
+    if b.get("rules"):
+        tokens = b["rules"][0]["tokens"]
+        out += ("\n#### 4b. Each bias rule's update beside the sign rule (64 layers x 256 experts, top-8)\n\n"
+                f"`update`: one `LossFreeBalancer.step` in one process; `record`: the quantile rule's recording of one "
+                f"micro-batch of {tokens} tokens in all 64 routers (added to the training forwards).\n\n")
+        out += table(b["rules"], [("rule", "rule", ""), ("update_us", "update (µs)", ".0f"), ("update_over_sign", "update / sign", ".2f"),
+                                  ("record_us", "record per micro-batch (µs)", ".0f")])
     return out

@@ -4,7 +4,9 @@ Shape legend: B sequences, S tokens per sequence, T = B*S tokens, E experts, K e
 L MoE layers.
 
 * :class:`LossFreeBalancer` is Algorithm 1 of arXiv 2408.15664: after each optimizer step,
-  ``b_i <- b_i + u * sign(c_mean - c_i)`` from the load counted since the previous step.
+  ``b_i <- b_i + u * sign(c_mean - c_i)`` from the load counted since the previous step; the
+  other bias rules (``error``, ``smebu``, ``proportional``, ``quantile``) are in
+  :mod:`moebalance.rules` and run behind the same object.
 * The auxiliary losses are pure functions in :mod:`moebalance.losses` (sequence-wise eq. 2,
   batch-level, global-batch, CV² importance, router z-loss); :class:`AuxLossBalancer` wraps the
   sequence-wise one for a list of layers, :class:`GlobalBatchCounts` gathers the global batch's
@@ -33,8 +35,9 @@ from moebalance.losses import (
     sequence_aux_loss,
 )
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
+from moebalance.rules import RULES, BiasRule, make_rule
 
-UpdateMode = Literal["sign", "error"]
+UpdateMode = Literal["sign", "error", "smebu", "proportional", "quantile"]
 _F32 = torch.finfo(torch.float32)
 AuxScores = Literal["normalized", "raw"]
 
@@ -62,6 +65,7 @@ __all__ = [
     "fused_step_found_inf",
     "grad_scaler_of",
     "pop_expert_loads",
+    "rule_from_config",
     "router_z_loss",
     "sequence_aux_loss",
     "sum_over_default_group_",
@@ -139,9 +143,13 @@ class LossFreeBalancer:
 
     Args:
         update_rate: ``u > 0`` (paper default 1e-3; its ablation tries 1e-4 and 1e-2).
-        update: ``"sign"`` (Algorithm 1: ``b += u * sign(e)``) or ``"error"`` (the paper's
-            ablation, ``b += u * e / c_mean``: the raw error, divided by the mean load so that the
-            rate does not depend on the batch size).
+        update: the rule, by name or as a :class:`moebalance.rules.BiasRule` (with its options):
+            ``"sign"`` (Algorithm 1: ``b += u * sign(e)``), ``"error"`` (the paper's ablation,
+            ``b += u * e / c_mean``: the raw error, divided by the mean load so that the rate does
+            not depend on the batch size), ``"smebu"`` (Arcee Trinity), ``"proportional"``
+            (LongCat-Flash), ``"quantile"`` (Quantile Balancing: needs the routers' scores, so
+            call :meth:`prepare` on the model before its first training forward; :meth:`attach`
+            does). Each rule's formula and source: :mod:`moebalance.rules`.
         all_reduce: how the ``[L, E]`` float32 load matrix is summed over data-parallel ranks
             before the update, so that every rank updates from the global batch's load and keeps
             identical biases. ``"auto"`` (default): :func:`sum_over_default_group_`, a sum over
@@ -167,12 +175,14 @@ class LossFreeBalancer:
             larger one makes the float32 delta inf and the biases NaN, a smaller one underflows),
             an unknown ``update``, a non-boolean ``center``, or an ``all_reduce`` that is not
             ``"auto"``, ``None`` or callable.
+
+    Routers whose ``bias_frozen`` is True keep their bias (their loads are still read and cleared).
     """
 
     def __init__(
         self,
         update_rate: float = 1e-3,
-        update: UpdateMode = "sign",
+        update: UpdateMode | BiasRule = "sign",
         all_reduce: Callable[[torch.Tensor], None] | Literal["auto"] | None = "auto",
         center: bool = False,
     ) -> None:
@@ -181,16 +191,50 @@ class LossFreeBalancer:
                 f"update_rate must be a number (int or float) > 0 and finite as a float32 (in [{_F32.tiny:.3g}, "
                 f"{_F32.max:.3g}]: the biases are float32), got {update_rate!r}"
             )
-        if update not in ("sign", "error"):
-            raise ValueError(f"update must be 'sign' or 'error', got {update!r}")
+        if not isinstance(update, BiasRule) and not (isinstance(update, str) and update in RULES):
+            raise ValueError(f"update must be one of {list(RULES)} or a moebalance.rules.BiasRule, got {update!r}")
         if not isinstance(center, bool):
             raise ValueError(f"center must be True or False, got {center!r}")
         if not (all_reduce is None or callable(all_reduce) or (isinstance(all_reduce, str) and all_reduce == "auto")):
             raise ValueError(f"all_reduce must be 'auto', None or a function summing a tensor in place, got {all_reduce!r}")
         self.update_rate = float(update_rate)
-        self.update = update
+        self.rule = update if isinstance(update, BiasRule) else make_rule(update)
+        self.update = self.rule.name
         self.all_reduce = all_reduce
         self.center = center
+
+    def prepare(self, model: nn.Module) -> None:
+        """Set up ``model``'s routers for this rule; needed (before the first training forward)
+        only by score-based rules (``quantile``), a no-op for the others. Idempotent.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module``.
+            ValueError: no :class:`TopKRouter`; for ``quantile``, a router with group-limited
+                routing (``n_group > 1``), a multiplicative bias, or ``top_k >= num_experts``
+                (Megatron-LM's guards).
+        """
+        routers = find_routers(model)
+        if not self.rule.needs_scores:
+            return
+        if not routers:
+            raise ValueError("no TopKRouter found: the model has no MoE layer")
+        for r in routers:
+            if r.n_group > 1:
+                raise ValueError(f"bias_update='quantile' does not support group-limited routing (n_group={r.n_group}); set n_group=1")
+            if r.bias_mode != "additive":
+                raise ValueError(f"bias_update='quantile' needs bias_mode='additive', got {r.bias_mode!r}")
+            if r.top_k >= r.num_experts:
+                raise ValueError(f"bias_update='quantile' needs top_k < num_experts, got top_k={r.top_k}, num_experts={r.num_experts}")
+            if r.score_recorder is None:
+                r.score_recorder = self.rule.recorder(r.top_k)
+
+    def state_dict(self) -> dict:
+        """The rule's own state (SMEBU momentum, the quantile window) for a checkpoint."""
+        return self.rule.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        self.rule.load_state_dict(state)
 
     @torch.no_grad()
     def step(self, model: nn.Module, rate_scale: float = 1.0) -> torch.Tensor:
@@ -218,22 +262,50 @@ class LossFreeBalancer:
         if self.center and any(r.bias_mode != "additive" for r in routers):
             raise ValueError("center=True needs bias_mode='additive' (a multiplicative bias is not shift-invariant)")
         loads_LE = pop_expert_loads(routers)
-        if self.all_reduce == "auto":
-            sum_over_default_group_(loads_LE)
-        elif self.all_reduce is not None:
-            self.all_reduce(loads_LE)
+        self._reduce(loads_LE)
         biases = [r.expert_bias for r in routers]
-        delta_LE = self.bias_delta(loads_LE, torch.stack(biases) if self.center else None, rate_scale)
+        if self.rule.needs_scores:
+            delta_LE = self._score_delta(routers, torch.stack(biases), rate_scale)
+        else:
+            delta_LE = self.bias_delta(loads_LE, torch.stack(biases) if self.center else None, rate_scale)
+        frozen = [i for i, r in enumerate(routers) if r.bias_frozen]
+        if frozen:
+            delta_LE[frozen] = 0
         # In place through one fused call: ``router.expert_bias += d`` per router would cost a
         # Module.__setattr__ per layer, most of the update's time for many layers.
         torch._foreach_add_(biases, list(delta_LE.to(biases[0].device).unbind(0)))
         return loads_LE
 
+    def _reduce(self, tensor: torch.Tensor) -> None:
+        """Sum ``tensor`` in place over data-parallel ranks (``all_reduce``)."""
+        if self.all_reduce == "auto":
+            sum_over_default_group_(tensor)
+        elif self.all_reduce is not None:
+            self.all_reduce(tensor)
+
+    def _score_delta(self, routers: Sequence[TopKRouter], bias_LE: torch.Tensor, rate_scale: float) -> torch.Tensor:
+        """The quantile rule's ``[L, E]`` delta from what the routers recorded this step."""
+        if any(r.score_recorder is None for r in routers):
+            raise ValueError("bias_update='quantile' needs the routers' scores: call prepare(model) before the first training forward (attach() does)")
+        tops = {r.top_k for r in routers}
+        if len(tops) > 1:
+            raise ValueError(f"routers have different top_k {sorted(tops)}; balance them one at a time (step(router))")
+        num_experts, device = bias_LE.shape[1], bias_LE.device
+        records = [r.score_recorder.pop(num_experts, device) for r in routers]
+        if self.rule.estimator == "pooled":
+            stats = _gather_pooled(records, self.all_reduce is not None)
+        else:
+            stats = torch.stack(records)
+            self._reduce(stats)
+        return self.rule.delta_from_stats(stats, bias_LE, routers[0].top_k, float(rate_scale))
+
     def bias_delta(self, loads_LE: torch.Tensor, bias_LE: torch.Tensor | None = None, rate_scale: float = 1.0) -> torch.Tensor:
-        """The change Algorithm 1 makes to the biases for loads ``c`` (``[E]`` or ``[L, E]``).
+        """The change the rule makes to the biases for loads ``c`` (``[E]`` or ``[L, E]``).
 
         ``e_i = c_mean - c_i`` with ``c_mean = K*T/E``, the mean of the row; ``delta = u*sign(e)``
-        (or ``u * e / c_mean``). Rows that sum to 0 give a zero delta. Loads holding a NaN or +inf
+        (or ``u * e / c_mean``; the other load-based rules: :mod:`moebalance.rules`). Rows that sum
+        to 0 give a zero delta. The ``quantile`` rule needs scores: see :meth:`step`. A stateful
+        rule (``smebu``: its momentum) advances its state at each call: call it once per step. Loads holding a NaN or +inf
         anywhere give a zero delta everywhere: a step whose loads are not finite moves no bias.
 
         Args:
@@ -245,8 +317,8 @@ class LossFreeBalancer:
 
         Raises:
             ValueError: ``loads_LE`` not an ``[E]`` / ``[L, E]`` real tensor, or with a negative
-                load; ``bias_LE`` of another shape; ``center=True`` without ``bias_LE``; or
-                ``rate_scale`` outside ``[0, 1]``.
+                load; ``bias_LE`` of another shape; ``center=True`` without ``bias_LE``;
+                ``rate_scale`` outside ``[0, 1]``; or the ``quantile`` rule.
         """
         _check_rate_scale(rate_scale)
         check_loads("loads_LE", loads_LE, allow_nonfinite=True)
@@ -255,15 +327,10 @@ class LossFreeBalancer:
             if bias_LE.shape != loads_LE.shape:
                 raise ValueError(f"bias_LE must have loads_LE's shape {list(loads_LE.shape)}, got {list(bias_LE.shape)}")
         rate = self.update_rate * float(rate_scale)
-        loads = loads_LE.float()
-        if not bool(torch.isfinite(loads).all()):
-            return torch.zeros_like(loads)  # a NaN or inf load: the step's loads are garbage, no update
-        mean = loads.mean(dim=-1, keepdim=True)
-        error = mean - loads
-        if self.update == "sign":
-            delta = rate * torch.sign(error)
-        else:
-            delta = rate * error / mean.clamp_min(1e-12)
+        if not bool(torch.isfinite(loads_LE.float()).all()):
+            return torch.zeros_like(loads_LE.float())  # a NaN or inf load: the step's loads are garbage, no update
+        mean = loads_LE.float().mean(dim=-1, keepdim=True)
+        delta = self.rule.delta(loads_LE, bias_LE, rate)
         if not self.center:
             return delta
         if bias_LE is None:
@@ -304,9 +371,23 @@ class LossFreeBalancer:
         """
         if not find_routers(model):
             raise ValueError("no TopKRouter found: the model has no MoE layer")
+        self.prepare(model)
         return OptimizerHook(
             optimizer, lambda: self.step(model), discard=lambda: pop_expert_loads(find_routers(model)), scaler=scaler
         )
+
+
+def _gather_pooled(records: Sequence[torch.Tensor], reduce: bool) -> torch.Tensor:
+    """``[L, N, E]`` pooled scores of every layer, gathered over ``torch.distributed``'s default
+    group when ``reduce`` and one is initialised with more than one rank (every rank must pool as
+    many tokens)."""
+    stats = torch.stack(records)
+    dist = torch.distributed
+    if not (reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return stats
+    parts = [torch.empty_like(stats) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, stats.contiguous())
+    return torch.cat(parts, dim=1)
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -458,6 +539,21 @@ class OptimizerHook:
             else:
                 self.scaler.update = self._scaler_previous
         self._scaler_update = None
+
+
+def rule_from_config(cfg) -> BiasRule:
+    """The bias rule of a :class:`~moebalance.train.config.BalanceConfig`: ``bias_update`` with its
+    options (``smebu_kappa``, ``smebu_momentum``, ``target_load``, ``qb_*``).
+
+    Raises:
+        ValueError: an option out of range (see :mod:`moebalance.rules`).
+    """
+    options = {
+        "smebu": dict(kappa=cfg.smebu_kappa, momentum=cfg.smebu_momentum),
+        "proportional": dict(target_load=cfg.target_load or None),
+        "quantile": dict(estimator=cfg.qb_estimator, ema=cfg.qb_ema, window=cfg.qb_window, bins=cfg.qb_bins),
+    }.get(cfg.bias_update, {})
+    return make_rule(cfg.bias_update, **options)
 
 
 def check_aux_scores(scores: str) -> None:
@@ -614,11 +710,14 @@ class Balancing:
             loss (the ``f . P`` losses and the importance loss) averages into ``P``; see
             :class:`AuxLossBalancer`. With ``"normalized"``, ``deepseek_v3`` is DeepSeek-V3 eq. 17-20.
         bias_center: see :class:`LossFreeBalancer` (``center``).
+        bias_rule: a :class:`moebalance.rules.BiasRule` with its options; replaces
+            ``bias_update`` (which then only names it) when given.
 
     Raises:
         ValueError: unknown strategy or ``aux_loss_scores``, a coefficient that is not a finite
-            number >= 0, or a bias argument :class:`LossFreeBalancer` refuses (checked also for
-            strategies that do not update the bias: a bad value is never silently ignored).
+            number >= 0, a bias argument :class:`LossFreeBalancer` refuses (checked also for
+            strategies that do not update the bias: a bad value is never silently ignored), or the
+            ``quantile`` rule with an auxiliary loss (Megatron-LM's guard: aux coefficient 0).
     """
 
     def __init__(
@@ -632,6 +731,7 @@ class Balancing:
         seq_aux_coeff: float = 1e-4,
         aux_loss_scores: AuxScores = "normalized",
         bias_center: bool = False,
+        bias_rule: BiasRule | None = None,
     ) -> None:
         check_aux_scores(aux_loss_scores)
         if strategy not in STRATEGIES:
@@ -640,12 +740,18 @@ class Balancing:
             check_number(name, value, 0.0)
         if not (all_reduce is None or callable(all_reduce)):
             raise ValueError(f"all_reduce must be None or a function summing a tensor in place, got {all_reduce!r}")
-        bias = LossFreeBalancer(bias_update_rate, bias_update, all_reduce, bias_center)  # checks them
+        rule = bias_rule if bias_rule is not None else bias_update
+        bias = LossFreeBalancer(bias_update_rate, rule, all_reduce, bias_center)  # checks them
         self.strategy = strategy
         self.aux_kind, uses_bias = STRATEGIES[strategy]
         self.aux_coeff = float(seq_aux_coeff if strategy == "deepseek_v3" else aux_loss_coeff)
         self.all_reduce = all_reduce
         self.bias = bias if uses_bias else None
+        if self.bias is not None and self.bias.rule.needs_scores and self.aux_kind is not None and self.aux_coeff > 0:
+            raise ValueError(
+                f"bias_update='quantile' needs no auxiliary loss (Megatron-LM's guard), but strategy {strategy!r} "
+                f"adds one with coefficient {self.aux_coeff}: use strategy 'loss_free'"
+            )
         # Kept for callers of the core API: the sequence-wise balancer of the ``aux_loss`` strategy.
         self.aux_scores = aux_loss_scores
         self.aux = AuxLossBalancer(self.aux_coeff, aux_loss_scores) if self.aux_kind == "sequence" else None
@@ -654,7 +760,8 @@ class Balancing:
 
     @classmethod
     def from_config(cls, cfg, all_reduce: Callable[[torch.Tensor], None] | None = None) -> Balancing:
-        """From a :class:`~moebalance.train.config.BalanceConfig`."""
+        """From a :class:`~moebalance.train.config.BalanceConfig` (its ``bias_update`` and the
+        rule's options: ``smebu_*``, ``target_load``, ``qb_*``)."""
         return cls(
             cfg.strategy,
             cfg.bias_update_rate,
@@ -665,7 +772,23 @@ class Balancing:
             cfg.seq_aux_coeff,
             cfg.aux_loss_scores,
             cfg.bias_center,
+            rule_from_config(cfg),
         )
+
+    def prepare(self, model: nn.Module) -> None:
+        """Before training: set up ``model``'s routers for the bias rule (see
+        :meth:`LossFreeBalancer.prepare`); nothing for other strategies."""
+        if self.bias is not None:
+            self.bias.prepare(model)
+
+    def state_dict(self) -> dict:
+        """The bias rule's own state (empty for the stateless rules and the losses)."""
+        return self.bias.state_dict() if self.bias is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        if self.bias is not None:
+            self.bias.load_state_dict(state)
 
     def _aux_loss(self, routing: Sequence[RouterOutput]) -> torch.Tensor:
         if any(getattr(r, "is_expert_choice", False) for r in routing):
@@ -734,7 +857,11 @@ class Balancing:
         return loads_LE
 
     def discard_step(self, model: nn.Module) -> None:
-        """Forget the loads counted in a step that was skipped (non-finite loss)."""
+        """Forget the loads (and recorded scores) counted in a step that was skipped (non-finite loss)."""
         if self.global_counts is not None:
             self.global_counts.reset()
-        pop_expert_loads(find_routers(model))
+        routers = find_routers(model)
+        pop_expert_loads(routers)
+        for r in routers:
+            if r.score_recorder is not None:
+                r.score_recorder.pop(r.num_experts, r.expert_bias.device)

@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p_cmp, "runs/compare")
     p_cmp.add_argument("--seeds", type=int, default=1, help="seeds per strategy, 1 to 1000; > 1 reports mean ± std (default 1)")
     p_cmp.add_argument("--overwrite", action="store_true", help="replace run folders that hold another config")
+    p_cmp.add_argument(
+        "--runs",
+        default="loss_free,aux_loss",
+        help="comma-separated runs: loss_free, aux_loss, global_aux_loss, deepseek_v3 (default: the paper's two, loss_free,aux_loss)",
+    )
     p_sweep = add("sweep", "a grid of balancing runs on one seed, data order and initial weights")
     p_sweep.add_argument("grid", choices=GRIDS, help="built-in grid (see docs/balancing.md)")
     _add_common(p_sweep, "runs/sweep/GRID")
@@ -258,7 +263,7 @@ def _check_replaced(args: argparse.Namespace, cfg: RunConfig) -> None:
     from moebalance.lab.compare import COMPARE_RUNS, replaced_overrides
     from moebalance.lab.sweeps import grid_runs
 
-    runs = grid_runs(args.grid, cfg) if args.command == "sweep" else COMPARE_RUNS
+    runs = grid_runs(args.grid, cfg) if args.command == "sweep" else {n: COMPARE_RUNS[n] for n in args.run_names}
     replaced = replaced_overrides(cfg, runs, override_keys(args.overrides))
     if replaced:
         what = f"sweep {args.grid}" if args.command == "sweep" else "compare"
@@ -290,9 +295,10 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
                 if args.command == "leakage":
                     _check_measurement(args, cfg)
                 if args.command == "compare":
-                    from moebalance.lab.compare import check_seeds
+                    from moebalance.lab.compare import check_runs, check_seeds
 
                     check_seeds(cfg, args.seeds)
+                    args.run_names = check_runs(n.strip() for n in args.runs.split(","))
                 if args.command in ("compare", "sweep"):
                     _check_replaced(args, cfg)
         except (ValueError, OSError) as exc:
@@ -336,11 +342,13 @@ def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.compare import compare
 
     with _folder_conflict_is_usage():
-        report = compare(cfg, args.out_dir, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite)
+        report = compare(
+            cfg, args.out_dir, progress=not args.no_progress, seeds=args.seeds, overwrite=args.overwrite, runs=args.run_names
+        )
     label = "MaxVio_global_shift" if report["data"].get("val_split") == "files" else "MaxVio_global"
     for name, r in report["runs"].items():
         print(
-            f"{name:10s} val_ppl {r['val_ppl']:.2f}  {label} {r['maxvio_global']:.3f}  "
+            f"{name:15s} val_ppl {r['val_ppl']:.2f}  {label} {r['maxvio_global']:.3f}  "
             f"MaxVio_batch(last 10%) {r['maxvio_batch_last']:.3f}"
         )
     if "ppl_noise" in report:

@@ -200,6 +200,14 @@ class TopKRouter(nn.Module):
         another's under gradient accumulation; it is not in the ``state_dict``, follows the
         weight's device and is zero after ``to_empty``.
 
+    Attributes:
+        score_recorder: ``None``, or a callable ``(scores_TE, bias_E, mask_T)`` that a score-based
+            bias rule sets (Quantile Balancing, :class:`moebalance.rules.ScoreRecorder`); called
+            with the detached scores when and only when the load is counted (training mode, not
+            in a recomputation).
+        bias_frozen: when True, :class:`~moebalance.balancing.LossFreeBalancer` leaves this
+            router's bias unchanged (per-router freezing, as Megatron-LM's ``frozen_expert_bias``).
+
     Meta-device initialisation works: build under ``torch.device("meta")``, then
     ``to_empty(device=...)`` gives a zero ``expert_bias`` (one for multiplicative mode) and zero
     counts; ``load_state_dict`` then reads a saved bias.
@@ -246,6 +254,8 @@ class TopKRouter(nn.Module):
         init_bias = 1.0 if bias_mode == "multiplicative" else 0.0
         self.register_buffer("expert_bias", torch.full((num_experts,), init_bias), persistent=True)
         self.load_counts = torch.zeros(num_experts)  # per-rank: deliberately not a buffer
+        self.score_recorder = None  # set by a score-based bias rule (moebalance.rules.ScoreRecorder)
+        self.bias_frozen = False  # True: bias updates leave this router's bias as it is
         self.reset_parameters()
 
     #: ``norm_topk_prob`` with ``top_k=1`` is refused (token choice); expert choice normalises
@@ -307,7 +317,9 @@ class TopKRouter(nn.Module):
                 gates_TK = gates_TK * self.route_scale
         with torch.no_grad():
             tokens_per_expert = count_tokens_per_expert(indices_TK, self.num_experts, _finite_tokens(scores_TE, flat_mask))
-        self._count_load(tokens_per_expert)
+        if self._count_load(tokens_per_expert) and self.score_recorder is not None:
+            with torch.no_grad():
+                self.score_recorder(scores_TE.detach(), self.expert_bias, flat_mask)
         return RouterOutput(
             gates=gates_TK,
             indices=indices_TK,
@@ -327,15 +339,18 @@ class TopKRouter(nn.Module):
         flat_mask = check_mask("mask", mask, x.shape[:-1], "[T]" if x.dim() == 2 else "[B, S] (as x's [B, S, D])")
         return (x.shape[1] if x.dim() == 3 else None), x.reshape(-1, self.d_model), flat_mask
 
-    def _count_load(self, tokens_per_expert: torch.Tensor) -> None:
+    def _count_load(self, tokens_per_expert: torch.Tensor) -> bool:
         """Add a forward's load to ``load_counts``: in training mode with grad enabled only (as
         Megatron-Core: a ``torch.no_grad()`` forward in training mode, an RL rollout or
         ``generate()``, trains nothing), and not during an activation-checkpoint recomputation
-        (the same tokens again). ``tokens_per_expert`` carries no graph, so no ``no_grad`` here."""
-        if self.training and torch.is_grad_enabled() and not _in_backward_recompute():
-            if self.load_counts.device != tokens_per_expert.device:  # moved without _apply (FSDP2)
-                self.load_counts = self.load_counts.to(tokens_per_expert.device)
-            self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+        (the same tokens again). ``tokens_per_expert`` carries no graph, so no ``no_grad`` here.
+        Returns whether it counted."""
+        if not (self.training and torch.is_grad_enabled()) or _in_backward_recompute():
+            return False
+        if self.load_counts.device != tokens_per_expert.device:  # moved without _apply (FSDP2)
+            self.load_counts = self.load_counts.to(tokens_per_expert.device)
+        self.load_counts += tokens_per_expert.to(self.load_counts.dtype)
+        return True
 
     def extra_repr(self) -> str:
         return (

@@ -1,4 +1,5 @@
-"""Experiments built from several training runs: ``compare`` (Loss-Free vs auxiliary loss)."""
+"""Experiments built from several training runs: ``compare`` (Loss-Free vs auxiliary loss, and
+the stronger auxiliary-loss baselines: :data:`COMPARE_RUNS`)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from moebalance.train.checkpoint import run_folder_problem, write_json, write_te
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import prepare_data
 
-__all__ = ["COMPARE_RUNS", "check_run_folders", "check_seeds", "compare", "compare_configs", "replaced_overrides", "resumable", "seed_configs"]
+__all__ = ["COMPARE_RUNS", "DEFAULT_RUNS", "check_run_folders", "check_runs", "check_seeds", "compare", "compare_configs", "replaced_overrides", "resumable", "seed_configs"]
 
 REPORT_FIELDS = (
     "val_loss",
@@ -65,8 +66,39 @@ def report_context(data, base: RunConfig, run_dirs: dict[str, Path], command: st
     }
 
 
-#: The overrides each run of ``compare`` puts on the base config (see :func:`compare_configs`).
-COMPARE_RUNS = {"loss_free": ["balance.strategy=loss_free"], "aux_loss": ["balance.strategy=aux_loss"]}
+#: The runs ``compare`` can train, by name: the overrides each puts on the base config (see
+#: :func:`compare_configs`). ``loss_free`` and ``aux_loss`` are the paper's comparison (Table 2);
+#: ``global_aux_loss`` is the global-batch auxiliary loss (Qiu et al., arXiv 2501.11873: ``f``
+#: counted over all micro-batches and ranks), with the base ``balance.aux_loss_coeff``;
+#: ``deepseek_v3`` is DeepSeek-V3's pairing (arXiv 2412.19437 §2.1.2): the Loss-Free bias plus a
+#: sequence-wise loss at alpha = 1e-4. A claim that Loss-Free beats "the auxiliary loss" should
+#: be made against these too.
+COMPARE_RUNS = {
+    "loss_free": ["balance.strategy=loss_free"],
+    "aux_loss": ["balance.strategy=aux_loss"],
+    "global_aux_loss": ["balance.strategy=global_aux_loss"],
+    "deepseek_v3": ["balance.strategy=deepseek_v3", "balance.seq_aux_coeff=1e-4"],
+}
+
+#: The runs of a plain ``moebalance compare``: the paper's two.
+DEFAULT_RUNS = ("loss_free", "aux_loss")
+
+
+def check_runs(runs) -> tuple[str, ...]:
+    """``runs`` as a tuple of names of :data:`COMPARE_RUNS`, in order.
+
+    Raises:
+        ValueError: an empty list, an unknown name (the message lists the choices) or a name twice.
+    """
+    names = tuple(runs)
+    if not names:
+        raise ValueError(f"--runs needs at least one run of {list(COMPARE_RUNS)}")
+    unknown = [n for n in names if n not in COMPARE_RUNS]
+    if unknown:
+        raise ValueError(f"--runs: unknown run {unknown[0]!r}; choose from {list(COMPARE_RUNS)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--runs names a run twice: {','.join(names)}")
+    return names
 
 
 def replaced_overrides(base: RunConfig, runs: dict[str, list[str]], keys: list[str]) -> list[str]:
@@ -95,15 +127,21 @@ def replaced_overrides(base: RunConfig, runs: dict[str, list[str]], keys: list[s
     return list(found.values())
 
 
-def compare_configs(base: RunConfig) -> dict[str, RunConfig]:
-    """The two runs of the paper's main comparison (arXiv 2408.15664 Table 2), from one base config.
+def compare_configs(base: RunConfig, runs=DEFAULT_RUNS) -> dict[str, RunConfig]:
+    """The runs ``runs`` (names of :data:`COMPARE_RUNS`; default the two of the paper's main
+    comparison, arXiv 2408.15664 Table 2) from one base config.
 
     ``loss_free``: Algorithm 1 with ``base.balance.bias_update_rate`` (default 1e-3), no aux loss.
     ``aux_loss``: eq. 2 with ``base.balance.aux_loss_coeff`` (default 1e-3), no bias update.
-    Everything else (model, seed, data order, initial weights) is shared.
+    ``global_aux_loss``: the global-batch loss with that alpha; ``deepseek_v3``: the bias plus a
+    sequence-wise loss at alpha = 1e-4. Everything else (model, seed, data order, initial
+    weights) is shared.
+
+    Raises:
+        ValueError: see :func:`check_runs`, or a run's config out of range.
     """
     # Rebuilt, so every check runs on the config each run really uses, before any training.
-    return {strategy: apply_overrides(base, overrides) for strategy, overrides in COMPARE_RUNS.items()}
+    return {name: apply_overrides(base, COMPARE_RUNS[name]) for name in check_runs(runs)}
 
 
 def _verdict(lf: dict[str, Any], aux: dict[str, Any], val_split: str | None = None) -> str:
@@ -160,24 +198,24 @@ def check_seeds(base: RunConfig, seeds: int) -> None:
         )
 
 
-def seed_configs(base: RunConfig, seeds: int) -> dict[str, RunConfig]:
-    """Every run of ``compare --seeds N``: run name -> config, seeds ``base.train.seed + i``.
+def seed_configs(base: RunConfig, seeds: int, runs=DEFAULT_RUNS) -> dict[str, RunConfig]:
+    """Every run of ``compare --seeds N [--runs ...]``: run name -> config, seeds ``base.train.seed + i``.
 
-    With one seed the names are the strategies (``loss_free``, ``aux_loss``); with more,
-    ``seed_S/STRATEGY`` (so a single-seed folder never holds another run's folder). Within a seed
-    both strategies share initial weights and batches.
+    With one seed the names are the runs' (``loss_free``, ``aux_loss``, ...); with more,
+    ``seed_S/NAME`` (so a single-seed folder never holds another run's folder). Within a seed
+    all runs share initial weights and batches.
 
     Raises:
         ValueError: see :func:`check_seeds`.
     """
     check_seeds(base, seeds)
-    runs = {}
+    out = {}
     for i in range(seeds):
         d = base.to_dict()
         d["train"]["seed"] = base.train.seed + i
-        for strategy, cfg in compare_configs(RunConfig.from_dict(d)).items():
-            runs[strategy if seeds == 1 else f"seed_{cfg.train.seed}/{strategy}"] = cfg
-    return runs
+        for name, cfg in compare_configs(RunConfig.from_dict(d), runs).items():
+            out[name if seeds == 1 else f"seed_{cfg.train.seed}/{name}"] = cfg
+    return out
 
 
 def compare(
@@ -187,9 +225,10 @@ def compare(
     command: str | None = None,
     seeds: int = 1,
     overwrite: bool = False,
+    runs=DEFAULT_RUNS,
 ) -> dict[str, Any]:
-    """Train the ``loss_free`` and ``aux_loss`` runs of :func:`compare_configs` for ``seeds`` seeds
-    and write the report.
+    """Train the runs ``runs`` of :func:`compare_configs` (default ``loss_free`` and ``aux_loss``)
+    for ``seeds`` seeds and write the report.
 
     Resumable (:func:`~moebalance.lab.runs.run_or_resume`): a re-run reads finished runs back,
     continues unfinished ones from their checkpoints (:func:`resumable` turns them on) and refuses
@@ -202,8 +241,9 @@ def compare(
 
     Returns:
         the ``report.json`` content; with ``seeds > 1`` it adds ``seed_summary`` (see
-        :func:`~moebalance.lab.seeds.seed_summary`) and ``ppl_noise`` (see
-        :func:`~moebalance.lab.seeds.ppl_noise_verdict`).
+        :func:`~moebalance.lab.seeds.seed_summary`, per run name) and ``ppl_noise`` (see
+        :func:`~moebalance.lab.seeds.ppl_noise_verdict`: ``loss_free`` against ``aux_loss``),
+        and ``ppl_noise_vs`` (``loss_free`` against each other baseline run), when those runs are there.
 
     Raises:
         RunFolderError: a run folder holds another config and ``overwrite`` is false.
@@ -211,7 +251,7 @@ def compare(
     out = Path(out_dir)
     data, base = prepare_base(base)
     base = resumable(base)
-    configs = seed_configs(base, seeds)  # validates every run before the first one starts
+    configs = seed_configs(base, seeds, runs)  # validates every run before the first one starts
     check_run_folders({name: (cfg, out / name) for name, cfg in configs.items()}, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
@@ -222,6 +262,7 @@ def compare(
         results[name] = {k: res[k] for k in REPORT_FIELDS} | {
             "balance": cfg.balance.__dict__.copy(),
             "run_dir": name,
+            "run": name.rsplit("/", 1)[-1],
             "seed": cfg.train.seed,
             "state": state,
         }
@@ -231,8 +272,12 @@ def compare(
     report = report_context(data, base, run_dirs, command) | {"seeds": sorted({r["seed"] for r in results.values()})}
     report["runs"] = results
     if seeds > 1:
-        report["seed_summary"] = seed_summary(results)
-        report["ppl_noise"] = ppl_noise_verdict(report["seed_summary"])
+        summary = report["seed_summary"] = seed_summary(results)
+        if "loss_free" in summary and "aux_loss" in summary:
+            report["ppl_noise"] = ppl_noise_verdict(summary)
+        others = [n for n in summary if n not in ("loss_free", "aux_loss")]
+        if "loss_free" in summary and others:
+            report["ppl_noise_vs"] = {n: ppl_noise_verdict(summary, "loss_free", n) for n in others}
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_compare_markdown(report))
     return report
@@ -292,6 +337,8 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
         lines += ["", _verdict(runs["loss_free"], runs["aux_loss"], val_split)]
     if "seed_summary" in report:
         lines += [""] + seed_markdown(report["seed_summary"], report.get("ppl_noise"), label)
+        for verdict in report.get("ppl_noise_vs", {}).values():
+            lines += ["", verdict["text"]]
     if "ep_replay" in report:
         lines += [""] + replay_markdown(report["ep_replay"])
     lines += [""] + RUN_PLOTS_MARKDOWN + [

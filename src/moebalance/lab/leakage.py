@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from moebalance.balancing import LossFreeBalancer
+from moebalance.balancing import LossFreeBalancer, rule_from_config
 from moebalance.routing import chosen_experts
 from moebalance.train.checkpoint import short_reason, write_json
 from moebalance.train.config import RunConfig, apply_overrides, override_keys
@@ -226,7 +226,8 @@ def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generat
         except (RuntimeError, TypeError, AttributeError) as exc:  # a crafted or foreign checkpoint
             raise ValueError(f"the checkpoint's model weights do not fit its own config: {short_reason(exc)}") from exc
     else:  # a bias learnt from past batches only
-        balancer = LossFreeBalancer(cfg.balance.bias_update_rate, cfg.balance.bias_update)
+        balancer = LossFreeBalancer(cfg.balance.bias_update_rate, rule_from_config(cfg.balance))
+        balancer.prepare(topk)  # the quantile rule records the scores
         topk.train()  # with grad enabled: the routers count only training forwards (no backward needed)
         for _ in range(warmup_batches):
             topk(sample_batch(data.train, cfg.train.batch_size, cfg.train.seq_len, gen)[0])

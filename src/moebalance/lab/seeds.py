@@ -32,17 +32,18 @@ def _stats(values: list[float]) -> dict[str, Any]:
 
 
 def seed_summary(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Mean, sample std and values over seeds of each strategy's metrics.
+    """Mean, sample std and values over seeds of each run's metrics.
 
     Args:
-        records: run name -> record with ``balance.strategy``, ``seed`` and the :data:`METRICS` fields.
+        records: run folder -> record with ``run`` (the run's name without its seed folder; when
+            absent, ``balance.strategy``), ``seed`` and the :data:`METRICS` fields.
 
     Returns:
-        ``{strategy: {"seeds": [...], metric: {"mean", "std", "values"}}}`` (``std`` ``None`` for one seed).
+        ``{run: {"seeds": [...], metric: {"mean", "std", "values"}}}`` (``std`` ``None`` for one seed).
     """
     by_strategy: dict[str, list[dict[str, Any]]] = {}
     for rec in records.values():
-        by_strategy.setdefault(rec["balance"]["strategy"], []).append(rec)
+        by_strategy.setdefault(rec.get("run") or rec["balance"]["strategy"], []).append(rec)
     out = {}
     for strategy, recs in by_strategy.items():
         recs = sorted(recs, key=lambda r: r["seed"])

@@ -174,15 +174,33 @@ class BalanceConfig:
     ``aux_loss_scores``: ``normalized`` (default; DeepSeek-V3 eq. 19-20, per-token scores divided by
     their sum, as Megatron-Core and OLMo-core) or ``raw`` (scores as the gate gives them; with a
     sigmoid gate the loss can then be lowered without balancing, docs/balancing.md).
+    ``bias_update`` picks the bias rule (:mod:`moebalance.rules`; docs/balancing.md, "Bias rules"),
+    ``smebu_*``, ``target_load`` and ``qb_*`` are its options, ``bias_update_schedule``,
+    ``bias_decay_steps`` and ``bias_freeze_after_*`` its rate schedule, ``bias_frozen_layers`` the
+    MoE layers whose bias never moves.
     """
 
     strategy: Strategy = "loss_free"
     bias_update_rate: float = 1e-3
-    bias_update: Literal["sign", "error"] = "sign"
+    # the bias rule (moebalance.rules): sign (Algorithm 1), error (§5 ablation), smebu (Arcee
+    # Trinity), proportional (LongCat-Flash), quantile (Quantile Balancing; ignores the rate)
+    bias_update: Literal["sign", "error", "smebu", "proportional", "quantile"] = "sign"
     bias_mode: Literal["additive", "multiplicative"] = "additive"
     bias_center: bool = False  # subtract each layer's mean bias after every update (torchtitan)
-    # "constant": u every step (Algorithm 1); "lr": after warm-up, u follows the LR's decay (u * lr_t / lr)
-    bias_update_schedule: Literal["constant", "lr"] = "constant"
+    # "constant": u every step (Algorithm 1); "lr": after warm-up, u follows the LR's decay (u * lr_t / lr);
+    # "decay": u / (1 + step / bias_decay_steps) (arXiv 2512.03915)
+    bias_update_schedule: Literal["constant", "lr", "decay"] = "constant"
+    bias_decay_steps: int = 1000
+    bias_freeze_after_steps: int = 0  # 0: never; N: no bias update after the first N steps
+    bias_freeze_after_tokens: int = 0  # 0: never; N: no bias update once N tokens were trained (DeepSeek-V3)
+    bias_frozen_layers: str = ""  # comma-separated MoE layer indices (0-based) whose bias never moves
+    smebu_kappa: float = 2.0  # slope of SMEBU's tanh soft clamp
+    smebu_momentum: float = 0.5  # SMEBU's momentum beta
+    target_load: str = ""  # proportional rule: comma-separated weight per expert ("": uniform 1/E)
+    qb_estimator: Literal["microbatch", "pooled", "histogram"] = "microbatch"
+    qb_ema: float = 0.0  # quantile: b <- ema * b + (1 - ema) * b_new (0: replace)
+    qb_window: int = 1  # quantile: steps pooled (microbatch / pooled estimators)
+    qb_bins: int = 1000  # quantile: histogram bins per expert (histogram estimator)
     aux_loss_coeff: float = 1e-3
     z_loss_coeff: float = 0.0
     seq_aux_coeff: float = 1e-4
@@ -193,13 +211,51 @@ class BalanceConfig:
         _check(self.aux_loss_scores in ("normalized", "raw"), "balance.aux_loss_scores", "'normalized' or 'raw'", self.aux_loss_scores)
         _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
         _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
-        _check(self.bias_update in ("sign", "error"), "balance.bias_update", "'sign' or 'error'", self.bias_update)
-        _check(self.bias_update_schedule in ("constant", "lr"), "balance.bias_update_schedule", "'constant' or 'lr'", self.bias_update_schedule)
+        _check(self.bias_update in _BIAS_RULES, "balance.bias_update", f"one of {list(_BIAS_RULES)}", self.bias_update)
+        _check(self.bias_update_schedule in ("constant", "lr", "decay"), "balance.bias_update_schedule", "'constant', 'lr' or 'decay'", self.bias_update_schedule)
+        self._check_rule_fields()
         _check(self.bias_mode in ("additive", "multiplicative"), "balance.bias_mode", "'additive' or 'multiplicative'", self.bias_mode)
         _check(not (self.bias_center and self.bias_mode != "additive"), "balance.bias_center", "false with balance.bias_mode='multiplicative' (a product is not shift-invariant)", self.bias_center)
         _check(self.aux_loss_coeff >= 0, "balance.aux_loss_coeff", ">= 0", self.aux_loss_coeff)
         _check(self.z_loss_coeff >= 0, "balance.z_loss_coeff", ">= 0", self.z_loss_coeff)
         _check(self.seq_aux_coeff >= 0, "balance.seq_aux_coeff", ">= 0", self.seq_aux_coeff)
+
+    def _check_rule_fields(self) -> None:
+        """The options of the bias rules and schedules (ranges of :mod:`moebalance.rules`)."""
+        _check(self.bias_decay_steps >= 1, "balance.bias_decay_steps", ">= 1", self.bias_decay_steps)
+        _check(self.bias_freeze_after_steps >= 0, "balance.bias_freeze_after_steps", ">= 0 (0: never)", self.bias_freeze_after_steps)
+        _check(self.bias_freeze_after_tokens >= 0, "balance.bias_freeze_after_tokens", ">= 0 (0: never)", self.bias_freeze_after_tokens)
+        _check(_layer_list(self.bias_frozen_layers) is not None, "balance.bias_frozen_layers", "comma-separated MoE layer indices >= 0 (e.g. '0,2'), or ''", self.bias_frozen_layers)
+        _check(self.smebu_kappa > 0, "balance.smebu_kappa", "> 0", self.smebu_kappa)
+        _check(0 <= self.smebu_momentum < 1, "balance.smebu_momentum", "in [0, 1)", self.smebu_momentum)
+        _check(_target_weights(self.target_load) is not None, "balance.target_load", "'' (uniform) or comma-separated weights >= 0, not all 0", self.target_load)
+        _check(self.qb_estimator in ("microbatch", "pooled", "histogram"), "balance.qb_estimator", "'microbatch', 'pooled' or 'histogram'", self.qb_estimator)
+        _check(0 <= self.qb_ema < 1, "balance.qb_ema", "in [0, 1)", self.qb_ema)
+        _check(1 <= self.qb_window <= 100000, "balance.qb_window", "in [1, 100000]", self.qb_window)
+        _check(2 <= self.qb_bins <= 100000, "balance.qb_bins", "in [2, 100000]", self.qb_bins)
+
+
+_BIAS_RULES = ("sign", "error", "smebu", "proportional", "quantile")
+
+
+def _layer_list(text: str) -> list[int] | None:
+    """MoE layer indices of ``"0,2"`` (``[]`` for ``""``), or ``None`` when malformed."""
+    items = [t.strip() for t in text.split(",")] if text.strip() else []
+    if not all(t.isascii() and t.isdigit() for t in items):
+        return None
+    return [int(t) for t in items]
+
+
+def _target_weights(text: str) -> list[float] | None:
+    """The weights of ``balance.target_load`` (``[]`` for ``""``), or ``None`` when malformed."""
+    if not text.strip():
+        return []
+    try:
+        weights = [float(t) for t in text.split(",")]
+    except ValueError:
+        return None
+    ok = all(math.isfinite(w) and w >= 0 for w in weights) and sum(weights) > 0
+    return weights if ok else None
 
 
 @dataclass
@@ -356,6 +412,33 @@ class RunConfig:
             "balance.strategy",
             "'none' with model.routing='expert_choice'",
             self.balance.strategy,
+        )
+        self._validate_rules()
+
+    def _validate_rules(self) -> None:
+        """Bias-rule fields that depend on the model or the batch."""
+        m, b, t = self.model, self.balance, self.train
+        moe_layers = m.n_layers - m.first_dense_layers
+        frozen = _layer_list(b.bias_frozen_layers) or []
+        _check(all(i < moe_layers for i in frozen), "balance.bias_frozen_layers", f"indices in [0, {moe_layers - 1}] (the MoE layers)", b.bias_frozen_layers)
+        weights = _target_weights(b.target_load) or []
+        _check(not weights or len(weights) == m.num_experts, "balance.target_load", f"{m.num_experts} weights (model.num_experts)", b.target_load)
+        if b.bias_update != "quantile" or b.strategy not in ("loss_free", "deepseek_v3"):
+            return
+        # Megatron-LM's guards for Quantile Balancing, as errors naming the field.
+        _check(m.n_group == 1, "model.n_group", "1 with balance.bias_update='quantile' (no group-limited routing)", m.n_group)
+        _check(b.bias_mode == "additive", "balance.bias_mode", "'additive' with balance.bias_update='quantile'", b.bias_mode)
+        _check(m.top_k < m.num_experts, "model.top_k", f"< num_experts={m.num_experts} with balance.bias_update='quantile'", m.top_k)
+        _check(
+            b.strategy != "deepseek_v3" or b.seq_aux_coeff == 0,
+            "balance.seq_aux_coeff", "0 with balance.bias_update='quantile' (aux coefficient 0, Megatron-LM's guard)", b.seq_aux_coeff,
+        )
+        tokens = t.batch_size * t.seq_len
+        _check(
+            tokens * m.top_k % m.num_experts == 0,
+            "train.batch_size * train.seq_len * model.top_k",
+            f"a multiple of model.num_experts={m.num_experts} with balance.bias_update='quantile' (C = T*K/E tokens per expert)",
+            tokens * m.top_k,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -43,8 +43,9 @@ import torch
 from moebalance import parallel
 from moebalance.balancing import Balancing
 from moebalance.metrics import max_violation
+from moebalance.rules import RateSchedule
 from moebalance.train.checkpoint import CheckpointDir, save_checkpoint, write_json, write_text
-from moebalance.train.config import RunConfig
+from moebalance.train.config import RunConfig, tokens_per_step
 from moebalance.train.data import (
     TokenData,
     check_data,
@@ -108,17 +109,21 @@ def perplexity(loss: float) -> float:
         return math.inf
 
 
-def bias_rate_scale(step: int, cfg: RunConfig) -> float:
-    """The factor on the Loss-Free update rate at ``step`` (0-based), ``balance.bias_update_schedule``.
+def bias_rate_scale(step: int, cfg: RunConfig, world_size: int = 1) -> float:
+    """The factor on the Loss-Free update rate at ``step`` (0-based), ``balance.bias_update_schedule``
+    and the freezes (:class:`moebalance.rules.RateSchedule`).
 
     ``"constant"``: 1 (Algorithm 1). ``"lr"``: 1 through the warm-up, then ``lr_t / lr``, so that
     the bias slows down as the weights do (cosine decay to ``min_lr / lr`` at the end). DeepSeek-V3
     (§4.2 of its report) likewise keeps the bias update speed for most of training and sets it to 0
-    for the last tokens; docs/reproduction.md has the measurements behind this option.
+    for the last tokens; docs/reproduction.md has the measurements behind this option. ``"decay"``:
+    ``1 / (1 + step / balance.bias_decay_steps)``. 0 from step ``balance.bias_freeze_after_steps``
+    on, or once ``(step + 1) * tokens_per_step`` exceeds ``balance.bias_freeze_after_tokens``.
     """
-    if cfg.balance.bias_update_schedule == "constant" or step < cfg.train.warmup_steps:
-        return 1.0
-    return min(1.0, lr_at(step, cfg) / cfg.train.lr)
+    b = cfg.balance
+    schedule = RateSchedule(b.bias_update_schedule, b.bias_decay_steps, b.bias_freeze_after_steps, b.bias_freeze_after_tokens)
+    lr_ratio = 1.0 if step < cfg.train.warmup_steps else lr_at(step, cfg) / cfg.train.lr
+    return schedule.scale(step, (step + 1) * tokens_per_step(cfg.train, world_size), lr_ratio)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -243,6 +248,7 @@ class _Run:
             self.start_step, self.stats = restore_state(
                 state, **self._objects(), config=cfg.to_dict(), data_fingerprint=data.fingerprint, source=str(ckpt_path)
             )
+            self.balancing.load_state_dict(state.get("balancing", {}))  # the rule's momentum / window
             log.info("resumed from %s after step %d", ckpt_path, self.start_step)
         # Written only now: a refused resume must leave the run's config.json as it was.
         if self.ctx.is_main:
@@ -266,19 +272,25 @@ class _Run:
         self.data_gen = torch.Generator().manual_seed(cfg.train.seed)
         # The bias update uses the global batch's load: all-reduced over the ranks before the update.
         self.balancing = Balancing.from_config(cfg.balance, all_reduce=self.ctx.loads_all_reduce())
+        self.balancing.prepare(self.model)
+        frozen = {int(i) for i in cfg.balance.bias_frozen_layers.split(",") if i.strip()}
+        for i, router in enumerate(self.model.routers):
+            router.bias_frozen = i in frozen
 
     def _objects(self) -> dict[str, Any]:
         return dict(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, data_gen=self.data_gen)
 
     def _state(self, steps_done: int) -> dict[str, Any]:
         """The resumable state after ``steps_done`` loop iterations (see :mod:`moebalance.train.resume`)."""
-        return capture_state(
+        state = capture_state(
             **self._objects(),
             config=self.cfg.to_dict(),
             data_fingerprint=self.data.fingerprint,
             step=steps_done,
             stats=self.stats,
         )
+        state["balancing"] = self.balancing.state_dict()  # the bias rule's own state (SMEBU, quantile window)
+        return state
 
     def fit(self, progress: bool, desc: str | None) -> None:
         """Run the optimizer steps from ``start_step`` to ``train.max_steps``."""
@@ -377,7 +389,7 @@ class _Run:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return self.balancing.after_step(self.model, bias_rate_scale(step, self.cfg))
+        return self.balancing.after_step(self.model, bias_rate_scale(step, self.cfg, self.ctx.world_size))
 
     def _log_step(self, step: int, outcome: _StepOutcome, loads_LE: torch.Tensor, dt: float) -> dict[str, Any]:
         """Write the step's record to ``metrics.jsonl`` and TensorBoard; return the record."""

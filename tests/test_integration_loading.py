@@ -115,7 +115,7 @@ def test_no_warning_for_a_fresh_model_or_a_folder_with_its_biases(tmp_path, capl
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_biases_are_saved_in_float32_from_a_bf16_model(tmp_path, family):
     handle = _trained(family, tmp_path, dtype=torch.bfloat16)
-    name = handle.routers[0]._moebalance_bias_name
+    name = handle.routers[0]._moebalance_slot.name
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         dtypes = {f.get_tensor(k).dtype for k in f.keys() if k.endswith("." + name)}
         weights = {f.get_tensor(k).dtype for k in f.keys() if k.endswith("embed_tokens.weight")}

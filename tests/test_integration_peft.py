@@ -68,7 +68,7 @@ def test_modules_to_save_router_in_either_order(family, order):
     assert handle.metrics()["moe/maxvio_batch"] > 0  # 0.0 was the no-op of apply-first
     assert handle.biases().abs().sum() > 0  # the update moved the biases ...
     for router, bias in zip(used, handle.bias_tensors()):  # ... that the forward reads
-        assert getattr(router, router._moebalance_bias_name) is bias
+        assert router._moebalance_slot.tensor() is bias
     with torch.no_grad():
         for bias in handle.bias_tensors():
             bias[5] = 100.0

@@ -77,7 +77,7 @@ def test_resume_restores_the_biases(tmp_path, family, lora):
     trainer2.add_callback(Peek())
     trainer2.train(resume_from_checkpoint=str(ckpt))
     assert torch.equal(seen["biases"], trained)
-    assert handle2.steps == 1  # one more optimizer step after the resumed one
+    assert handle2.steps == 2  # counts from the resumed global step (1), plus one more optimizer step
 
 
 def test_resume_without_biases_in_the_checkpoint_warns(tmp_path, caplog):

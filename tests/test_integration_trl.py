@@ -144,8 +144,6 @@ def test_grpo_trainer_updates_once_per_optimizer_step(tmp_path):
     assert handle.biases().abs().sum() > 0
 
 
-@pytest.mark.xfail(strict=True, reason="rollouts (generate() under no_grad in train mode) are counted; issue 20 "
-                   "asks to count only forwards with grad enabled (the routers' counting, not this integration)")
 def test_grpo_loads_are_the_training_forwards_only(tmp_path):
     trainer, handle = _grpo(tmp_path, steps=1)
     tokens = []

@@ -93,6 +93,17 @@ def _load_initial_biases(handle: LossFreeBalancing, load_biases_from) -> None:
             log.info("loaded the expert biases of %d routers from %s", n, load_biases_from)
 
 
+def _new_handle(model: nn.Module, found, handle: LossFreeBalancing, load_biases_from) -> LossFreeBalancing:
+    """Wire a new handle to the model: padding-mask hooks, router back-references, initial
+    biases, the record in ``model.config``."""
+    handle.hooks = install_mask_hooks(model, found[0][1]._moebalance_mask)
+    for _, router in found:
+        router._moebalance_handle = handle
+    _load_initial_biases(handle, load_biases_from)
+    record_in_config(handle)
+    return handle
+
+
 def apply_loss_free_balancing(
     model: nn.Module,
     update_rate: float = 1e-3,
@@ -173,10 +184,5 @@ def apply_loss_free_balancing(
     if disable_aux_loss and (changed := _disable_aux_loss(model)):
         log.info("auxiliary load-balancing loss disabled: %s set to 0/False", ", ".join(changed))
     reduce = timed_all_reduce(dist_timeout_s) if all_reduce == "auto" else all_reduce
-    handle = LossFreeBalancing(model, found, balancer, reduce, settings, mode, freeze_after_steps)
-    handle.hooks = install_mask_hooks(model, found[0][1]._moebalance_mask)
-    for _, router in found:
-        router._moebalance_handle = handle
-    _load_initial_biases(handle, load_biases_from)
-    record_in_config(handle)
-    return handle
+    return _new_handle(model, found, LossFreeBalancing(model, found, balancer, reduce, settings, mode,
+                                                       freeze_after_steps), load_biases_from)

@@ -48,8 +48,10 @@ class BiasSlot:
     own: bool
 
     def tensor(self) -> torch.Tensor:
-        """The live ``[E]`` float32 bias (a view of a ``[1, E]`` tensor): writing to it steers routing."""
-        return getattr(self.holder, self.name).detach().view(-1)
+        """The live ``[E]`` float32 bias (the buffer or Parameter itself, or a view of a ``[1, E]``
+        one): writing to it in place steers routing."""
+        t = getattr(self.holder, self.name)
+        return t if t.dim() == 1 else t.detach().view(-1)
 
 
 def _candidates(router_name: str, router: nn.Module, modules: dict[str, nn.Module]):

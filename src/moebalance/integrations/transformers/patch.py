@@ -91,10 +91,17 @@ def install(model: nn.Module, probe_inputs: dict | None = None) -> list[Router]:
         The routers, in module order, each with ``module._moebalance_slot`` and its counters.
 
     Raises:
-        ValueError: no router found, or a router cannot carry the bias (named, with the reason).
+        ValueError: the model is on the meta device, no router found, or a router cannot carry the
+            bias (named, with the reason).
         RuntimeError: the probe forward failed, or the probe found the routing changed or the
             bias not steering (the router class is named); nothing stays patched.
     """
+    if any(t.is_meta for t in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__} is on the meta device: the probe that finds and checks its routers needs one "
+            "real forward; call apply_loss_free_balancing after model.to_empty(device=...) (uninitialised weights "
+            "are fine) or after loading the weights"
+        )
     inputs = probe_inputs if probe_inputs is not None else probe_batch(model)
     routers, problems, reference = find_routers(model, inputs)
     if not routers:

@@ -133,8 +133,8 @@ def apply_loss_free_balancing(
     (see :func:`~moebalance.integrations.transformers.checkpoint.record_in_config`).
 
     Calling it again on the same model returns the same handle when the settings match (the biases
-    are not reloaded), and raises when they differ. Works on a meta-device model, before or after
-    ``to_empty`` (the conformance probe uses its own finite weights): the biases come out zero.
+    are not reloaded), and raises when they differ. A meta-device model is patched after
+    ``to_empty`` (the probe needs one real forward; uninitialised weights are fine).
 
     Args:
         model: a transformers model (``...ForCausalLM``, base model, or any module holding the routers).
@@ -150,9 +150,8 @@ def apply_loss_free_balancing(
             folder the model was loaded from (``model.name_or_path``) when it is a local folder.
         dist_timeout_s: seconds the ``"auto"`` all-reduce waits for the other ranks before raising
             (``None``: the process group's timeout).
-        mode: ``"update"`` (Algorithm 1 after every optimizer step) or ``"frozen"`` (loads counted
-            and logged, the bias never moved); see :class:`LossFreeBalancing`.
-        freeze_after_steps: with ``mode="update"``, stop moving the bias after this many updates.
+        mode, freeze_after_steps: ``"update"`` or ``"frozen"``, and when to freeze an updating
+            bias; see :class:`LossFreeBalancing`.
         probe_inputs: keyword inputs for the probe forward (default: ``[2, 11]`` random token ids
             of the model's vocabulary); give them for a model that needs more than ``input_ids``.
 
@@ -160,11 +159,10 @@ def apply_loss_free_balancing(
         The :class:`LossFreeBalancing` handle.
 
     Raises:
-        ValueError: no router in ``model``, or a router that cannot carry the bias (the message
-            names the router class and why), a
-            bad ``update_rate`` / ``update`` / ``center`` / ``dist_timeout_s`` / ``all_reduce`` (not
-            ``"auto"``, ``None`` or callable) / ``disable_aux_loss`` (not a bool), or a second call
-            with other settings or an explicit ``load_biases_from``.
+        ValueError: a meta-device model; no router in ``model``, or a router that cannot carry the
+            bias (the message names the router class and why); a bad ``update_rate`` / ``update`` /
+            ``center`` / ``dist_timeout_s`` / ``all_reduce`` / ``disable_aux_loss`` / ``mode``; or a
+            second call with other settings or an explicit ``load_biases_from``.
         TypeError: ``load_biases_from`` is not a path, ``"auto"`` or ``None``.
         FileNotFoundError: ``load_biases_from`` names no folder of safetensors files.
         RuntimeError: the probe forward failed, or the probe found the routing changed or a router

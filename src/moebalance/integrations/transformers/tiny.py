@@ -82,18 +82,35 @@ TINY_SIZES = dict(
     q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
     ffn_hidden_size=64, d_model=32, n_layers=2, n_heads=4, num_layers=2, depth=1, embed_dim=32, num_heads=4,
     out_hidden_size=32, d_ff=64, ffn_dim=64, expert_dim=32, moe_layer_freq=1, decoder_sparse_step=1,
+    num_experts_per_token=2, num_expert_group=1, num_shared_experts=1,
 )
+
+#: Boolean switches that turn a family's MoE layers on.
+TINY_SWITCHES = dict(is_moe=True)
+
+
+def _per_layer(value: list, layers: int):
+    """A per-layer list cut to ``layers`` entries: the *last* ones of a list of layer kinds (so a
+    model whose first layers are dense keeps its MoE layers), the first ones of a list of numbers."""
+    return value[-layers:] if all(isinstance(v, str) for v in value) else value[:layers]
 
 
 def _shrink(config, seen: set) -> None:
     if id(config) in seen:
         return
     seen.add(id(config))
+    layers = getattr(config, "num_hidden_layers", None)
     for key, value in list(vars(config).items()):
         if hasattr(value, "to_dict") and hasattr(value, "model_type"):
             _shrink(value, seen)
         elif key in TINY_SIZES and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, key, TINY_SIZES[key])
+        elif key in TINY_SWITCHES and isinstance(value, bool):
+            setattr(config, key, TINY_SWITCHES[key])
+        elif key == "mlp_only_layers" and isinstance(value, list):
+            setattr(config, key, [])
+        elif isinstance(value, list) and value and isinstance(layers, int) and len(value) == layers > 2:
+            setattr(config, key, _per_layer(value, TINY_SIZES["num_hidden_layers"]))
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value >= TINY_SIZES["vocab_size"]:

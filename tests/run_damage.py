@@ -110,6 +110,11 @@ DAMAGES: dict[str, tuple[Callable[[Path], None], set[str]]] = {
         ALL,
     ),
     "metrics_nan_maxvio": (_on("metrics.jsonl", _text(_record(kind="train", step=3, maxvio_batch="NaN"), append=True)), ALL),
+    "metrics_empty": (_on("metrics.jsonl", _text("")), {"plot", "replay", "compare"}),  # resume continues
+    "metrics_without_evaluation": (
+        _on("metrics.jsonl", lambda p: p.write_bytes(b"".join(ln for ln in p.read_bytes().splitlines(True) if b'"eval"' not in ln))),
+        {"compare"},
+    ),
     "tb_is_file": (_on("tb", _text("not a folder")), {"resume"}),
     "tb_links_to_file": (_on("tb", _link("config.json")), {"resume"}),
     "tb_is_fifo": (_on("tb", _fifo), {"resume"}),

@@ -30,7 +30,7 @@ from typing import Any
 from moebalance.train.checkpoint import CheckpointDir, describe_os_error, run_folder_problem
 from moebalance.train.config import RunConfig
 from moebalance.train.resume import RESUMABLE_KEYS, check_resumable_folder, config_differences
-from moebalance.train.runfiles import read_json, read_metrics
+from moebalance.train.runfiles import read_json
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +93,20 @@ def damaged_run(run_dir: Path, cfg: RunConfig) -> RunFolderError | None:
     """The error to raise when ``run_dir`` holds a run of ``cfg`` that would be read back or
     resumed (:func:`run_state` ``"finished"`` or ``"resume"``) but one of its files cannot serve:
     a finished run's ``summary.json`` (:func:`~moebalance.train.loop.read_summary`) or
-    ``metrics.jsonl`` (the report's plots read it), or anything a resumed run reads or writes
+    ``metrics.jsonl`` (the report's plots and replay read its training and evaluation records:
+    :func:`~moebalance.lab.reporting.plot_inputs`, :func:`~moebalance.lab.replay.replay_inputs`), or anything a resumed run reads or writes
     (:func:`~moebalance.train.resume.check_resumable_folder`). ``None`` when nothing is damaged."""
+    from moebalance.lab.replay import replay_inputs
+    from moebalance.lab.reporting import plot_inputs
     from moebalance.train.loop import read_summary
 
     state = run_state(run_dir, cfg)
     try:
-        if state == "finished":
+        if state == "finished":  # what the report reads back: the summary, the plots' and the replay's records
             read_summary(run_dir / "summary.json")
-            read_metrics(run_dir / "metrics.jsonl")
+            if not plot_inputs([run_dir])[1]:
+                raise ValueError(f"{str(run_dir / 'metrics.jsonl')!r} holds no evaluation record")
+            replay_inputs([run_dir])
         elif state == "resume":
             check_resumable_folder(run_dir)
     except (OSError, ValueError) as exc:

@@ -25,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CHECKPOINT_LIMIT",
+    "DEFAULT_LIMIT",
     "SIZE_LIMITS",
     "RunFileError",
     "entry_kind",
+    "limit_for",
     "metric_lines",
     "read_bytes",
     "read_json",

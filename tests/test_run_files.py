@@ -101,6 +101,10 @@ def test_reader_refuses_what_is_not_a_regular_file_without_blocking(tmp_path):
             assert info.value.path == str(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="missing"):
         runfiles.read_bytes(tmp_path / "missing")
+    with pytest.raises(RunFileError, match="NUL byte"):
+        runfiles.read_bytes(f"{tmp_path}/a\x00b")
+    with pytest.raises(RunFileError, match="Not a directory"):
+        runfiles.read_bytes(tmp_path / "folder" / ".." / "zero" / "x")
 
 
 def test_reader_bounds_what_it_reads(tmp_path):

@@ -96,6 +96,8 @@ def entry_kind(path: str | Path) -> str | None:
         return "a symbolic link that leads nowhere (dangling, or a loop)" if os.path.islink(path) else None
     except OSError as exc:  # ELOOP, ENAMETOOLONG, ENOTDIR, EACCES
         return f"unusable ({exc.strerror})"
+    except ValueError:  # os.stat: "embedded null byte"
+        return "unusable (the path contains a NUL byte)"
     if stat.S_ISREG(mode):
         return "file"
     return "folder" if stat.S_ISDIR(mode) else _kind(mode)

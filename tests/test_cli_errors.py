@@ -239,7 +239,7 @@ def test_overwrite_removes_only_the_run_and_never_follows_a_symlink(tiny_run, tm
         (lambda run: (run / "config.json").write_text('{"model": {}, "balance": {}, "data": {}, "train": {}}'), "is not a moebalance run config"),
         (lambda run: (run / "config.json").write_text("null"), "is not a moebalance run config"),
         (lambda run: (run / "config.json").unlink(), "holds checkpoint.pt, metrics.jsonl, summary.json but no config.json"),
-        (lambda run: (run / "checkpoints").mkdir(exist_ok=True) or (run / "checkpoints" / "step_00000004.pt").mkdir(), "is not a file, where a run writes one"),
+        (lambda run: (run / "checkpoints").mkdir(exist_ok=True) or (run / "checkpoints" / "step_00000004.pt").mkdir(), "step_00000004.pt' is a folder where a run writes a file"),
     ],
 )
 def test_overwrite_refuses_a_folder_a_run_cannot_be_cleared_into(tiny_run, tokens, tmp_path, capsys, damage, needle):

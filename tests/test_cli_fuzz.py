@@ -7,13 +7,17 @@ milliseconds and ``cli.main`` runs in this process, unmocked. The paths include 
 folders are expected, folders where files are expected, a symlink loop, a dangling symlink, a
 name longer than the file system allows, a NUL byte, and garbage, truncated and foreign
 checkpoints and run folders (tests run as root, so permission bits cannot make a path
-unreadable; these kinds of path are unusable for root as well).
+unreadable; these kinds of path are unusable for root as well), a FIFO and a link to /dev/zero,
+and one finished run with a copy of it for every damage of tests/run_damage.py (run files that are
+folders, FIFOs or links to devices, truncated, garbled, wrong-typed or over-long files): a command
+that meets one must neither hang (an alarm fails the example after 30 s) nor change it.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,8 +29,9 @@ from moebalance import cli
 from moebalance.lab.sweeps import GRIDS
 from moebalance.train.checkpoint import MAGIC, CheckpointDir, save_checkpoint
 from moebalance.train.config import RunConfig, get_preset
+from run_damage import DAMAGES, damage, make_finished_run
 
-EXAMPLES = 500
+EXAMPLES = 1000
 KEYS = sorted(f"{s}.{f}" for s, fields in RunConfig().to_dict().items() for f in fields)
 
 
@@ -61,6 +66,12 @@ def sandbox(tmp_path_factory) -> Path:
         (root / name).mkdir()
         (root / name / "metrics.jsonl").write_text(text)
     (root / "m_isdir" / "metrics.jsonl").mkdir(parents=True)
+    os.mkfifo(root / "fifo")
+    (root / "devzero").symlink_to("/dev/zero")
+    make_finished_run(root / "finished")  # and a damaged copy of it for every damage of run_damage.py
+    for name in DAMAGES:
+        shutil.copytree(root / "finished", root / f"d_{name}", symlinks=True)
+        damage(root / f"d_{name}", name)
     return root
 
 
@@ -68,7 +79,10 @@ PATHS = [
     "afile", "afile/sub", "afile/sub/deeper", "empty.txt", "adir", "adir/new", "new_out", "new/a/b",
     "garbage.pt", "truncated.pt", "notdict.pt", "foreign.pt", "loop", "loop/x", "dangling", "dangling/x",
     "bad_run", "badjson_run", "m_garbage", "m_notdict", "m_missing", "m_badloads", "m_empty", "m_isdir",
-    "x" * 300, "adir/" + "y" * 300, "a\x00b", "", ".", "/",
+    "x" * 300, "adir/" + "y" * 300, "a\x00b", "", ".", "/", "fifo", "devzero",
+    "finished", "finished/checkpoint.pt", "finished/metrics.jsonl",
+    *(f"d_{name}" for name in DAMAGES),
+    *(f"d_{name}/checkpoint.pt" for name in DAMAGES if name.startswith("checkpoint")),
 ]
 paths = st.sampled_from(PATHS)
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
@@ -86,7 +100,7 @@ option = st.one_of(
     st.tuples(st.just("--preset"), st.sampled_from(["smoke", "default", "tiny"])),
     st.tuples(st.sampled_from(["--position", "--trials", "--nproc"]), st.sampled_from(["0", "-1", "1", "7", "10000", "x"])),
     st.tuples(st.just("--ranks"), st.sampled_from(["2,4", "0", "a,b", "", "3", "-2"])),
-    st.tuples(st.sampled_from(["--no-progress", "--bogus", "-x"]), st.none()),
+    st.tuples(st.sampled_from(["--no-progress", "--overwrite", "--bogus", "-x"]), st.none()),
 )
 
 
@@ -107,6 +121,10 @@ def command_lines(draw) -> list[str]:
     return argv
 
 
+def hung(signum, frame):
+    raise AssertionError("the command blocked for 30 s")
+
+
 def tree(root: Path) -> set[tuple[str, int]]:
     """Every path under ``root`` (symlinks not followed) with its size: what a command left."""
     found = set()
@@ -122,11 +140,15 @@ def tree(root: Path) -> set[tuple[str, int]]:
 def test_random_command_lines_fail_cleanly(sandbox, capsys, argv):
     before, cwd, threads = tree(sandbox), os.getcwd(), torch.get_num_threads()
     os.chdir(sandbox)  # default output folders (runs/...) land in the sandbox too
+    old_handler = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)  # a command that blocks (a FIFO read) fails the example instead of the suite
     try:
         code = cli.main(argv)
     except SystemExit as exc:  # argparse's own errors and --help
         code = exc.code
     finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old_handler)
         os.chdir(cwd)
         torch.set_num_threads(threads)  # train.threads=N sets it before the data fails
     err = capsys.readouterr().err

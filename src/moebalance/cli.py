@@ -66,21 +66,27 @@ class UsageError(Exception):
 
 def _resume_config(args: argparse.Namespace) -> RunConfig:
     """The saved config of the run in ``args.resume``, with the allowed overrides applied."""
-    from moebalance.train.resume import RESUMABLE_KEYS, latest_training_state
+    from moebalance.train.resume import RESUMABLE_KEYS, check_resumable_folder, latest_training_state
+    from moebalance.train.runfiles import read_json
 
     run_dir = Path(args.resume)
     for flag in ("preset", "data", "out"):
         if getattr(args, flag) is not None and not (flag == "out" and Path(args.out) == run_dir):
             raise UsageError(f"--{flag} cannot be combined with --resume: the run's config and folder are {run_dir}")
     config_path = run_dir / "config.json"
-    if not config_path.is_file():
+    if not os.path.lexists(config_path):  # one that is there but not a file: named below
         raise UsageError(f"--resume {run_dir}: no config.json there (not a moebalance run folder)")
     bad = [k for k in override_keys(args.overrides) if k not in RESUMABLE_KEYS]
     if bad:
         raise UsageError(f"--resume: {bad} cannot change on resume; allowed: {sorted(RESUMABLE_KEYS)}")
+    try:  # every file the resumed run reads or writes, before anything is prepared or written
+        check_resumable_folder(run_dir)
+        saved = read_json(config_path)
+    except (ValueError, OSError) as exc:  # RunFileError names the file
+        raise UsageError(f"--resume {run_dir}: {_message(exc)}") from exc
     try:
-        saved = RunConfig.from_dict(json.loads(config_path.read_text()))
-    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        saved = RunConfig.from_dict(saved)
+    except (ValueError, TypeError) as exc:
         raise UsageError(f"--resume {run_dir}: config.json is not a moebalance run config: {exc}") from exc
     cfg = apply_overrides(saved, list(args.overrides))
     try:  # verified here, before any data is prepared; train() reads it again
@@ -284,11 +290,15 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
     # --print-config only shows the config: a GPU config (the paper-* presets) may be built without a GPU.
     with cuda_assumed() if getattr(args, "print_config", False) else contextlib.nullcontext():
         try:
-            if args.command in ("plot", "replay"):
-                from moebalance.lab.reporting import find_run_dirs
+            if args.command in ("plot", "replay"):  # every run file read and checked here: a damaged one is exit 2
+                from moebalance.lab.replay import replay_inputs
+                from moebalance.lab.reporting import plot_inputs
 
-                args.runs = find_run_dirs(args.run_dirs)
                 args.ranks_tuple = _ranks(args.ranks) if args.command == "replay" else None
+                if args.command == "replay":
+                    args.runs = replay_inputs(args.run_dirs)
+                else:
+                    plot_inputs(args.run_dirs)  # plot_runs reads them again, at work
             else:
                 args.overrides = list(args.overrides) + extra
                 cfg = _config(args)
@@ -314,13 +324,11 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
 
 
 def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:
-    from moebalance.train.checkpoint import clear_run_folder
     from moebalance.train.loop import train
 
-    out = Path(args.out_dir)
-    if args.overwrite and (out / "config.json").is_file() and int(os.environ.get("RANK", "0")) == 0:
-        clear_run_folder(out)  # the other ranks write nothing before the process group's rendezvous
-    result = train(cfg, args.out_dir, progress=not args.no_progress, resume=bool(args.resume))
+    # --overwrite: train() removes the old run only when data and model are ready (rank 0 alone).
+    overwrite = args.overwrite and (Path(args.out_dir) / "config.json").is_file()
+    result = train(cfg, args.out_dir, progress=not args.no_progress, resume=bool(args.resume), overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
     return EXIT_OK
@@ -380,7 +388,7 @@ def _cmd_leakage(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _cmd_plot(args: argparse.Namespace, cfg: None) -> int:
     from moebalance.lab.reporting import plot_runs
 
-    for path in plot_runs(list(args.runs.values()), args.out_dir):
+    for path in plot_runs(args.run_dirs, args.out_dir):
         print(path)
     return EXIT_OK
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.runs import RunFolderError, clear_refusal, folder_conflict, run_or_resume
+from moebalance.lab.runs import RunFolderError, clear_refusal, damaged_run, folder_conflict, run_or_resume
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
 from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
 from moebalance.train.checkpoint import run_folder_problem, write_json, write_text
@@ -288,7 +288,8 @@ def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) 
 
     Raises:
         RunFolderError: the first conflicting folder, unless ``overwrite``; with ``overwrite``, the
-            first folder that cannot be cleared (:func:`~moebalance.lab.runs.clear_refusal`).
+            first folder that cannot be cleared (:func:`~moebalance.lab.runs.clear_refusal`); a
+            run to read back or continue with a damaged file (:func:`~moebalance.lab.runs.damaged_run`).
     """
     for name, (cfg, run_dir) in plan.items():
         if overwrite:  # run_folder_problem's checks, and the config.json's
@@ -298,6 +299,7 @@ def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) 
             problem = None if error is not None else run_folder_problem(run_dir)
             if problem is not None:
                 error = RunFolderError(f"{problem} (choose another --out)")
+        error = error or damaged_run(run_dir, cfg)  # a run read back or resumed: its files first
         if error is not None:
             raise error
 

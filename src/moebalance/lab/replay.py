@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_RANKS", "ReplayResult", "rank_loads", "replay_loads", "replay_markdown", "replay_runs"]
+__all__ = ["DEFAULT_RANKS", "ReplayResult", "rank_loads", "replay_inputs", "replay_loads", "replay_markdown", "replay_runs"]
 
 DEFAULT_RANKS = (2, 4, 8, 16, 64, 256)
 
@@ -104,29 +104,36 @@ def replay_loads(loads_SLE: np.ndarray, num_ranks: int) -> ReplayResult:
     )
 
 
-def _array(x: Any) -> np.ndarray | None:
-    """A nested list of numbers as a float64 array; ``None`` when it is ragged or not numeric."""
-    try:
-        return np.asarray(x, dtype=np.float64)
-    except (ValueError, TypeError):
-        return None
-
-
 def _recorded_loads(run_dir: str | Path) -> np.ndarray:
+    """``[S, L, E]`` loads of a run's training records (:func:`moebalance.train.runfiles.read_metrics`
+    has checked that every record's ``loads`` is one ``[L][E]`` shape of counts >= 0).
+
+    Raises:
+        ValueError: a damaged ``metrics.jsonl`` (named), or one without per-step loads.
+    """
     from moebalance.lab.reporting import load_metrics
 
     train, _ = load_metrics(run_dir)
     loads = [r["loads"] for r in train if "loads" in r]
     if not loads:
         raise ValueError(f"{run_dir}: metrics.jsonl has no per-step 'loads' to replay")
-    array = _array(loads)
-    if array is None or array.ndim != 3:
-        shapes = {None if (a := _array(x)) is None else a.shape for x in loads}  # only to say what is wrong
-        raise ValueError(
-            f"{run_dir}: metrics.jsonl 'loads' must be [layers][experts] with the same shape in every step, "
-            f"got shapes {sorted(shapes, key=str)[:4]}"
-        )
-    return array
+    return np.asarray(loads, dtype=np.float64)
+
+
+def replay_inputs(paths: list[str | Path]) -> dict[str, Path]:
+    """The runs of ``paths`` (:func:`~moebalance.lab.reporting.find_run_dirs`), each checked to hold
+    loads that :func:`replay_runs` can replay (``moebalance replay`` calls this before any work).
+
+    Raises:
+        FileNotFoundError: see :func:`~moebalance.lab.reporting.find_run_dirs`.
+        ValueError: a damaged ``metrics.jsonl`` or one without per-step loads; the message names it.
+    """
+    from moebalance.lab.reporting import find_run_dirs
+
+    runs = find_run_dirs(paths)
+    for run_dir in runs.values():
+        _recorded_loads(run_dir)
+    return runs
 
 
 def replay_runs(runs: dict[str, str | Path], ranks: tuple[int, ...] = DEFAULT_RANKS) -> dict[str, Any]:

@@ -7,12 +7,13 @@ be redrawn from finished runs without training again. Files are written atomical
 from __future__ import annotations
 
 import io
-import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moebalance.train.checkpoint import atomic_write_bytes
 from moebalance.train.logs import draw_load_heatmap, pyplot, relative_load
+from moebalance.train.runfiles import read_metrics
 
 if TYPE_CHECKING:
     pass
@@ -21,6 +22,7 @@ __all__ = [
     "find_run_dirs",
     "load_metrics",
     "plot_loads",
+    "plot_inputs",
     "plot_maxvio_batch",
     "plot_runs",
     "maxvio_global_label",
@@ -30,21 +32,18 @@ __all__ = [
 
 
 def load_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
-    """``(train_records, eval_records)`` of a run's ``metrics.jsonl``.
-
-    A line that is not a JSON object (a last line cut short by a kill) is ignored.
+    """``(train_records, eval_records)`` of a run's ``metrics.jsonl``, read and checked by
+    :func:`moebalance.train.runfiles.read_metrics` (a torn last line of a killed run is dropped;
+    any other line that is not a metrics record is refused).
 
     Raises:
-        OSError: the file cannot be read.
+        FileNotFoundError: no ``metrics.jsonl``.
+        RunFileError: a ``ValueError`` naming the file: not a regular file, over its size limit,
+            not UTF-8, or a line that is not a record.
     """
     train, evals = [], []
-    for line in (Path(run_dir) / "metrics.jsonl").read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict):
-            (train if rec.get("kind") == "train" else evals).append(rec)
+    for rec in read_metrics(Path(run_dir) / "metrics.jsonl"):
+        (train if rec["kind"] == "train" else evals).append(rec)
     return train, evals
 
 
@@ -196,10 +195,10 @@ def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise FileNotFoundError(f"{str(p)!r} is not a folder")
-        if (p / "metrics.jsonl").exists():
+        if os.path.lexists(p / "metrics.jsonl"):  # whatever it is: the reader names it if it cannot serve
             found.append(p)
             continue
-        subs = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").exists())
+        subs = sorted(d for d in p.iterdir() if os.path.lexists(d / "metrics.jsonl"))
         if not subs:
             raise FileNotFoundError(f"{str(p)!r} holds no metrics.jsonl (neither a run nor a compare folder)")
         found.extend(subs)
@@ -213,18 +212,15 @@ def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
     return runs
 
 
-def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Redraw the report plots of finished runs (``moebalance plot``), without training.
-
-    Writes ``maxvio_batch.png``, ``val_loss.png`` and ``expert_load.png`` (the last evaluation's
-    load of each run that has one) into ``out_dir``.
-
-    Returns:
-        The written files.
+def plot_inputs(paths: list[str | Path]) -> tuple[dict[str, Path], dict[str, Path]]:
+    """``(with_train, with_eval)``: the runs of ``paths`` (:func:`find_run_dirs`) that have
+    training records and those that have evaluation records, every run's ``metrics.jsonl`` read
+    and checked for the fields the plots draw (``moebalance plot`` calls this before it writes).
 
     Raises:
         FileNotFoundError: see :func:`find_run_dirs`.
-        ValueError: no run has any training record, or a record lacks a field the plots read.
+        ValueError: a damaged ``metrics.jsonl`` (:func:`load_metrics`), no run has any training
+            record, or a record lacks a field the plots read; the message names the run or file.
     """
     runs = find_run_dirs(paths)
     records = {name: load_metrics(d) for name, d in runs.items()}
@@ -235,6 +231,22 @@ def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
     for name, (train, evals) in records.items():
         _check_fields(name, train, ("step", "maxvio_batch"))
         _check_fields(name, evals, ("step", "val_loss", "loads"))
+    return with_train, with_eval
+
+
+def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Redraw the report plots of finished runs (``moebalance plot``), without training.
+
+    Writes ``maxvio_batch.png``, ``val_loss.png`` and ``expert_load.png`` (the last evaluation's
+    load of each run that has one) into ``out_dir``.
+
+    Returns:
+        The written files.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`plot_inputs`.
+    """
+    with_train, with_eval = plot_inputs(paths)
     out = Path(out_dir)
     written = [out / "maxvio_batch.png"]
     plot_maxvio_batch(with_train, written[-1])

@@ -27,13 +27,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from moebalance.train.checkpoint import CheckpointDir, clear_run_folder, run_folder_problem
+from moebalance.train.checkpoint import CheckpointDir, describe_os_error, run_folder_problem
 from moebalance.train.config import RunConfig
-from moebalance.train.resume import RESUMABLE_KEYS, config_differences
+from moebalance.train.resume import RESUMABLE_KEYS, check_resumable_folder, config_differences
+from moebalance.train.runfiles import read_json
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RECORD_KEYS", "RunFolderError", "folder_conflict", "clear_refusal", "run_or_resume", "run_state"]
+__all__ = ["RECORD_KEYS", "RunFolderError", "clear_refusal", "damaged_run", "folder_conflict", "run_or_resume", "run_state"]
 
 
 #: Keys of :data:`~moebalance.train.resume.RESUMABLE_KEYS` that an unfinished run may change on
@@ -54,7 +55,7 @@ def _assess(run_dir: Path, cfg: RunConfig) -> tuple[str, list[str]]:
     if not config_path.is_file():
         return "new", []
     try:
-        saved = json.loads(config_path.read_text())
+        saved = read_json(config_path)
     except (OSError, ValueError):
         return "conflict", []
     current = json.loads(json.dumps(cfg.to_dict()))
@@ -88,6 +89,32 @@ def folder_conflict(run_dir: Path, cfg: RunConfig, name: str | None = None) -> R
     )
 
 
+def damaged_run(run_dir: Path, cfg: RunConfig) -> RunFolderError | None:
+    """The error to raise when ``run_dir`` holds a run of ``cfg`` that would be read back or
+    resumed (:func:`run_state` ``"finished"`` or ``"resume"``) but one of its files cannot serve:
+    a finished run's ``summary.json`` (:func:`~moebalance.train.loop.read_summary`) or
+    ``metrics.jsonl`` (the report's plots and replay read its training and evaluation records:
+    :func:`~moebalance.lab.reporting.plot_inputs`, :func:`~moebalance.lab.replay.replay_inputs`), or anything a resumed run reads or writes
+    (:func:`~moebalance.train.resume.check_resumable_folder`). ``None`` when nothing is damaged."""
+    from moebalance.lab.replay import replay_inputs
+    from moebalance.lab.reporting import plot_inputs
+    from moebalance.train.loop import read_summary
+
+    state = run_state(run_dir, cfg)
+    try:
+        if state == "finished":  # what the report reads back: the summary, the plots' and the replay's records
+            read_summary(run_dir / "summary.json")
+            if not plot_inputs([run_dir])[1]:
+                raise ValueError(f"{str(run_dir / 'metrics.jsonl')!r} holds no evaluation record")
+            replay_inputs([run_dir])
+        elif state == "resume":
+            check_resumable_folder(run_dir)
+    except (OSError, ValueError) as exc:
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        return RunFolderError(f"{reason}; the run in {run_dir} is not read back or continued (repair or remove it, or choose another --out)")
+    return None
+
+
 def clear_refusal(run_dir: Path) -> RunFolderError | None:
     """The error to raise when ``run_dir`` cannot be cleared for a new run even with ``overwrite``
     (:func:`~moebalance.train.checkpoint.run_folder_problem`: a ``config.json`` that is not a
@@ -118,21 +145,21 @@ def run_or_resume(
         RunFolderError: ``run_dir`` holds a run of another config and ``overwrite`` is false, or
             its ``config.json`` is not a run's (:func:`clear_refusal`).
     """
-    from moebalance.train.loop import train
+    from moebalance.train.loop import read_summary, train
 
     run_dir = Path(run_dir)
     state = run_state(run_dir, cfg)
     if state == "finished":
-        return json.loads((run_dir / "summary.json").read_text()), state
+        return read_summary(run_dir / "summary.json"), state
     if state == "conflict":
         if not overwrite:
             raise folder_conflict(run_dir, cfg, desc)
         refusal = clear_refusal(run_dir)
         if refusal is not None:
             raise refusal
-        clear_run_folder(run_dir)
-        state = "overwritten"
+        state = "overwritten"  # train() clears the folder once it is ready to write (clear_run_folder)
     if state == "resume":
         log.info("%s: continuing from its last checkpoint", run_dir)
-    result = train(cfg, run_dir, data=data, progress=progress, desc=desc, resume=state == "resume")
+    overwritten = state == "overwritten"
+    result = train(cfg, run_dir, data=data, progress=progress, desc=desc, resume=state == "resume", overwrite=overwritten)
     return result.to_dict(), state

@@ -8,6 +8,7 @@ Modules:
 * :mod:`~moebalance.train.loop`: :func:`train` and :func:`evaluate`;
 * :mod:`~moebalance.train.logs`: ``metrics.jsonl``, TensorBoard, the load heatmap;
 * :mod:`~moebalance.train.checkpoint`, :mod:`~moebalance.train.resume`: crash-safe files, exact resume;
+* :mod:`~moebalance.train.runfiles`: the one reader of a run's files (bounded, regular files only);
 * :mod:`~moebalance.train.guards`: non-finite loss, logits and gradients.
 
 This floor may import the library and :mod:`moebalance.parallel`, never the lab or the CLI.

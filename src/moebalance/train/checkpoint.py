@@ -37,6 +37,8 @@ from typing import Any
 
 import torch
 
+from moebalance.train.runfiles import RunFileError, entry_kind, read_bytes, read_json
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -142,14 +144,14 @@ def foreign_config_problem(run_dir: str | Path) -> str | None:
     from moebalance.train.config import RunConfig  # the one place the sections' fields are defined
 
     path = Path(run_dir) / "config.json"
-    if not path.is_file():
+    if entry_kind(path) in (None, "folder"):  # a folder there is _run_entries' to name
         return None
     try:
-        saved = json.loads(path.read_text())
+        saved = read_json(path)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
-        return f"{str(path)!r} cannot be read as JSON ({exc.__class__.__name__})"
+    except ValueError as exc:  # RunFileError: names the file and why
+        return str(exc)
     fields = RunConfig().to_dict()
     if not (
         isinstance(saved, dict)
@@ -162,6 +164,12 @@ def foreign_config_problem(run_dir: str | Path) -> str | None:
     return None
 
 
+def _what(path: Path) -> str:
+    """``"a folder"``, ``"a file"``, ``"a FIFO (named pipe)"``, ...: what ``path`` is (see :func:`entry_kind`)."""
+    kind = entry_kind(path)
+    return {"file": "a file", "folder": "a folder"}.get(kind, kind or "nothing")
+
+
 def _run_entries(folder: Path) -> tuple[list[Path], list[Path], str | None]:
     """``(files, folders, problem)``: what a run wrote in ``folder`` (the files to remove, the
     run's sub-folders to remove once empty) and why the folder cannot serve a run, if it cannot
@@ -172,7 +180,7 @@ def _run_entries(folder: Path) -> tuple[list[Path], list[Path], str | None]:
         if path.is_symlink() or path.is_file():
             files.append(path)
         elif path.exists():
-            return [], [], f"{str(path)!r} is a folder where a run writes a file"
+            return [], [], f"{str(path)!r} is {_what(path)} where a run writes a file"
     for entry in folder.iterdir():
         if _RUN_TMP.fullmatch(entry.name) and (entry.is_file() or entry.is_symlink()):
             files.append(entry)
@@ -184,11 +192,11 @@ def _run_entries(folder: Path) -> tuple[list[Path], list[Path], str | None]:
             ours = [e for e in path.iterdir() if pattern.fullmatch(e.name)]
             taken = [e for e in ours if not (e.is_file() or e.is_symlink())]
             if taken:
-                return [], [], f"{str(taken[0])!r} is not a file, where a run writes one"
+                return [], [], f"{str(taken[0])!r} is {_what(taken[0])} where a run writes a file"
             files.extend(ours)
             folders.append(path)
         elif path.exists():
-            return [], [], f"{str(path)!r} is a file where a run writes a folder"
+            return [], [], f"{str(path)!r} is {_what(path)} where a run writes a folder"
     for parent in {f.parent for f in files}:
         if not os.access(parent, os.W_OK | os.X_OK):
             return [], [], f"{str(parent)!r} is not writable, so the old run's files in it cannot be removed"
@@ -303,14 +311,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: the file is truncated or corrupt (wrong length, SHA-256 mismatch, unreadable
+        ValueError: the file is not a regular file or is over the size limit
+            (:func:`moebalance.train.runfiles.read_bytes`: a FIFO, device or folder is refused
+            without being read), is truncated or corrupt (wrong length, SHA-256 mismatch, unreadable
             payload), or holds pickled objects other than tensors and plain data (refused by
             ``torch.load(weights_only=True)``, never run); the message names the file.
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    blob = path.read_bytes()
+    try:
+        blob = read_bytes(path)  # a regular file only, bounded (never blocks on a FIFO)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+    except RunFileError as exc:
+        raise ValueError(f"checkpoint {exc}") from None
     if blob[: len(MAGIC)] == MAGIC:
         if len(blob) < _HEADER.size:
             raise ValueError(f"checkpoint {path} is truncated: {len(blob)} bytes, shorter than its header")

@@ -44,7 +44,7 @@ from moebalance import parallel
 from moebalance.balancing import Balancing
 from moebalance.metrics import max_violation
 from moebalance.rules import RateSchedule
-from moebalance.train.checkpoint import CheckpointDir, save_checkpoint, write_json, write_text
+from moebalance.train.checkpoint import CheckpointDir, clear_run_folder, save_checkpoint, write_json, write_text
 from moebalance.train.config import RunConfig, tokens_per_step
 from moebalance.train.data import (
     TokenData,
@@ -59,11 +59,18 @@ from moebalance.train.guards import NonFiniteError, nonfinite_reason
 from moebalance.train.host import keep_freed_memory
 from moebalance.train.logs import RunLogger, load_heatmap_image
 from moebalance.train.model import MoETransformer
-from moebalance.train.resume import capture_state, fresh_stats, latest_training_state, restore_state
+from moebalance.train.resume import (
+    capture_state,
+    check_resumable_folder,
+    fresh_stats,
+    latest_training_state,
+    restore_state,
+)
+from moebalance.train.runfiles import read_typed_object
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "evaluate", "perplexity", "train"]
+__all__ = ["TrainResult", "evaluate", "perplexity", "read_summary", "train"]
 
 
 @dataclass
@@ -89,6 +96,20 @@ class TrainResult:
         d = {k: v for k, v in self.__dict__.items() if k != "extra"}
         d.update(self.extra)
         return d
+
+
+def read_summary(path: str | Path) -> dict[str, Any]:
+    """A run's ``summary.json``, read by :func:`moebalance.train.runfiles.read_typed_object`: a JSON
+    object with every field of :class:`TrainResult`, of its type.
+
+    Raises:
+        FileNotFoundError: no such file.
+        RunFileError: a ``ValueError`` naming the file (not a regular file, over its size limit,
+            not JSON, a field missing or of another type).
+    """
+    from dataclasses import fields
+
+    return read_typed_object(path, {f.name: str(f.type) for f in fields(TrainResult)}, "run summary")
 
 
 def lr_at(step: int, cfg: RunConfig) -> float:
@@ -222,8 +243,10 @@ class _Run:
     ``self.stats``, the dict a checkpoint saves and a resume restores.
     """
 
-    def __init__(self, cfg: RunConfig, out: Path, data: TokenData | None, resume: bool) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, data: TokenData | None, resume: bool, overwrite: bool = False) -> None:
         self.out = out
+        if resume:  # a damaged run file is found before anything is prepared or written
+            check_resumable_folder(out)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         if cfg.train.malloc == "reuse" and torch.device(cfg.train.device).type == "cpu":
@@ -250,8 +273,11 @@ class _Run:
             )
             self.balancing.load_state_dict(state.get("balancing", {}))  # the rule's momentum / window
             log.info("resumed from %s after step %d", ckpt_path, self.start_step)
-        # Written only now: a refused resume must leave the run's config.json as it was.
+        # Written only now: a refused resume must leave the run's config.json as it was, and a
+        # run being overwritten is removed only once everything above (data, model, state) is ready.
         if self.ctx.is_main:
+            if overwrite:
+                clear_run_folder(out)
             write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
         resume_step = self.start_step if resume else None
         self.logger = RunLogger(out, cfg.train.tensorboard, resume_step, enabled=self.ctx.is_main)
@@ -509,6 +535,7 @@ def train(
     progress: bool = True,
     desc: str | None = None,
     resume: bool = False,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train the MoE LM of ``cfg`` and write its outputs into ``out_dir``.
 
@@ -523,17 +550,25 @@ def train(
         desc: label of the progress bar.
         resume: continue from the newest good checkpoint in ``out_dir/checkpoints`` or the final
             ``out_dir/checkpoint.pt`` (bit-identical on CPU to a run that was never stopped; see
-            :func:`moebalance.train.resume.latest_training_state`).
+            :func:`moebalance.train.resume.latest_training_state`). The folder is checked first
+            (:func:`moebalance.train.resume.check_resumable_folder`).
+        overwrite: ``out_dir`` holds a run to replace: what it wrote is removed
+            (:func:`~moebalance.train.checkpoint.clear_run_folder`) only after the data is
+            prepared and checked and the model built, right before the first file is written, so
+            a run that fails before that leaves the old one as it was.
 
     Raises:
-        ValueError: bad data (see :func:`~moebalance.train.data.check_data`); on resume, no usable
-            checkpoint or one made with another config or other data.
+        ValueError: bad data (see :func:`~moebalance.train.data.check_data`); on resume, a
+            damaged run file or no usable checkpoint or one made with another config or other
+            data; with ``overwrite``, a folder that cannot be cleared; ``resume`` and ``overwrite`` both set.
         FileNotFoundError: on resume, no checkpoint in ``out_dir``.
         NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``;
             every step skipped; or a non-finite final validation loss or perplexity.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = _Run(cfg, out, data, resume)
+    if resume and overwrite:
+        raise ValueError("train(): resume and overwrite exclude each other")
+    run = _Run(cfg, out, data, resume, overwrite)
     run.fit(progress, desc)
     return run.finish()

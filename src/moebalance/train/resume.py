@@ -20,7 +20,7 @@ uninterrupted run would have written.
 
 from __future__ import annotations
 
-import json
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from moebalance.train.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint, short_reason
+from moebalance.train.checkpoint import (
+    RUN_FOLDERS,
+    CheckpointDir,
+    atomic_write_bytes,
+    load_checkpoint,
+    run_folder_problem,
+    short_reason,
+)
+from moebalance.train.runfiles import RunFileError, entry_kind, metric_lines
 
-__all__ = ["RESUMABLE_KEYS", "capture_state", "continue_metrics", "latest_training_state", "restore_state"]
+__all__ = [
+    "RESUMABLE_KEYS",
+    "capture_state",
+    "check_resumable_folder",
+    "continue_metrics",
+    "latest_training_state",
+    "restore_state",
+]
 
 STATE_VERSION = 1
 
@@ -240,7 +255,7 @@ def latest_training_state(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     final, periodic = run_dir / "checkpoint.pt", CheckpointDir(run_dir / "checkpoints")
     faults: list[str] = []
     best: tuple[Path, dict[str, Any]] | None = None
-    if final.is_file():
+    if os.path.lexists(final):  # one that is not a regular file is refused by name, not passed over
         try:
             best = final, _check_resumable(load_checkpoint(final), final)
         except ValueError as exc:
@@ -271,17 +286,38 @@ def continue_metrics(path: str | Path, step: int) -> int:
 
     Returns:
         the number of records kept.
+
+    Raises:
+        RunFileError: a line other than a torn last one is not a metrics record, or the file is
+            not a regular file (:func:`moebalance.train.runfiles.metric_lines`); nothing is written.
     """
     path = Path(path)
-    if not path.exists():
+    if entry_kind(path) is None and not path.is_symlink():
         return 0
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and rec.get("step", 0) <= step:
-            kept.append(line + "\n")
+    kept = [line + "\n" for line, rec in metric_lines(path) if rec["step"] <= step]
     atomic_write_bytes(path, "".join(kept).encode())
     return len(kept)
+
+
+def check_resumable_folder(run_dir: str | Path) -> None:
+    """Check, before anything is written, that the run in ``run_dir`` can be continued in place:
+    every name the run writes is free or of the right kind (:func:`run_folder_problem`: a file
+    name not taken by a folder, FIFO or device, ``checkpoints`` and ``tb`` not files, even
+    behind a symbolic link), its ``config.json`` is a JSON object, and every line of its
+    ``metrics.jsonl`` is a record (:func:`moebalance.train.runfiles.metric_lines`: UTF-8, an
+    integer step, ...), since the resumed run cuts it back and appends to it.
+
+    Raises:
+        ValueError: the first problem, naming the file (a :class:`RunFileError` for a file that
+            cannot be read).
+    """
+    run_dir = Path(run_dir)
+    problem = run_folder_problem(run_dir, clearing=True)  # clearing: config.json must be a run's too
+    if problem is not None:
+        raise ValueError(f"{problem}; not resumed")
+    for name in RUN_FOLDERS:
+        kind = entry_kind(run_dir / name)
+        if kind not in (None, "folder"):
+            raise RunFileError(run_dir / name, f"is {'a file' if kind == 'file' else kind} where a run writes a folder; not resumed")
+    if os.path.lexists(run_dir / "metrics.jsonl"):
+        metric_lines(run_dir / "metrics.jsonl")

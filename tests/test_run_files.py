@@ -1,0 +1,293 @@
+"""A failed command never changes a finished run, and every file of a run is read through one
+reader (moebalance.train.runfiles) that refuses, by name, what cannot serve: files that are
+folders, FIFOs or links to devices (refused without blocking), over-long, not UTF-8, not JSON, or
+records of the wrong shape.
+
+One tiny finished run is trained once for the module; every test damages a copy of it
+(tests/run_damage.py) and compares the checksums of all its files before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moebalance import cli
+from moebalance.lab.compare import check_run_folders
+from moebalance.lab.runs import RunFolderError
+from moebalance.train import runfiles
+from moebalance.train.config import RunConfig
+from moebalance.train.runfiles import RunFileError
+from run_damage import DAMAGES, GARBAGE, checksums, damage, make_finished_run
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    return make_finished_run(tmp_path_factory.mktemp("finished") / "run")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    """Bad inputs of a command: empty and binary data, a file where the cache folder goes."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "empty.txt").write_text("")
+    (root / "garbage.txt").write_bytes(GARBAGE)
+    (root / "afile").write_text("not a folder\n")
+    return root
+
+
+@contextmanager
+def deadline(seconds: int = 20):
+    """Fail (rather than hang the suite) when the body blocks, e.g. on a FIFO."""
+
+    def expire(signum, frame):
+        raise TimeoutError(f"blocked for {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def copy_run(finished: Path, where: Path, *damages: str) -> Path:
+    run = where / "run"
+    shutil.copytree(finished, run, symlinks=True)
+    for name in damages:
+        damage(run, name)
+    return run
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        with deadline():
+            code = cli.main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        torch.set_num_threads(threads)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert len([ln for ln in err.splitlines() if ln.startswith("moebalance")]) == (code != 0), err
+    return code, err
+
+
+# --- the reader --------------------------------------------------------------------------------
+
+
+def test_reader_refuses_what_is_not_a_regular_file_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "zero").symlink_to("/dev/zero")
+    (tmp_path / "dangling").symlink_to("nowhere")
+    (tmp_path / "folder").mkdir()
+    with deadline(10):
+        for name, kind in [("fifo", "FIFO"), ("zero", "character device"), ("dangling", "leads nowhere"), ("folder", "folder")]:
+            with pytest.raises(RunFileError, match=kind) as info:
+                runfiles.read_bytes(tmp_path / name)
+            assert info.value.path == str(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        runfiles.read_bytes(tmp_path / "missing")
+    with pytest.raises(RunFileError, match="NUL byte"):
+        runfiles.read_bytes(f"{tmp_path}/a\x00b")
+    with pytest.raises(RunFileError, match="Not a directory"):
+        runfiles.read_bytes(tmp_path / "folder" / ".." / "zero" / "x")
+
+
+def test_reader_bounds_what_it_reads(tmp_path):
+    (tmp_path / "config.json").write_text(" " * (runfiles.SIZE_LIMITS["config.json"] + 1))
+    with pytest.raises(RunFileError, match=r"config.json' holds 1,048,577 bytes, more than the 1,048,576"):
+        runfiles.read_json(tmp_path / "config.json")
+    (tmp_path / "small").write_bytes(b"x" * 11)
+    with pytest.raises(RunFileError, match="more than the 10"):
+        runfiles.read_bytes(tmp_path / "small", limit=10)
+    assert runfiles.read_bytes(tmp_path / "small", limit=11) == b"x" * 11
+
+
+def test_reader_decodes_strictly_and_names_the_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"kind": "train", "step": 1}\n\xff\n')
+    with pytest.raises(RunFileError, match=r"metrics.jsonl' line 2: byte 0xff is not UTF-8"):
+        runfiles.read_metrics(path)
+    path.write_text("[" * 100_000)
+    with pytest.raises(RunFileError, match="nested too deeply"):
+        runfiles.read_json(path)
+
+
+@pytest.mark.parametrize(
+    "line, reason",
+    [
+        ('{"kind": "train", "step": "3"}', "has step '3', not an integer"),
+        ('{"kind": "train", "step": -1}', "has step -1"),
+        ('{"kind": "eval", "step": false}', "has step False"),
+        ('{"kind": "other", "step": 1}', "has kind 'other'"),
+        ('{"kind": "train", "step": 1, "loss": "low"}', "holds loss='low', not a number"),
+        ('{"kind": "train", "step": 1, "loads": [[1, -2]]}', "'loads' that are not a"),
+        ('{"kind": "train", "step": 1, "loads": [[1, 2], [3]]}', "'loads' that are not a"),
+        ('{"kind": "eval", "step": 1, "loads": [[1, 2, 3]]}', r"'loads' of shape \[1, 3\], other records \[1, 2\]"),
+        ("[1, 2]", "is a JSON list, not a record"),
+        ('{"kind": "tr', "line 2 is not JSON"),
+    ],
+)
+def test_metrics_lines_that_are_not_records_are_refused_by_number(tmp_path, line, reason):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"kind": "train", "step": 1, "loads": [[1, 2]]}}\n{line}\n{{"kind": "train", "step": 2}}\n')
+    with pytest.raises(RunFileError, match=reason):
+        runfiles.read_metrics(path)
+
+
+def test_a_torn_last_metrics_line_is_the_only_one_dropped(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "tr')  # a kill during the write
+    assert runfiles.read_metrics(path) == [{"kind": "train", "step": 1}]
+    path.write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": "x"}')  # complete, but wrong
+    with pytest.raises(RunFileError, match="line 2 has step 'x'"):
+        runfiles.read_metrics(path)
+
+
+def test_summary_fields_are_checked(finished, tmp_path):
+    from moebalance.train.loop import read_summary
+
+    assert read_summary(finished / "summary.json")["steps"] == 2
+    saved = json.loads((finished / "summary.json").read_text())
+    for field, value in [("val_ppl", "489"), ("steps", 2.0), ("maxvio_global_per_layer", [0.1, None]), ("steps", None)]:
+        (tmp_path / "summary.json").write_text(json.dumps(saved | {field: value}))
+        with pytest.raises(RunFileError, match=f"for '{field}'"):
+            read_summary(tmp_path / "summary.json")
+
+
+# --- the commands ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [["--data", "{inputs}/empty.txt"], ["--data", "{inputs}/garbage.txt"], ["data.cache_dir={inputs}/afile"]])
+def test_train_overwrite_with_bad_data_keeps_the_finished_run(finished, inputs, tmp_path, capsys, bad):
+    """The old code removed the run's files, then failed on the data (exit 4)."""
+    run = copy_run(finished, tmp_path)
+    before = checksums(run)
+    bad = [b.format(inputs=inputs) for b in bad]
+    argv = ["train", "--preset", "smoke", "train.max_steps=2", "train.threads=1", "--out", run, "--overwrite", *bad]
+    code, err = run_cli(argv, capsys)
+    assert code == 4, err
+    assert checksums(run) == before
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, by) in DAMAGES.items() if "resume" in by))
+def test_resume_refuses_a_damaged_run_before_writing(finished, tmp_path, capsys, name):
+    """The old code rewrote config.json (and, with some damages, trained and wrote) before failing."""
+    run = copy_run(finished, tmp_path, name)
+    before = checksums(run)
+    code, err = run_cli(["train", "--resume", run, "train.max_steps=4", "train.threads=1", "--no-progress"], capsys)
+    assert code == 2, err
+    assert str(run) in err
+    assert checksums(run) == before
+
+
+def test_resume_of_a_torn_last_metrics_line_continues(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')
+    code, err = run_cli(["train", "--resume", run, "train.max_steps=3", "train.threads=1", "--no-progress"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in runfiles.read_metrics(run / "metrics.jsonl") if r["kind"] == "train"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("command", ["plot", "replay"])
+@pytest.mark.parametrize("name", sorted(n for n, (_, by) in DAMAGES.items() if "plot" in by))
+def test_plot_and_replay_refuse_damaged_metrics_with_status_2(finished, tmp_path, capsys, command, name):
+    """README: a corrupt run folder named on the command line is status 2 (it was 4, 1 or a hang)."""
+    run = copy_run(finished, tmp_path, name)
+    before = checksums(run)
+    code, err = run_cli([command, run] + (["--out", tmp_path / "plots"] if command == "plot" else []), capsys)
+    assert code == 2, err
+    assert "metrics.jsonl" in err
+    assert checksums(run) == before and not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("command", ["plot", "replay"])
+def test_plot_and_replay_of_an_empty_metrics_file_is_status_2(finished, tmp_path, capsys, command):
+    run = copy_run(finished, tmp_path)
+    (run / "metrics.jsonl").write_text("")
+    code, err = run_cli([command, run] + (["--out", tmp_path / "plots"] if command == "plot" else []), capsys)
+    assert code == 2, err
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, by) in DAMAGES.items() if "leakage" in by))
+def test_leakage_refuses_a_damaged_checkpoint_by_name(finished, tmp_path, capsys, name):
+    run = copy_run(finished, tmp_path, name)
+    code, err = run_cli(["leakage", "--checkpoint", run / "checkpoint.pt", "--out", tmp_path / "leak"], capsys)
+    assert code == 2, err
+    assert "checkpoint.pt" in err and not (tmp_path / "leak").exists()
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, by) in DAMAGES.items() if "compare" in by))
+def test_compare_refuses_a_damaged_run_it_would_read_back(finished, tmp_path, name):
+    """compare / sweep check every run folder before the first run trains: a finished run whose
+    summary or metrics cannot be read is refused by name (it was read back at the end: exit 1 or 4)."""
+    cfg = RunConfig.from_dict(json.loads((finished / "config.json").read_text()))
+    run = copy_run(finished, tmp_path, name)
+    before = checksums(run)
+    for overwrite in (False, True):
+        with pytest.raises(RunFolderError, match=str(run)):
+            check_run_folders({"run": (cfg, run)}, overwrite)
+    assert checksums(run) == before
+
+
+# --- the property ------------------------------------------------------------------------------
+
+#: Damages that leave a finished run resumable (none of those of DAMAGES: each is refused by
+#: --resume or concerns a file --resume writes over); --resume then fails on an override.
+RESUME_POISON = ["model.top_k=1", "train.max_steps=1", "train.bogus=1"]
+
+
+@st.composite
+def failing_commands(draw) -> tuple[list[str], list[str], set[int]]:
+    """``(argv, damages, allowed exit codes)``; in ``argv``, ``{run}`` is the run folder, ``{parent}``
+    the folder holding it (named ``loss_free``, as in a compare folder), ``{inputs}`` the bad inputs'."""
+    # One damage per file (the name's first word): a second one could repair the first.
+    damages = draw(st.lists(st.sampled_from(sorted(DAMAGES)), max_size=3, unique_by=lambda name: name.split("_")[0]))
+    kind = draw(st.sampled_from(["resume", "overwrite", "out", "plot", "replay", "leakage", "compare"]))
+    bad_data = draw(st.sampled_from([["--data", "{inputs}/empty.txt"], ["--data", "{inputs}/garbage.txt"], ["data.cache_dir={inputs}/afile"]]))
+    smoke = ["--preset", "smoke", "train.max_steps=2", "train.threads=1", "--no-progress"]
+    if kind == "resume":
+        refused = any("resume" in DAMAGES[d][1] for d in damages)
+        poison = [] if refused else [draw(st.sampled_from(RESUME_POISON))]
+        return ["train", "--resume", "{run}", "train.max_steps=4", "train.threads=1", *poison], damages, {2}
+    if kind in ("overwrite", "out"):
+        return ["train", *smoke, "--out", "{run}", *(["--overwrite"] if kind == "overwrite" else []), *bad_data], damages, {2, 4}
+    if kind == "plot":
+        return ["plot", "{run}", "--out", "{where}/plots"], damages, {0, 2}
+    if kind == "replay":
+        return ["replay", "{run}"], damages, {0, 2}
+    if kind == "leakage":
+        return ["leakage", "--checkpoint", "{run}/checkpoint.pt", "--trials", "0", "--out", "{where}/leak"], damages, {2}
+    overwrite = draw(st.booleans())
+    return ["compare", *smoke, "--out", "{parent}", *(["--overwrite"] if overwrite else []), *bad_data], damages, {2, 4}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(command=failing_commands())
+def test_failing_commands_never_change_a_finished_run(finished, inputs, capsys, command):
+    template, damages, allowed = command
+    where = Path(tempfile.mkdtemp())
+    try:
+        run = copy_run(finished, where / "parent", *damages).rename(where / "parent" / "loss_free")
+        argv = [a.format(run=run, parent=run.parent, inputs=inputs, where=where) for a in template]
+        before = checksums(run.parent)
+        code, err = run_cli(argv, capsys)
+        assert code in allowed, (argv, damages, err)
+        assert checksums(run.parent) == before, (argv, damages, err)
+    finally:
+        shutil.rmtree(where, ignore_errors=True)

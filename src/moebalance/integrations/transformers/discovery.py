@@ -192,6 +192,7 @@ def find_routers(model: nn.Module, inputs: dict) -> tuple[list[Router], list[str
     names = {m: n for n, m in model.named_modules()}
     skip = {model, getattr(model, "base_model", None)}
     found: dict[nn.Module, Router] = {}
+    problems: list[str] = []
     last: dict[tuple, torch.Tensor] = {}
     for module, size, k, index, forward_no in calls:
         if module in skip:
@@ -206,9 +207,12 @@ def find_routers(model: nn.Module, inputs: dict) -> tuple[list[Router], list[str
         r = found[module]
         counts = torch.bincount(index.reshape(-1).cpu(), minlength=r.num_experts).float()
         r.reference_counts = counts if r.reference_counts is None else r.reference_counts + counts
+    seen = sorted({f"{type(m).__name__} over {size} with k={k}" for m, size, k, *_ in calls if m not in skip})
+    if not found and seen:
+        problems.append("top-K calls seen (none over the experts with k = K): " + ", ".join(seen[:6]))
     order = {m: i for i, m in enumerate(names)}
     routers = sorted(found.values(), key=lambda r: order.get(r.module, 0))
-    problems = [
+    problems += [
         f"{r.name} ({type(r.module).__name__}): {r.selections} top-K choices over {r.num_experts} experts "
         f"in {r.calls} forwards, not the same number in each"
         for r in routers

@@ -105,7 +105,7 @@ def install(model: nn.Module, probe_inputs: dict | None = None) -> list[Router]:
     inputs = probe_inputs if probe_inputs is not None else probe_batch(model)
     routers, problems, reference = find_routers(model, inputs)
     if not routers:
-        raise ValueError(_no_router_message(model))
+        raise ValueError(_no_router_message(model) + "".join(f"; {p}" for p in problems))
     if problems:
         raise ValueError("cannot steer: " + "; ".join(problems))
     modules = dict(model.named_modules())

@@ -85,6 +85,21 @@ TINY_SIZES = dict(
     num_experts_per_token=2, num_expert_group=1, num_shared_experts=1,
 )
 
+#: Fields a family may leave ``None`` (derived or required later) that the tiny config sets.
+TINY_UNSET = ("num_experts_per_tok", "head_dim")
+
+#: What the generic shrinking cannot derive for a few families (fields that must agree with the
+#: tiny sizes); dotted keys reach into a sub-config.
+TINY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
+    "longcat_flash": {"qk_head_dim": 16},
+    "mistral4": {"qk_head_dim": 16},
+    "granitemoehybrid": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16},
+    "kolibri1_1": {"head_dim": 16, "index_num_heads": 4},
+    "step3p7": {"sliding_window": 64},
+    "dbrx": {"attn_config.rope_theta": 10000.0},
+}
+
 #: Boolean switches that turn a family's MoE layers on.
 TINY_SWITCHES = dict(is_moe=True)
 
@@ -105,6 +120,8 @@ def _shrink(config, seen: set) -> None:
             _shrink(value, seen)
         elif key in TINY_SIZES and isinstance(value, int) and not isinstance(value, bool):
             setattr(config, key, TINY_SIZES[key])
+        elif key in TINY_UNSET and value is None:
+            setattr(config, key, TINY_SIZES[key])
         elif key in TINY_SWITCHES and isinstance(value, bool):
             setattr(config, key, TINY_SWITCHES[key])
         elif key == "mlp_only_layers" and isinstance(value, list):
@@ -121,7 +138,8 @@ def tiny_config_for(model_type: str):
     """A tiny random-init config of any transformers model type, built offline from its defaults.
 
     Every size field in :data:`TINY_SIZES` that the config (or a sub-config such as
-    ``text_config``) has is set to the tiny value; token ids beyond the tiny vocabulary are unset.
+    ``text_config``) has is set to the tiny value, per-layer lists are cut to the tiny depth, token
+    ids beyond the tiny vocabulary are unset, and :data:`TINY_OVERRIDES` fixes what must agree.
     Used by :mod:`.coverage` to try every MoE family of the installed transformers.
 
     Raises:
@@ -131,4 +149,10 @@ def tiny_config_for(model_type: str):
 
     config = AutoConfig.for_model(model_type)
     _shrink(config, set())
+    for key, value in TINY_OVERRIDES.get(model_type, {}).items():
+        *path, name = key.split(".")
+        target = config
+        for part in path:
+            target = getattr(target, part)
+        setattr(target, name, value)
     return config

@@ -12,7 +12,7 @@ Command line (``python -c SOURCE FOLDER WORK_DIR THREADS``): reads ``WORK_DIR/pr
 [B, S] int64, "routers": [router module names], "bias_keys": [state-dict names]}``), writes
 ``WORK_DIR/plain.pt`` (``{"routing": {router: [T, K] int64}, "biases": {bias key: [E] float32}}``,
 holding only the bias keys the plain model has) and ``WORK_DIR/plain.json`` (the load report:
-unexpected and missing keys, the model class). Exit status 0, or 1 with one line on stderr.
+unexpected and missing keys, the model class, and whether anything had imported moebalance). Exit status 0, or 1 with one line on stderr.
 """
 
 from __future__ import annotations
@@ -108,6 +108,7 @@ def main(argv: list[str]) -> int:
         state = model.state_dict()
         biases = {k: state[k].detach().float().cpu() for k in probe["bias_keys"] if k in state}
         torch.save({"routing": routing, "biases": biases}, work / "plain.pt")
+        report["moebalance_imported"] = any(m == "moebalance" or m.startswith("moebalance.") for m in sys.modules)
         (work / "plain.json").write_text(json.dumps(report))
     except Exception as exc:  # the parent reports it as one line
         print(f"{type(exc).__name__}: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -294,7 +294,8 @@ def verify_model_folder(
         "biases_nonzero": bool(biases.abs().max() > 0),
         "saved_bias_dtypes": saved_bias_dtypes(folder, names),
         "plain": {
-            "model_class": plain_report["model_class"], "has_bias_slot": len(slot_diffs) == len(keys),
+            "model_class": plain_report["model_class"], "moebalance_imported": plain_report["moebalance_imported"],
+            "has_bias_slot": len(slot_diffs) == len(keys),
             "dropped_bias_keys": [k for k in plain_report["unexpected_keys"] if k.rsplit(".", 1)[-1] in names],
             "bias_max_abs_difference": max(slot_diffs) if slot_diffs else None,
         },

@@ -14,7 +14,7 @@ whole validation split four times, the weights untouched, on the run's ``train.t
 
 For each it records validation loss and perplexity and MaxVio_global (arXiv 2408.15664 §4.1), and
 against ``trained`` the share of tokens whose set of experts changes, per layer and in any layer
-(:func:`moebalance.metrics.expert_set_changes`). Used by docs/transformers.md:
+(:func:`moebalance.metrics.layer_routing_changes`). Used by docs/transformers.md:
 
     moebalance train --out runs/drop_bias train.threads=1
     python experiments/drop_bias.py runs/drop_bias --out docs/results/issue20/drop_bias_sigmoid.json
@@ -39,8 +39,9 @@ from pathlib import Path
 import torch
 
 from moebalance.balancing import find_routers
+from moebalance.integrations.transformers.checkpoint import centred
 from moebalance.integrations.transformers.verify import bias_cast_collisions
-from moebalance.metrics import expert_set_changes, lost_choices
+from moebalance.metrics import layer_routing_changes
 from moebalance.train.checkpoint import folder_problem, load_checkpoint, write_json
 from moebalance.train.config import RunConfig
 from moebalance.train.loop import evaluate
@@ -83,8 +84,7 @@ def condition_biases(trained: list[torch.Tensor], condition: str) -> list[torch.
         return [b.clone() for b in trained]
     if condition == "zero":
         return [torch.zeros_like(b) for b in trained]
-    centred = condition == "bf16_centred"
-    return [((b - b.mean()) if centred else b).to(torch.bfloat16).float() for b in trained]
+    return [(centred(b) if condition == "bf16_centred" else b).to(torch.bfloat16).float() for b in trained]
 
 
 @contextlib.contextmanager
@@ -112,13 +112,12 @@ def measure(model, cfg, data, eval_tokens: int) -> dict:
             ev = evaluate(model, data, cfg, max_tokens=eval_tokens)
         choices = [torch.cat(calls) for calls in seen]
         reference = choices if reference is None else reference
-        per_layer = [expert_set_changes(ref, got) for ref, got in zip(reference, choices)]
-        any_layer = torch.stack([lost_choices(ref, got) > 0 for ref, got in zip(reference, choices)]).any(0)
+        changes = layer_routing_changes(reference, choices)
         results[condition] = {
             **{k: ev[k] for k in ("val_loss", "val_ppl", "val_tokens", "maxvio_global", "maxvio_global_per_layer")},
-            "tokens_changed_per_layer": [c[0] for c in per_layer],
-            "choices_changed_per_layer": [c[1] for c in per_layer],
-            "tokens_changed_any_layer": any_layer.float().mean().item(),
+            "tokens_changed_per_layer": changes["tokens_per_layer"],
+            "choices_changed_per_layer": changes["choices_per_layer"],
+            "tokens_changed_any_layer": changes["tokens_any_layer"],
         }
         print(json.dumps({"condition": condition, **{k: results[condition][k] for k in ("val_ppl", "maxvio_global", "tokens_changed_any_layer")}}), flush=True)
     with torch.no_grad():
@@ -128,7 +127,7 @@ def measure(model, cfg, data, eval_tokens: int) -> dict:
         "min_per_layer": [b.min().item() for b in trained], "max_per_layer": [b.max().item() for b in trained],
         "mean_per_layer": [b.mean().item() for b in trained],
         "bf16_collisions_per_layer": [bias_cast_collisions(b) for b in trained],
-        "bf16_centred_collisions_per_layer": [bias_cast_collisions(b - b.mean()) for b in trained],
+        "bf16_centred_collisions_per_layer": [bias_cast_collisions(centred(b)) for b in trained],
     }
     return results
 

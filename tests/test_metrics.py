@@ -62,3 +62,18 @@ def test_expert_set_changes_ignore_order_and_count_lost_choices():
 def test_expert_set_changes_refuse_bad_input(before, after):
     with pytest.raises(ValueError, match="before_TK|integers"):
         expert_set_changes(before, after)
+
+
+def test_layer_routing_changes_count_a_token_once_over_layers():
+    from moebalance.metrics import layer_routing_changes
+
+    before = [torch.tensor([[0, 1], [2, 3], [0, 1]]), torch.tensor([[0, 1], [2, 3], [0, 1]])]
+    after = [torch.tensor([[0, 1], [2, 4], [0, 1]]), torch.tensor([[1, 0], [2, 4], [0, 2]])]
+    res = layer_routing_changes(before, after)
+    assert res["tokens_per_layer"] == pytest.approx([1 / 3, 2 / 3])
+    assert res["choices_per_layer"] == pytest.approx([1 / 6, 2 / 6])
+    assert res["tokens_any_layer"] == pytest.approx(2 / 3)  # token 1 changed in both layers: counted once
+    with pytest.raises(ValueError, match="one \\[T, K\\] tensor per layer"):
+        layer_routing_changes(before, after[:1])
+    with pytest.raises(ValueError, match="same tokens"):
+        layer_routing_changes([before[0], before[1][:2]], [after[0], after[1][:2]])

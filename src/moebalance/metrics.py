@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["coefficient_of_variation", "dead_experts", "expert_set_changes", "load_share", "lost_choices", "max_violation"]
+__all__ = ["coefficient_of_variation", "dead_experts", "expert_set_changes", "layer_routing_changes", "load_share", "lost_choices", "max_violation"]
 
 
 def _as_float_loads(tokens_per_expert: torch.Tensor) -> torch.Tensor:
@@ -104,3 +104,30 @@ def expert_set_changes(before_TK: torch.Tensor, after_TK: torch.Tensor) -> tuple
     """
     lost_T = lost_choices(before_TK, after_TK)
     return (lost_T > 0).float().mean().item(), (lost_T.sum() / before_TK.numel()).item()
+
+
+def layer_routing_changes(before: list[torch.Tensor], after: list[torch.Tensor]) -> dict[str, list[float] | float]:
+    """:func:`expert_set_changes` of each MoE layer, and the share of tokens changed in any layer.
+
+    Args:
+        before, after: one ``[T, K]`` integer id tensor per layer (the same ``T`` tokens in every layer).
+
+    Returns:
+        ``tokens_per_layer`` and ``choices_per_layer`` (lists of shares, one per layer) and
+        ``tokens_any_layer``: the share of tokens whose expert set differs in at least one layer.
+
+    Raises:
+        ValueError: ``before`` and ``after`` have different lengths or none, the layers see different
+            token counts, or as :func:`lost_choices`.
+    """
+    if len(before) != len(after) or not before:
+        raise ValueError(f"before and after must hold one [T, K] tensor per layer, got {len(before)} and {len(after)}")
+    lost_LT = [lost_choices(b, a) for b, a in zip(before, after)]
+    if len({lost.numel() for lost in lost_LT}) != 1:
+        raise ValueError(f"every layer must route the same tokens, got {[lost.numel() for lost in lost_LT]}")
+    changes = [expert_set_changes(b, a) for b, a in zip(before, after)]
+    return {
+        "tokens_per_layer": [c[0] for c in changes],
+        "choices_per_layer": [c[1] for c in changes],
+        "tokens_any_layer": (torch.stack(lost_LT) > 0).any(0).float().mean().item(),
+    }

@@ -116,6 +116,12 @@ def record_in_config(handle) -> None:
     })
 
 
+def centred(bias_E: torch.Tensor) -> torch.Tensor:
+    """``bias_E`` minus its mean (float32 copy): the same top-K choice (see :func:`center_biases`)."""
+    values = bias_E.detach().float()
+    return values - values.mean()
+
+
 def center_biases(handle) -> torch.Tensor:
     """Subtract each layer's mean bias, in place; returns the ``[L]`` float32 means removed.
 
@@ -129,9 +135,8 @@ def center_biases(handle) -> torch.Tensor:
     means = []
     with torch.no_grad():
         for bias in handle.bias_tensors():
-            mean = bias.float().mean()
-            bias -= mean.to(bias.dtype)
-            means.append(mean.cpu())
+            means.append(bias.detach().float().mean().cpu())
+            bias.copy_(centred(bias))
     return torch.stack(means) if means else torch.zeros(0)
 
 
@@ -178,6 +183,5 @@ def export_biases(handle, name: str = "e_score_correction_bias", *, center: bool
         raise ValueError(f"center must be True or False, got {center!r}")
     out = {}
     for router_name, bias in zip(handle.router_names, handle.bias_tensors()):
-        value = bias.detach().float().cpu().clone()
-        out[f"{router_name}.{name}"] = value - value.mean() if center else value
+        out[f"{router_name}.{name}"] = (centred(bias) if center else bias.detach().float()).cpu().clone()
     return out

@@ -10,8 +10,11 @@ biases back), and in a fresh Python process that never imports moebalance
 (:mod:`.plain_probe`, plain ``transformers`` as a user or an export script would load it). Both
 route one probe batch of random token ids of the model's vocabulary (fixed seed); the report gives,
 per MoE layer and overall, the share of tokens whose set of K experts differs
-(:func:`moebalance.metrics.expert_set_changes`). Later layers see the hidden states the earlier
+(:func:`moebalance.metrics.layer_routing_changes`). Later layers see the hidden states the earlier
 layers' routing produced, so a difference compounds with depth, as it would in use.
+
+Both processes hold the whole model in float32 on the CPU: a check for checkpoints that fit twice
+in memory (a small model of the same family saved the same way stands in for a large one).
 
 It also reports what a bfloat16 copy of the bias would do: how many distinct float32 values merge
 and how many experts' biases collide with another's, and the routing change when the bias is
@@ -32,8 +35,8 @@ from pathlib import Path
 import torch
 
 from moebalance.integrations.transformers import plain_probe
-from moebalance.integrations.transformers.checkpoint import CONFIG_KEY, bias_state_keys
-from moebalance.metrics import expert_set_changes, lost_choices
+from moebalance.integrations.transformers.checkpoint import CONFIG_KEY, bias_state_keys, centred
+from moebalance.metrics import layer_routing_changes
 
 #: Default probe batch: sequences, tokens per sequence (capped by the model's positions), seed.
 PROBE_BATCH, PROBE_SEQ_LEN, PROBE_SEED = 4, 64, 0
@@ -180,25 +183,19 @@ def _biases_replaced(handle, values: list[torch.Tensor]) -> Iterator[None]:
                 bias.copy_(value)
 
 
-def _changes(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> list[tuple[float, float]]:
-    return [expert_set_changes(reference[name], other[name]) for name in reference]
-
-
-def _any_layer(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> float:
-    """Share of tokens whose expert set differs in at least one layer."""
-    differ_LT = torch.stack([lost_choices(ref_TK, other[name]) > 0 for name, ref_TK in reference.items()])
-    return differ_LT.any(0).float().mean().item()
+def _changes(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> dict:
+    """:func:`moebalance.metrics.layer_routing_changes` of two ``{router: [T, K]}`` routings."""
+    return layer_routing_changes(list(reference.values()), [other[name] for name in reference])
 
 
 def _cast_effects(handle, model, ids_BS, ours: dict[str, torch.Tensor]) -> dict:
     """Routing changes with the biases rounded to bfloat16, as they are and mean-centred."""
     biases = [b.detach().float() for b in handle.bias_tensors()]
     out = {"per_layer": [bias_cast_collisions(b) for b in biases]}
-    for label, values in (("as_saved", biases), ("centred", [b - b.mean() for b in biases])):
+    for label, values in (("as_saved", biases), ("centred", [centred(b) for b in biases])):
         with _biases_replaced(handle, [v.to(torch.bfloat16).float() for v in values]):
-            cast = plain_probe.probe_routing(model, handle.router_names, ids_BS)
-        out[label] = {"per_layer": _changes(ours, cast), "any_layer": _any_layer(ours, cast)}
-    out["centred_collisions"] = [bias_cast_collisions(b - b.mean())["colliding_experts"] for b in biases]
+            out[label] = _changes(ours, plain_probe.probe_routing(model, handle.router_names, ids_BS))
+    out["centred_collisions"] = [bias_cast_collisions(centred(b))["colliding_experts"] for b in biases]
     return out
 
 
@@ -216,20 +213,21 @@ def saved_bias_dtypes(folder: Path, bias_names: set[str]) -> dict[str, str]:
     return found
 
 
-def _layer_rows(handle, keys: list[str], plain_changes: list, cast: dict) -> list[dict]:
+def _layer_rows(handle, keys: list[str], plain: dict, cast: dict) -> list[dict]:
     """One report row per router (see :func:`verify_model_folder`)."""
     biases = handle.biases()
+    saved, centre = cast["as_saved"], cast["centred"]
     rows = []
     for i, name in enumerate(handle.router_names):
-        as_saved, centred = cast["as_saved"]["per_layer"][i], cast["centred"]["per_layer"][i]
         rows.append({
             "router": name, "bias_key": keys[i],
-            "tokens_changed": plain_changes[i][0], "choices_changed": plain_changes[i][1],
+            "tokens_changed": plain["tokens_per_layer"][i], "choices_changed": plain["choices_per_layer"][i],
             "bias_min": biases[i].min().item(), "bias_max": biases[i].max().item(),
             "bf16": cast["per_layer"][i] | {
-                "tokens_changed": as_saved[0], "choices_changed": as_saved[1],
+                "tokens_changed": saved["tokens_per_layer"][i], "choices_changed": saved["choices_per_layer"][i],
                 "centred_colliding_experts": cast["centred_collisions"][i],
-                "centred_tokens_changed": centred[0], "centred_choices_changed": centred[1],
+                "centred_tokens_changed": centre["tokens_per_layer"][i],
+                "centred_choices_changed": centre["choices_per_layer"][i],
             },
         })
     return rows
@@ -282,7 +280,8 @@ def verify_model_folder(
     keys = bias_state_keys(handle)
     ours = plain_probe.probe_routing(model, handle.router_names, ids_BS)
     tensors, plain_report = _run_plain(folder, ids_BS, handle.router_names, keys)
-    rows = _layer_rows(handle, keys, _changes(ours, tensors["routing"]), _cast_effects(handle, model, ids_BS, ours))
+    plain_changes = _changes(ours, tensors["routing"])
+    rows = _layer_rows(handle, keys, plain_changes, _cast_effects(handle, model, ids_BS, ours))
     names = {k.rsplit(".", 1)[-1] for k in keys}
     biases = handle.biases()
     slot_diffs = [(tensors["biases"][k] - b).abs().max().item() for k, b in zip(keys, biases) if k in tensors["biases"]]
@@ -300,7 +299,7 @@ def verify_model_folder(
             "bias_max_abs_difference": max(slot_diffs) if slot_diffs else None,
         },
         "layers": rows,
-        "overall": _overall(rows, _any_layer(ours, tensors["routing"])),
+        "overall": _overall(rows, plain_changes["tokens_any_layer"]),
     }
 
 

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from moebalance.metrics import coefficient_of_variation, dead_experts, expert_set_changes, load_share, lost_choices, max_violation
+from moebalance.metrics import (
+    coefficient_of_variation,
+    dead_experts,
+    expert_set_changes,
+    load_share,
+    lost_choices,
+    max_violation,
+)
 
 
 def test_maxvio_hand_made():

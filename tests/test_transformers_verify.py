@@ -11,8 +11,12 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moebalance import cli  # noqa: E402
-from moebalance.integrations.transformers import apply_loss_free_balancing, tiny_moe_config  # noqa: E402
-from moebalance.integrations.transformers import plain_probe, verify  # noqa: E402
+from moebalance.integrations.transformers import (  # noqa: E402
+    apply_loss_free_balancing,
+    plain_probe,
+    tiny_moe_config,
+    verify,
+)
 from moebalance.metrics import expert_set_changes  # noqa: E402
 
 VOCAB = 128

@@ -49,7 +49,9 @@ so DDP's buffer broadcast cannot overwrite one rank's counts with another's.
 Modules: :mod:`.families` (supported classes, the softmax patch and the DeepSeek-V3 adapter),
 :mod:`.routers` (counters, padding mask, float32 state), :mod:`.handle` (:class:`LossFreeBalancing`),
 :mod:`.callback` (the Trainer callback), :mod:`.checkpoint` (bias files, config record, export),
-:mod:`.apply` (the entry point), :mod:`.tiny` (tiny configs). May import the library and
+:mod:`.apply` (the entry point), :mod:`.tiny` (tiny configs), :mod:`.verify` (``moebalance verify``:
+plain transformers' routing of a saved folder against moebalance's) and :mod:`.plain_probe` (its
+fresh-process half, which imports no moebalance). May import the library and
 :mod:`moebalance.parallel` only.
 """
 

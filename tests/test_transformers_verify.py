@@ -162,6 +162,16 @@ def test_verify_refuses_a_model_without_moe_router_and_bad_probe_sizes(tmp_path,
     assert "is a folder" in capsys.readouterr().err
 
 
+def test_verify_refuses_a_truncated_weights_file(tmp_path, capsys):
+    model, _ = _balanced_model("deepseek_v3")
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert cli.main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "transformers cannot load it" in err
+
+
 def test_verify_reports_a_failed_plain_process_in_one_line(tmp_path, capsys, monkeypatch):
     model, _ = _balanced_model("deepseek_v3")
     model.save_pretrained(tmp_path)

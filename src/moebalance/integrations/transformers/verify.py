@@ -130,8 +130,8 @@ def _load_with_moebalance(folder: Path):
     transformers.utils.logging.disable_progress_bar()
     try:
         model, info = plain_probe.load_model(folder)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelFolderError(f"MODEL_DIR {str(folder)!r}: transformers cannot load it: {exc}") from exc
+    except Exception as exc:  # whatever from_pretrained raises on this folder (safetensors has its own error class)
+        raise ModelFolderError(f"MODEL_DIR {str(folder)!r}: transformers cannot load it: {type(exc).__name__}: {exc}") from exc
     finally:
         transformers.logging.set_verbosity(level)
         if bars:
@@ -190,7 +190,7 @@ def _changes(reference: dict[str, torch.Tensor], other: dict[str, torch.Tensor])
 
 def _cast_effects(handle, model, ids_BS, ours: dict[str, torch.Tensor]) -> dict:
     """Routing changes with the biases rounded to bfloat16, as they are and mean-centred."""
-    biases = [b.detach().float() for b in handle.bias_tensors()]
+    biases = [b.detach().float().clone() for b in handle.bias_tensors()]  # not the live buffers, replaced below
     out = {"per_layer": [bias_cast_collisions(b) for b in biases]}
     for label, values in (("as_saved", biases), ("centred", [centred(b) for b in biases])):
         with _biases_replaced(handle, [v.to(torch.bfloat16).float() for v in values]):

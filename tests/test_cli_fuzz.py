@@ -106,16 +106,16 @@ option = st.one_of(
 
 @st.composite
 def command_lines(draw) -> list[str]:
-    command = draw(st.sampled_from(["train", "compare", "sweep", "leakage", "plot", "replay"]))
+    command = draw(st.sampled_from(["train", "compare", "sweep", "leakage", "plot", "replay", "verify"]))
     argv = [command]
     if command == "sweep":
         argv.append(draw(st.sampled_from([*GRIDS, "bogus"])))
-    if command in ("plot", "replay"):
+    if command in ("plot", "replay", "verify"):
         argv += draw(st.lists(paths, min_size=1, max_size=3))
     for flag, value in draw(st.lists(option, max_size=4)):
         argv += [flag] if value is None else [flag, value]
     argv += draw(overrides)
-    if command not in ("plot", "replay"):
+    if command not in ("plot", "replay", "verify"):
         # Never train: print the config, or carry a failure met before the first step.
         argv += draw(st.sampled_from([["--print-config"], ["--data", "empty.txt"], ["model.top_k=0"]]))
     return argv

@@ -135,3 +135,72 @@ def test_bias_floor_ctrl_c_is_one_line_status_130_and_writes_nothing(smoke_run, 
     err = capsys.readouterr().err
     assert "Traceback" not in err and "interrupted" in err and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# -- experiments/drop_bias.py: what dropping the trained bias costs (docs/transformers.md) --------
+
+DROP_BIAS = SCRIPT.parent / "drop_bias.py"
+
+
+def _drop_bias():
+    spec = importlib.util.spec_from_file_location("drop_bias", DROP_BIAS)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_drop_bias_measures_each_condition_against_the_trained_routing(smoke_run, tmp_path):
+    import torch
+
+    from moebalance.balancing import find_routers
+    from moebalance.train.loop import evaluate
+
+    module = _drop_bias()
+    out = tmp_path / "drop.json"
+    assert module.main([str(smoke_run), "--eval-tokens", "2048", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["trained"]["tokens_changed_any_layer"] == 0.0 and res["trained"]["tokens_changed_per_layer"] == [0.0, 0.0]
+    before = json.loads((smoke_run / "summary.json").read_text())
+    assert res["run"]["steps"] == before["steps"]
+    # The zero condition is the run's model with every bias at 0, measured by the trainer's own evaluate.
+    model, cfg, data = _module().load_frozen(smoke_run)
+    assert any(r.expert_bias.abs().max() > 0 for r in find_routers(model))
+    with torch.no_grad():
+        for r in find_routers(model):
+            r.expert_bias.zero_()
+    torch.set_num_threads(cfg.train.threads)
+    ev = evaluate(model, data, cfg, max_tokens=2048)
+    assert res["zero"]["val_ppl"] == pytest.approx(ev["val_ppl"], rel=1e-6)
+    assert res["zero"]["maxvio_global"] == pytest.approx(ev["maxvio_global"], abs=1e-6)
+    assert res["zero"]["tokens_changed_any_layer"] > 0  # the smoke run's bias already steers some tokens
+    for condition in module.CONDITIONS:
+        assert 0 <= res[condition]["tokens_changed_any_layer"] <= 1
+        assert len(res[condition]["choices_changed_per_layer"]) == 2
+    assert len(res["biases"]["bf16_collisions_per_layer"]) == 2
+
+
+def test_drop_bias_rerun_reads_back_and_refuses_other_arguments(smoke_run, tmp_path, capsys, monkeypatch):
+    module = _drop_bias()
+    out = tmp_path / "drop.json"
+    argv = [str(smoke_run), "--eval-tokens", "1024", "--out", str(out)]
+    assert module.main(argv) == 0
+    first = out.read_bytes()
+    monkeypatch.setattr(module, "measure", lambda *a, **k: pytest.fail("recomputed a finished result"))
+    assert module.main(argv) == 0
+    assert "already" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        module.main([str(smoke_run), "--eval-tokens", "2048", "--out", str(out)])
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == first
+
+
+def test_drop_bias_refuses_a_run_without_a_loss_free_bias(tmp_path, capsys):
+    from moebalance.train import train
+    from moebalance.train.config import preset_config
+
+    cfg = preset_config("smoke", ["train.max_steps=2", "train.tensorboard=false", "balance.strategy=aux_loss"])
+    train(cfg, tmp_path / "aux", progress=False)
+    assert _drop_bias().main([str(tmp_path / "aux"), "--eval-tokens", "1024", "--out", str(tmp_path / "d.json")]) == 4
+    err = capsys.readouterr().err
+    assert "balance.strategy=aux_loss" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "d.json").exists()

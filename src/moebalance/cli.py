@@ -1,6 +1,7 @@
 """Command line: ``moebalance train`` (``--nproc N`` runs it under torchrun), ``compare``,
-``sweep GRID``, ``leakage``, ``plot RUN_DIR...`` and ``replay RUN_DIR...`` (expert-parallel cost of
-finished runs' loads).
+``sweep GRID``, ``leakage``, ``plot RUN_DIR...``, ``replay RUN_DIR...`` (expert-parallel cost of
+finished runs' loads) and ``verify MODEL_DIR`` (does plain ``transformers`` route a saved model as
+moebalance does; :mod:`moebalance.integrations.transformers.verify`).
 
 Any config key can be overridden as ``section.field=value`` after the options, e.g.
 ``moebalance train --preset smoke train.max_steps=50 balance.strategy=aux_loss``.
@@ -214,7 +215,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep = add("replay", "replay finished runs' expert loads onto expert-parallel ranks")
     p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare / sweep folders holding runs")
     p_rep.add_argument("--ranks", default="2,4,8,16,64,256", help="comma-separated EP rank counts")
+    _add_verify(add("verify", "does plain transformers route a save_pretrained folder as moebalance does? (probe batch)"))
     return parser
+
+
+def _add_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a save_pretrained folder (config.json + *.safetensors)")
+    p.add_argument("--batch-size", type=int, default=4, help="probe sequences, >= 1 (default 4)")
+    p.add_argument(
+        "--seq-len", type=int, default=None,
+        help="probe tokens per sequence, 1 to the model's max_position_embeddings (default 64, or that limit if smaller)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probe token ids (default 0)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the full report to FILE (JSON)")
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -281,7 +294,7 @@ def _check_replaced(args: argparse.Namespace, cfg: RunConfig) -> None:
 
 def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
     """The config phase: parse the config and check every path the command names (exit 2)."""
-    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command in ("plot", "replay")]
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command in ("plot", "replay", "verify")]
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train" and args.resume and args.overwrite:  # before the resumed config is checked
@@ -290,7 +303,9 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
     # --print-config only shows the config: a GPU config (the paper-* presets) may be built without a GPU.
     with cuda_assumed() if getattr(args, "print_config", False) else contextlib.nullcontext():
         try:
-            if args.command in ("plot", "replay"):  # every run file read and checked here: a damaged one is exit 2
+            if args.command == "verify":
+                _check_verify(args)
+            elif args.command in ("plot", "replay"):  # every run file read and checked here: a damaged one is exit 2
                 from moebalance.lab.replay import replay_inputs
                 from moebalance.lab.reporting import plot_inputs
 
@@ -313,7 +328,7 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
                     _check_replaced(args, cfg)
         except (ValueError, OSError) as exc:
             raise UsageError(_message(exc)) from exc
-    if args.command != "replay":
+    if args.command not in ("replay", "verify"):
         default = DEFAULT_OUT.get(args.command) or f"runs/sweep/{getattr(args, 'grid', '')}"
         args.out_dir = getattr(args, "resume", None) or args.out or default
         _check_out(args, args.out_dir)
@@ -400,6 +415,40 @@ def _cmd_replay(args: argparse.Namespace, cfg: None) -> int:
     return EXIT_OK
 
 
+def _check_verify(args: argparse.Namespace) -> None:
+    """The paths and sizes of ``verify`` (exit 2): a model folder, probe sizes, a writable --json."""
+    from moebalance.integrations.transformers.verify import check_model_folder
+
+    check_model_folder(args.model_dir)
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UsageError(f"--seq-len must be >= 1, got {args.seq_len}")
+    if args.json is not None:
+        target = Path(args.json)
+        if target.is_dir():
+            raise UsageError(f"--json {args.json!r} is a folder; give a file name")
+        if not target.absolute().parent.is_dir():
+            raise UsageError(f"--json {args.json!r}: the folder {str(target.absolute().parent)!r} does not exist")
+
+
+def _cmd_verify(args: argparse.Namespace, cfg: None) -> int:
+    from moebalance.integrations.transformers.verify import VerifyArgumentError, render_report, verify_model_folder
+    from moebalance.train.checkpoint import write_json
+
+    try:
+        report = verify_model_folder(args.model_dir, args.batch_size, args.seq_len, args.seed)
+    except VerifyArgumentError as exc:  # found only by loading the model: still an argument that cannot serve
+        raise UsageError(_message(exc)) from exc
+    except ImportError as exc:
+        raise ValueError(f"moebalance verify needs transformers and safetensors ({exc}); pip install 'moebalance[dev]'") from exc
+    print(render_report(report))
+    if args.json is not None:
+        write_json(args.json, report)
+        print(f"report written to {args.json}")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, RunConfig | None], int]] = {
     "train": _cmd_train,
     "compare": _cmd_compare,
@@ -407,6 +456,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, RunConfig | None], int]] = {
     "leakage": _cmd_leakage,
     "plot": _cmd_plot,
     "replay": _cmd_replay,
+    "verify": _cmd_verify,
 }
 
 

@@ -30,7 +30,9 @@ Other modules: :mod:`.patch` (install / uninstall, proven or not at all), :mod:`
 :mod:`.callback` (the Trainer callback), :mod:`.checkpoint` (bias files, config record, export),
 :mod:`.apply` (the entry point), :mod:`.tiny` (tiny configs), :mod:`.peft` (PEFT ``modules_to_save``
 copies, biases in adapter folders), :mod:`.resume` (the bias file of Trainer checkpoints, resume),
-:mod:`.hub` (the local Hub cache), :mod:`.trl` (TRL's router aux loss and routing replay). May import the library and
+:mod:`.hub` (the local Hub cache), :mod:`.trl` (TRL's router aux loss and routing replay),
+:mod:`.verify` (``moebalance verify``: plain transformers' routing of a saved folder against
+moebalance's) and :mod:`.plain_probe` (its fresh-process half, which imports no moebalance). May import the library and
 :mod:`moebalance.parallel` only.
 """
 

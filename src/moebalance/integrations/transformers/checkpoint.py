@@ -225,7 +225,50 @@ def check_recorded_biases(handle, record) -> int:
     return 0
 
 
-def export_biases(handle, name: str = "e_score_correction_bias") -> dict[str, torch.Tensor]:
+def centred(bias_E: torch.Tensor) -> torch.Tensor:
+    """``bias_E`` minus its mean (float32 copy): the same top-K choice (see :func:`center_biases`)."""
+    values = bias_E.detach().float()
+    return values - values.mean()
+
+
+def center_biases(handle) -> torch.Tensor:
+    """Subtract each layer's mean bias, in place; returns the ``[L]`` float32 means removed.
+
+    A top-K choice ignores a constant added to all of a layer's scores (and a group-limited one
+    too: every group score moves by the same amount), so the routing is unchanged, up to float32
+    rounding of near-ties (tests/test_transformers_verify.py measures 0 changed choices); the gate
+    weights never contain the bias. It keeps the values near 0, where bfloat16 or float16 keep
+    more of their resolution if an engine stores them so (see ``moebalance verify``). Call it
+    before ``save_pretrained`` to save centred biases.
+    """
+    means = []
+    with torch.no_grad():
+        for bias in handle.bias_tensors():
+            means.append(bias.detach().float().mean().cpu())
+            bias.copy_(centred(bias))
+    return torch.stack(means) if means else torch.zeros(0)
+
+
+def bias_state_keys(handle) -> list[str]:
+    """The state-dict names (in memory, before any renaming on save) of ``handle``'s bias tensors,
+    one per router, found by identity of storage among the model's buffers and parameters.
+
+    Raises:
+        ValueError: a bias is not a buffer or parameter of ``handle.model``.
+    """
+    named = {}
+    for name, tensor in [*handle.model.named_parameters(remove_duplicate=False), *handle.model.named_buffers(remove_duplicate=False)]:
+        named.setdefault((tensor.data_ptr(), tuple(tensor.shape)), name)
+    keys = []
+    for router_name, bias in zip(handle.router_names, handle.bias_tensors()):
+        key = named.get((bias.data_ptr(), tuple(bias.shape)))
+        if key is None:
+            raise ValueError(f"the bias of router {router_name!r} is not a buffer or parameter of the model")
+        keys.append(key)
+    return keys
+
+
+def export_biases(handle, name: str = "e_score_correction_bias", *, center: bool = False) -> dict[str, torch.Tensor]:
     """The ``[E]`` float32 biases keyed for an inference engine.
 
     Each router's bias is written as ``<router path>.<name>``; the default is DeepSeek-V3's
@@ -234,9 +277,20 @@ def export_biases(handle, name: str = "e_score_correction_bias") -> dict[str, to
     top-K. For a softmax family an engine needs the same rule (top-K on ``softmax + bias``, gates
     from the unbiased softmax); save the dict with ``safetensors.torch.save_file``.
 
+    Args:
+        handle: the :class:`~moebalance.integrations.transformers.LossFreeBalancing` handle.
+        name: the key's last component.
+        center: subtract each layer's mean from the exported copy (the routing is the same, see
+            :func:`center_biases`; the handle's own biases are left as they are).
+
     Raises:
-        ValueError: ``name`` is empty or holds a dot.
+        ValueError: ``name`` is empty or holds a dot; ``center`` is not a bool.
     """
-    if not name or "." in name:
+    if not name or not isinstance(name, str) or "." in name:
         raise ValueError(f"name must be a non-empty key without dots, got {name!r}")
-    return {f"{n}.{name}": b.detach().float().cpu().clone() for n, b in zip(handle.router_names, handle.bias_tensors())}
+    if not isinstance(center, bool):
+        raise ValueError(f"center must be True or False, got {center!r}")
+    out = {}
+    for router_name, bias in zip(handle.router_names, handle.bias_tensors()):
+        out[f"{router_name}.{name}"] = (centred(bias) if center else bias.detach().float()).cpu().clone()
+    return out

@@ -549,9 +549,17 @@ class LossFreeBalancing:
 
         return save_bias_file(self, folder)
 
-    def export_biases(self, name: str = "e_score_correction_bias") -> dict[str, torch.Tensor]:
-        """The ``[E]`` float32 biases keyed for an inference engine, see :func:`export_biases`."""
+    def export_biases(self, name: str = "e_score_correction_bias", *, center: bool = False) -> dict[str, torch.Tensor]:
+        """The ``[E]`` float32 biases keyed for an inference engine (``center=True``: each layer's
+        mean subtracted from the copy), see :func:`export_biases`."""
         from moebalance.integrations.transformers.checkpoint import export_biases
 
-        return export_biases(self, name)
+        return export_biases(self, name, center=center)
+
+    def center_biases(self) -> torch.Tensor:
+        """Subtract each layer's mean bias in place (routing unchanged; call before
+        ``save_pretrained`` to save centred biases); returns the ``[L]`` means, see :func:`center_biases`."""
+        from moebalance.integrations.transformers.checkpoint import center_biases
+
+        return center_biases(self)
 

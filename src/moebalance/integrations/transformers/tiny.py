@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 TINY_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
@@ -105,9 +106,15 @@ TINY_SWITCHES = dict(is_moe=True)
 
 
 def _per_layer(value: list, layers: int):
-    """A per-layer list cut to ``layers`` entries: the *last* ones of a list of layer kinds (so a
-    model whose first layers are dense keeps its MoE layers), the first ones of a list of numbers."""
-    return value[-layers:] if all(isinstance(v, str) for v in value) else value[:layers]
+    """A per-layer list cut to ``layers`` entries. Of a list of layer kinds, the window of
+    consecutive entries that holds an MoE kind (``moe``, ``sparse``, ``expert``) and the most
+    different kinds (so a model whose first layers are dense keeps MoE layers, and a hybrid keeps
+    an attention layer beside them); of a list of numbers, the first entries."""
+    if not all(isinstance(v, str) for v in value):
+        return value[:layers]
+    windows = [value[i:i + layers] for i in range(len(value) - layers + 1)]
+    moe = re.compile("moe|sparse|expert")
+    return max(windows, key=lambda w: (any(moe.search(v) for v in w), len(set(w))))
 
 
 def _shrink(config, seen: set) -> None:

@@ -533,14 +533,56 @@ def test_apply_after_to_empty_ignores_uninitialised_weights(family, fill):
             assert torch.equal(a, b)
 
 
-def test_top1_with_normalised_gates_follows_transformers():
+def test_top1_with_normalised_gates_follows_transformers_and_warns_once(caplog):
     model = _model("qwen3_moe", top_k=1, norm_topk_prob=True)
     ref = copy.deepcopy(model)
-    handle = apply_loss_free_balancing(model)
+    with caplog.at_level("WARNING", logger="moebalance.integrations.transformers"):
+        handle = apply_loss_free_balancing(model)
+    assert caplog.text.count("no gradient") == 1  # once for the model, not once per router
     _, weights_TK, _ = handle.routers[0](torch.randn(6, model.config.hidden_size))
     assert torch.equal(weights_TK, torch.ones_like(weights_TK))  # transformers' rule: one gate, normalised
     x = _tokens()
     assert torch.equal(model(x).logits, ref(x).logits)
+
+
+def test_config_records_the_keys_save_pretrained_writes(tmp_path):
+    from safetensors import safe_open
+
+    model = _model("mixtral")  # transformers saves Mixtral's mlp as block_sparse_moe
+    apply_loss_free_balancing(model)
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        saved = sorted(k for k in f.keys() if k.endswith("expert_bias"))
+    assert model.config.moebalance_loss_free["bias_keys"] == saved
+    assert all("block_sparse_moe" in k for k in saved)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_nan_inputs_carry_no_load_and_move_no_bias(family):
+    model = _model(family)
+    handle = apply_loss_free_balancing(model)
+    model.train()
+    embeds = torch.full((2, 8, model.config.hidden_size), float("nan"))
+    model(inputs_embeds=embeds)
+    assert handle.pending_loads().sum() == 0
+    handle.step()
+    assert handle.biases().abs().sum() == 0
+
+
+def test_underflowed_scores_give_finite_gates():
+    # logits [200, 0, 0, 0]: the softmax of experts 1-3 underflows to 0; a bias choosing two of them
+    model = _model("qwen2_moe", num_experts=4, norm_topk_prob=True)
+    handle = apply_loss_free_balancing(model)
+    gate = handle.routers[0]
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.weight[0, 0] = 200.0
+        handle.bias_tensors()[0].copy_(torch.tensor([0.0, 2.0, 2.0, 0.0]))
+    h = torch.zeros(3, model.config.hidden_size)
+    h[:, 0] = 1.0
+    _, weights, index = gate(h)
+    assert index.sort(-1).values.tolist() == [[1, 2]] * 3
+    assert torch.isfinite(weights).all() and torch.equal(weights, torch.full_like(weights, 0.5))
 
 
 def test_padding_is_not_counted():

@@ -96,6 +96,20 @@ def read_biases(handle, path: str | Path, pattern: str = "*.safetensors") -> int
     return len(found)
 
 
+def saved_keys(model, keys: list[str]) -> list[str]:
+    """The names ``save_pretrained`` writes the state-dict ``keys`` under (transformers 5 renames
+    some modules on the way out: Mixtral's ``mlp`` is saved as ``block_sparse_moe``), through
+    transformers' own ``revert_weight_conversion``; the keys unchanged where it has none or fails."""
+    try:
+        from transformers.modeling_utils import revert_weight_conversion
+
+        probe = {k: torch.zeros(1) for k in keys}
+        renamed = list(revert_weight_conversion(model, dict(probe)))
+    except Exception:  # an older transformers, or a model that is no PreTrainedModel
+        return list(keys)
+    return renamed if len(renamed) == len(keys) else list(keys)
+
+
 def record_in_config(handle) -> None:
     """Write what a reader of the checkpoint must know into ``model.config`` (``config.json``).
 
@@ -123,7 +137,7 @@ def record_in_config(handle) -> None:
         "bias_update": handle.balancer.update,
         "bias_center": handle.balancer.center,
         "bias_name": name,
-        "bias_keys": [s.key for s in slots],
+        "bias_keys": saved_keys(handle.model, [s.key for s in slots]),
         "used_by_plain_transformers": native,
         "note": (
             "the biases are the model's own e_score_correction_bias; plain transformers routes with them"

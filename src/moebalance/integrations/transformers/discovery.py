@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from moebalance.integrations.transformers.selection import TOPK_FUNCS, topk_call
+from moebalance.integrations.transformers.selection import TOPK_FUNCS, scored_tokens, topk_call
 
 #: Config / module attribute names for the number of routed experts and for K, as families spell them.
 EXPERT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
@@ -102,7 +102,8 @@ class _TopKRecorder(TorchFunctionMode):
             if largest:
                 out = func(*args, **kwargs)
                 module = self.stack[-1]
-                self.calls.append((module, x.shape[dim], k, out[1].movedim(dim, -1), self.entered.get(module, 0)))
+                index = out[1].movedim(dim, -1)[scored_tokens(x, dim)]  # the tokens that carry load
+                self.calls.append((module, x.shape[dim], k, index, self.entered.get(module, 0)))
                 return out
         return func(*args, **kwargs)
 

@@ -18,12 +18,15 @@ Biases, load counters and module modes are restored afterwards, and the global R
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 from moebalance.integrations.transformers.discovery import Router, run_forward
+
+log = logging.getLogger("moebalance.integrations.transformers")
 
 #: Bias added to one expert in the steering check: far above any score a router computes.
 STEER_BIAS = 1.0e4
@@ -73,19 +76,41 @@ def _probe_counts(model: nn.Module, inputs: dict, routers: list[nn.Module]) -> t
             r.moebalance_eval_counts.zero_()
 
 
+def constant_single_gates(outputs: list) -> bool:
+    """True when top-1 routers hand out a gate of exactly 1 for every token (a ``[..., 1]`` float
+    tensor of ones in their output): renormalising one gate makes it constant, so the router gets
+    no gradient from the loss (transformers does this for Mixtral, and with ``norm_topk_prob``)."""
+    return bool(outputs) and all(
+        any(t.is_floating_point() and t.dim() >= 1 and t.shape[-1] == 1 and bool((t == 1).all())
+            for _, t in tensors_of(out))
+        for out in outputs
+    )
+
+
 def check_identical(model: nn.Module, inputs: dict, reference_output, found: list[Router]) -> None:
-    """Check 1 above.
+    """Check 1 above; also warns once when every top-1 router's gates are constant (see
+    :func:`constant_single_gates`).
 
     Raises:
         RuntimeError: the outputs or a router's choices differ (the message names the router class).
     """
     routers = [r.module for r in found]
     saved = [r.moebalance_eval_counts.clone() for r in routers]
+    outputs: list = []
+    hooks = [r.module.register_forward_hook(lambda m, a, out: outputs.append(out)) for r in found if r.top_k == 1]
     try:
         output, counts = _probe_counts(model, inputs, routers)
     finally:
+        for h in hooks:
+            h.remove()
         for r, s in zip(routers, saved):
             r.moebalance_eval_counts.copy_(s)
+    if constant_single_gates(outputs):
+        log.warning(
+            "%s: top-1 routing with renormalised gates gives every token a gate of 1, so the routers get no "
+            "gradient from the loss (as the model's own code computes it); moebalance's own TopKRouter refuses "
+            "this combination", type(found[0].module).__name__,
+        )
     for r, got in zip(found, counts):
         if not torch.equal(got, r.reference_counts):
             raise RuntimeError(

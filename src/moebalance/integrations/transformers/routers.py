@@ -77,8 +77,9 @@ def init_counters(router: nn.Module, num_experts: int, device: torch.device, mas
     router._moebalance_mask = mask
 
 
-def count(router: nn.Module, index_TK: torch.Tensor) -> None:
-    """Add one forward's ``[..., K]`` choice to the router's counters, padding excluded.
+def count(router: nn.Module, index_TK: torch.Tensor, finite_T: torch.Tensor | None = None) -> None:
+    """Add one forward's ``[..., K]`` choice to the router's counters, padding excluded, and tokens
+    whose scores were not finite (``finite_T`` False) excluded: they carry no load.
 
     Training forwards with grad enabled go to ``moebalance_load_counts``: a forward under
     ``torch.no_grad()`` in training mode (RL rollouts, ``generate()``) is not a training step's
@@ -92,6 +93,9 @@ def count(router: nn.Module, index_TK: torch.Tensor) -> None:
     with torch.no_grad():
         index_TK = index_TK.reshape(-1, index_TK.shape[-1])
         mask = router._moebalance_mask.for_tokens(index_TK.shape[0])
+        if finite_T is not None:
+            finite_T = finite_T.reshape(-1).to(index_TK.device)
+            mask = finite_T if mask is None else mask.to(index_TK.device) & finite_T
         num_experts = router.moebalance_load_counts.numel()
         counts = count_tokens_per_expert(index_TK, num_experts, None if mask is None else mask.to(index_TK.device))
         name = "moebalance_load_counts" if router.training else "moebalance_eval_counts"

@@ -60,7 +60,7 @@ class SelectionMode(TorchFunctionMode):
         bias_E: ``[E]`` float32 bias added to the scores for the choice only, or ``None`` (the
             router applies its own bias; only record).
         on_select: called on leaving the mode with the ``[..., K]`` indices of the last matching
-            top-K (expert dimension last).
+            top-K (expert dimension last) and the ``[...]`` mask of tokens whose scores were finite.
 
     Source: the selection rule of arXiv 2408.15664 eq. 3; the interception itself is ours.
     """
@@ -71,11 +71,12 @@ class SelectionMode(TorchFunctionMode):
         self.num_experts, self.top_k, self.bias_E, self.on_select = num_experts, top_k, bias_E, on_select
         self.calls = 0
         self.last_index: torch.Tensor | None = None
+        self.last_finite: torch.Tensor | None = None
 
     def __exit__(self, *exc):
         out = super().__exit__(*exc)
         if self.last_index is not None and exc[0] is None:
-            self.on_select(self.last_index)
+            self.on_select(self.last_index, self.last_finite)
         return out
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
@@ -98,7 +99,15 @@ class SelectionMode(TorchFunctionMode):
             values = scores.gather(dim, index)  # unbiased: the bias only selects (eq. 3)
             values = floor_underflowed(values, dim)
         self.last_index = index.movedim(dim, -1)
+        self.last_finite = scored_tokens(scores, dim)
         return torch.return_types.topk((values, index))
+
+
+def scored_tokens(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[...]`` bool: the tokens whose scores hold no NaN and no +inf; the others carry no load
+    (-inf is how routers mask the experts of excluded groups, so it is allowed)."""
+    s = scores.detach()
+    return ~(s.isnan() | s.isposinf()).any(dim=dim)
 
 
 def floor_underflowed(values: torch.Tensor, dim: int) -> torch.Tensor:

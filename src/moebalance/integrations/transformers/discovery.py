@@ -30,7 +30,7 @@ from moebalance.integrations.transformers.selection import TOPK_FUNCS, scored_to
 EXPERT_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts", "num_routed_experts",
                 "n_experts")
 TOP_K_NAMES = ("num_experts_per_tok", "moe_k", "top_k", "moe_topk", "num_experts_per_token", "experts_per_token",
-               "moe_top_k", "router_top_k")
+               "moe_top_k", "router_top_k", "top_k_experts")
 
 #: The probe batch: ``[PROBE_BATCH, PROBE_SEQ]`` token ids (a sequence length unlikely to equal E or K).
 PROBE_BATCH, PROBE_SEQ = 2, 11

@@ -83,7 +83,7 @@ TINY_SIZES = dict(
     q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
     ffn_hidden_size=64, d_model=32, n_layers=2, n_heads=4, num_layers=2, depth=1, embed_dim=32, num_heads=4,
     out_hidden_size=32, d_ff=64, ffn_dim=64, expert_dim=32, moe_layer_freq=1, decoder_sparse_step=1,
-    num_experts_per_token=2, num_expert_group=1, num_shared_experts=1,
+    num_experts_per_token=2, num_expert_group=1, num_shared_experts=1, num_dense_layers=0,
 )
 
 #: Fields a family may leave ``None`` (derived or required later) that the tiny config sets.
@@ -97,8 +97,10 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "mistral4": {"qk_head_dim": 16},
     "granitemoehybrid": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_chunk_size": 16},
     "kolibri1_1": {"head_dim": 16, "index_num_heads": 4},
-    "step3p7": {"sliding_window": 64},
-    "dbrx": {"attn_config.rope_theta": 10000.0},
+    "step3p7": {"sliding_window": 64, "text_config.sliding_window": 64},
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},
+    "gemma4": {"text_config.enable_moe_block": True, "text_config.num_experts": 8, "text_config.top_k_experts": 2,
+               "text_config.moe_intermediate_size": 32},
 }
 
 #: Boolean switches that turn a family's MoE layers on.

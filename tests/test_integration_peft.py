@@ -160,9 +160,6 @@ def test_attach_refuses_a_peft_model_around_another_model():
         handle.attach(other)
 
 
-@pytest.mark.xfail(strict=True, reason="apply.py's _existing_handle compares every router it finds (PEFT's "
-                   "originals and copies, 2L) with handle.routers (L); comparing peft.active_routers(model, found) "
-                   "instead would return the handle")
 def test_second_apply_under_modules_to_save_returns_the_handle():
     peft_model, handle = _peft("qwen2_moe", "apply_first", modules_to_save=["gate"])
     assert apply_loss_free_balancing(peft_model) is handle

@@ -38,12 +38,16 @@ def _disable_aux_loss(model: nn.Module) -> list[str]:
 def _existing_handle(model: nn.Module, settings: dict, load_biases_from) -> LossFreeBalancing | None:
     """The handle of an earlier apply on this model's routers, if the settings match (see the
     Raises of :func:`apply_loss_free_balancing`)."""
-    patched = [m for m in model.modules() if getattr(m, "_moebalance_handle", None) is not None]
-    handles = {id(m._moebalance_handle): m._moebalance_handle for m in patched}
+    from moebalance.integrations.transformers.peft import active_routers
+
+    patched = [(n, m) for n, m in model.named_modules() if m.__dict__.get("_moebalance_handle") is not None]
+    handles = {id(m._moebalance_handle): m._moebalance_handle for _, m in patched}
     if not handles:
         return None
     handle = next(iter(handles.values()))
-    if len(handles) > 1 or patched != handle.routers:
+    handle.refresh_routers()  # follow PEFT copies made since the last forward
+    in_use = [m for _, m in active_routers(model, patched)]  # PEFT modules_to_save: the copies forwards run
+    if len(handles) > 1 or in_use != handle.routers:
         raise ValueError(
             "some of these routers were already given Loss-Free Balancing by another "
             "apply_loss_free_balancing call (on another part of the model); apply it once, to the whole model"

@@ -61,6 +61,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         LossFreeBalancer(a.rate, a.update)
     except ValueError as exc:  # the biases are float32: inf, 1e39 and 1e-50 pass the check above
         p.error(f"--rate: {exc}")
+    check_run_and_out(p, a)
+    return a
+
+
+def check_run_and_out(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``p.error`` unless ``a.run_dir`` is a finished run and ``a.out`` a JSON file that may be
+    written (a new file, or one holding a result of the same arguments, or ``--overwrite``)."""
     if not (a.run_dir / "checkpoint.pt").is_file():
         p.error(f"{a.run_dir} holds no checkpoint.pt (a finished run of `moebalance train`)")
     if a.out.is_dir():
@@ -70,7 +77,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--out {str(a.out)!r}: {problem}")
     if a.out.exists() and not a.overwrite and stored_args(a.out) != recorded_args(a):
         p.error(f"--out {str(a.out)!r} holds another result (other arguments, or not one of ours); not overwritten (--overwrite replaces it)")
-    return a
 
 
 def recorded_args(a: argparse.Namespace) -> dict:
@@ -150,10 +156,9 @@ def run(a: argparse.Namespace, state: dict) -> int:
     gen = torch.Generator().manual_seed(a.seed)
 
     def batch_loads() -> torch.Tensor:
-        model.train()  # the routers count loads in training mode only
+        model.train()  # the routers count loads in training mode with grad enabled only
         x, _ = sample_batch(data.train, a.batch_size, cfg.train.seq_len, gen)
-        with torch.no_grad():
-            model(x)
+        model(x)  # no parameter requires grad (load_frozen), so no graph is built
         return pop_expert_loads(routers)
 
     def score(step: int) -> dict:

@@ -42,12 +42,12 @@ from moebalance.balancing import find_routers
 from moebalance.integrations.transformers.checkpoint import centred
 from moebalance.integrations.transformers.verify import bias_cast_collisions
 from moebalance.metrics import layer_routing_changes
-from moebalance.train.checkpoint import folder_problem, load_checkpoint, write_json
+from moebalance.train.checkpoint import load_checkpoint, write_json
 from moebalance.train.config import RunConfig
 from moebalance.train.loop import evaluate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bias_floor import load_frozen, stored_args  # noqa: E402  (the sibling script: a run's frozen model; a result's arguments)
+from bias_floor import check_run_and_out, load_frozen, recorded_args  # noqa: E402  (the sibling script)
 
 CONDITIONS = ("trained", "zero", "bf16", "bf16_centred")
 
@@ -61,21 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.eval_tokens < 0:
         p.error(f"--eval-tokens must be >= 0 (0: the whole split), got {a.eval_tokens}")
-    if not (a.run_dir / "checkpoint.pt").is_file():
-        p.error(f"{a.run_dir} holds no checkpoint.pt (a finished run of `moebalance train`)")
-    if a.out.is_dir():
-        p.error(f"--out {str(a.out)!r} is a folder; name the JSON file to write")
-    problem = folder_problem(a.out.parent)
-    if problem is not None:
-        p.error(f"--out {str(a.out)!r}: {problem}")
-    if a.out.exists() and not a.overwrite and stored_args(a.out) != recorded_args(a):
-        p.error(f"--out {str(a.out)!r} holds another result (other arguments, or not one of ours); not overwritten (--overwrite replaces it)")
+    check_run_and_out(p, a)
     return a
-
-
-def recorded_args(a: argparse.Namespace) -> dict:
-    """The arguments as the result file records them (``--overwrite`` left out)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "overwrite"}
 
 
 def condition_biases(trained: list[torch.Tensor], condition: str) -> list[torch.Tensor]:

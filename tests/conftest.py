@@ -7,6 +7,15 @@ import torch
 os.environ.setdefault("MOEBALANCE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "moebalance"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch at one thread for a module's tests (tiny models: threads only add contention)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -20,12 +20,7 @@ LOGGER = "moebalance.integrations.transformers"
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _trained(family: str, folder, dtype=torch.float32):

@@ -15,12 +15,7 @@ VOCAB = 128
 FAMILIES = ["mixtral", "qwen2_moe", "deepseek_v3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model(family: str, seed: int = 0) -> nn.Module:

@@ -15,12 +15,7 @@ from moebalance.integrations.transformers.resume import BIAS_FILE  # noqa: E402
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 class _Windows(torch.utils.data.Dataset):

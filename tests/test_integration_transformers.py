@@ -18,13 +18,7 @@ from moebalance.metrics import max_violation  # noqa: E402
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: extra intra-op threads only add contention on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model(family: str, **kw) -> nn.Module:

@@ -17,12 +17,7 @@ VOCAB = 128
 LOGGER = "moebalance.integrations.transformers"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _model(family: str = "olmoe") -> nn.Module:

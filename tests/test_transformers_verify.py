@@ -25,12 +25,7 @@ VOCAB = 128
 FAMILIES = [("deepseek_v3", True), ("mixtral", False), ("glm4_moe", True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _tiny_config(family: str):

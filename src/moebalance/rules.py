@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moebalance.checks import is_finite_number
+
 __all__ = [
     "QB_ESTIMATORS",
     "RULES",
@@ -56,13 +58,7 @@ QB_ESTIMATORS = ("microbatch", "pooled", "histogram")
 SCHEDULES = ("constant", "lr", "decay")
 
 
-def _number(value: object) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+_number = is_finite_number  # a finite int or float, not a bool
 
 
 def _check(cond: bool, name: str, allowed: str, value: object) -> None:

@@ -46,6 +46,16 @@ def is_finite_number(value: object) -> bool:
         return False
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether checking ``t``'s values is free: a concrete CPU tensor. A check that reads values
+    from a CUDA tensor would synchronise the host every call, and a meta or fake tensor (shape
+    tracing, ``torch.compile``, the paper presets' memory-free forward) has no values; there the
+    value checks of the hot path are skipped and only shapes and dtypes are checked."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type == "cpu" and not is_fake(t)
+
+
 def describe(value: object) -> str:
     """A tensor's shape and dtype, or a non-tensor's type, for an error message."""
     if isinstance(value, torch.Tensor):

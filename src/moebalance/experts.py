@@ -47,6 +47,7 @@ from moebalance.checks import (
     check_score_tensor,
     describe,
     is_integer_tensor,
+    values_readable,
 )
 
 DropPolicy = Literal["position", "score"]
@@ -239,14 +240,14 @@ def count_pairs(flat_experts: torch.Tensor, num_experts: int, name: str = "indic
     """``[E]`` int64 pairs per expert of ``[N]`` integer expert ids.
 
     Raises:
-        ValueError: an id outside ``[0, E)`` (the message names ``name``); checked on the counts,
-            so it costs no host synchronisation beyond ``bincount``'s own.
+        ValueError: an id outside ``[0, E)`` (the message names ``name``); checked on the counts of
+            a CPU tensor (see :func:`~moebalance.checks.values_readable`).
     """
     try:
         counts = torch.bincount(flat_experts, minlength=num_experts)
     except RuntimeError as err:  # a negative id
         raise ValueError(f"{name} must hold expert ids in [0, num_experts={num_experts}): {err}") from None
-    if counts.numel() != num_experts:
+    if values_readable(counts) and counts.numel() != num_experts:
         raise ValueError(f"{name} must hold expert ids in [0, num_experts={num_experts}), got {counts.numel() - 1}")
     return counts
 
@@ -465,13 +466,20 @@ class GroupedExperts(nn.Module):
 
         Raises:
             ValueError: ``x_ND`` not an ``[N, D]`` real float tensor, or ``counts_E`` not an ``[E]``
-                integer tensor summing to ``N`` (one host synchronisation).
+                integer tensor (whose values, on a CPU, sum to ``N``; not read on a GPU, where
+                that would synchronise the host every call).
         """
         check_score_tensor("x_ND", x_ND, (2,), f"[N, D={self.w1.shape[2]}]")
         if x_ND.shape[1] != self.w1.shape[2]:
             raise ValueError(f"x_ND must have shape [N, D={self.w1.shape[2]}], got {tuple(x_ND.shape)}")
-        ok = is_integer_tensor(counts_E) and counts_E.shape == (self.num_experts,)
-        total, smallest = torch.stack([counts_E.sum(), counts_E.min()]).tolist() if ok else (-1, -1)
+        if not is_integer_tensor(counts_E) or counts_E.dim() != 1:
+            total, smallest = -1, -1
+        elif not values_readable(counts_E):  # no host sync on a GPU; a fake tensor's size is symbolic
+            total, smallest = x_ND.shape[0], 0
+        elif counts_E.shape[0] != self.num_experts:
+            total, smallest = -1, -1
+        else:
+            total, smallest = torch.stack([counts_E.sum(), counts_E.min()]).tolist()
         if total != x_ND.shape[0] or smallest < 0:
             raise ValueError(
                 f"counts_E must be [E={self.num_experts}] integer rows per expert, >= 0, summing to "

@@ -579,6 +579,22 @@ def test_underflowed_scores_give_finite_gates():
     assert torch.isfinite(weights).all() and torch.equal(weights, torch.full_like(weights, 0.5))
 
 
+@pytest.mark.parametrize("rule", ["sign", "error", "smebu", "proportional"])
+def test_every_load_based_rule_reaches_the_handle(rule):
+    from moebalance import LossFreeBalancer
+
+    model = _model("qwen3_moe")
+    handle = apply_loss_free_balancing(model, update=rule)
+    model.train()
+    model(_tokens())
+    loads = handle.pending_loads()
+    handle.step()
+    ref = LossFreeBalancer(1e-3, rule).bias_delta(loads, torch.zeros_like(loads))
+    torch.testing.assert_close(handle.biases(), ref)  # the handle applies the rule's own delta
+    with pytest.raises(ValueError, match="quantile rule needs the routers' scores"):
+        apply_loss_free_balancing(_model("qwen3_moe"), update="quantile").step()
+
+
 def test_padding_is_not_counted():
     model = _model("qwen3_moe")
     handle = apply_loss_free_balancing(model)

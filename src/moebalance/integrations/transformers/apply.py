@@ -146,7 +146,9 @@ def apply_loss_free_balancing(
         disable_aux_loss: set the model's auxiliary-loss coefficient (and ``config.router_aux_loss_coef``)
             to 0 and ``config.output_router_logits`` to False. transformers' auxiliary loss recounts
             the top-K from the logits *without* the bias, so it would fight the bias.
-        update: ``"sign"`` (Algorithm 1) or ``"error"`` (the paper's ablation).
+        update: the bias rule: ``"sign"`` (Algorithm 1), ``"error"`` (the paper's ablation),
+            ``"smebu"`` or ``"proportional"`` (:mod:`moebalance.rules`); the ``"quantile"`` rule
+            needs the routers' scores and is refused by :meth:`LossFreeBalancing.step`.
         center: subtract each layer's mean bias after every update (see :class:`~moebalance.LossFreeBalancer`).
         all_reduce: in-place sum of the ``[L, E]`` loads over data-parallel ranks; ``"auto"`` uses
             ``torch.distributed`` when a process group with more than one rank is running.

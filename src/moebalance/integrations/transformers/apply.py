@@ -143,9 +143,8 @@ def apply_loss_free_balancing(
     Args:
         model: a transformers model (``...ForCausalLM``, base model, or any module holding the routers).
         update_rate: ``u > 0`` of Algorithm 1 (paper default 1e-3).
-        disable_aux_loss: set the model's auxiliary-loss coefficient (and ``config.router_aux_loss_coef``)
-            to 0 and ``config.output_router_logits`` to False. transformers' auxiliary loss recounts
-            the top-K from the logits *without* the bias, so it would fight the bias.
+        disable_aux_loss: set the model's (and its config's) ``router_aux_loss_coef`` to 0 and
+            ``output_router_logits`` to False: that loss recounts the top-K without the bias.
         update: the bias rule: ``"sign"`` (Algorithm 1), ``"error"`` (the paper's ablation),
             ``"smebu"`` or ``"proportional"`` (:mod:`moebalance.rules`); the ``"quantile"`` rule
             needs the routers' scores and is refused by :meth:`LossFreeBalancing.step`.

@@ -124,11 +124,10 @@ def apply_loss_free_balancing(
 ) -> LossFreeBalancing:
     """Give every MoE router of a transformers model a Loss-Free Balancing bias.
 
-    The routers are found by what they do (the modules that make a top-K choice over the experts
-    in a probe forward, :mod:`.discovery`), not by class name, so any family that routes that way
-    works, including families added to transformers later. A router that has a selection bias of
-    its own (``e_score_correction_bias``, ``expert_bias``, ``moe_statics``; on the router or its MoE
-    block) keeps it, and the handle trains *that* slot; any other router gets a persistent float32
+    Routers are found by what they do (the modules making a top-K choice over the experts in a
+    probe forward, :mod:`.discovery`), not by class name. A router with a selection bias of its own
+    (``e_score_correction_bias``, ``expert_bias``, ``moe_statics``; on the router or its MoE block)
+    keeps it and the handle trains *that* slot; any other router gets a persistent float32
     ``expert_bias`` ``[E]`` buffer (zeros) that steers its top-K choice only (eq. 3 of the paper).
     Before returning, the probe (:mod:`.probe`) proves on a probe batch that the model's output and
     every router's choices are bit-identical to the unpatched model's at the current bias, and that

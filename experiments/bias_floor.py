@@ -44,7 +44,8 @@ from moebalance.train.model import MoETransformer
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a finished `moebalance train` run (holds checkpoint.pt)")
-    p.add_argument("--update", choices=("sign", "error"), default="sign", help="bias update rule (default sign)")
+    p.add_argument("--update", choices=("sign", "error", "smebu", "proportional", "quantile"), default="sign",
+                   help="bias update rule (default sign; see moebalance.rules)")
     p.add_argument("--rate", type=float, default=1e-3, help="update rate u (default 1e-3)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per update (default 8)")
     p.add_argument("--steps", type=int, default=1200, help="bias updates (default 1200)")
@@ -153,12 +154,16 @@ def run(a: argparse.Namespace, state: dict) -> int:
     model, cfg, data = load_frozen(a.run_dir, state)
     routers = find_routers(model)
     balancer = LossFreeBalancer(a.rate, a.update)
+    balancer.prepare(model)  # the quantile rule records the routers' scores
     gen = torch.Generator().manual_seed(a.seed)
 
-    def batch_loads() -> torch.Tensor:
+    def forward() -> None:
         model.train()  # the routers count loads in training mode with grad enabled only
         x, _ = sample_batch(data.train, a.batch_size, cfg.train.seq_len, gen)
         model(x)  # no parameter requires grad (load_frozen), so no graph is built
+
+    def batch_loads() -> torch.Tensor:
+        forward()
         return pop_expert_loads(routers)
 
     def score(step: int) -> dict:
@@ -169,11 +174,12 @@ def run(a: argparse.Namespace, state: dict) -> int:
 
     curve = [score(0)]
     for step in range(1, a.steps + 1):
-        delta_LE = balancer.bias_delta(batch_loads())
-        for router, delta in zip(routers, delta_LE):
-            router.expert_bias += delta
+        forward()
+        balancer.step(model)  # the rule's own update from this batch (loads, or scores for quantile)
         if step % a.eval_every == 0 or step == a.steps:
             curve.append(score(step))
+    for router in routers:  # the probe below reads loads only
+        router.score_recorder = None
     rel = []
     for _ in range(a.probe_batches):
         loads = batch_loads()

@@ -361,8 +361,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
             if args.command in ("plot", "replay"):
                 from moebalance.lab.reporting import find_run_dirs
 
-                args.runs = find_run_dirs(args.run_dirs)
                 args.ranks_tuple = _ranks(args.ranks) if args.command == "replay" else None
+                args.runs = find_run_dirs(args.run_dirs)
             else:
                 args.overrides = list(args.overrides) + extra
                 cfg = _config(args)
@@ -558,11 +558,13 @@ class Terminated(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def _sigterm_stops() -> Iterator[None]:
-    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread, default handler only)."""
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread, default handler
+    only; not in a torchrun worker, which its launcher stops with SIGTERM when another rank failed)."""
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+    mine = threading.current_thread() is threading.main_thread() and "WORLD_SIZE" not in os.environ
+    if not mine or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 

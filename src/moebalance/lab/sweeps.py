@@ -66,12 +66,16 @@ def grid_runs(grid: str, base: RunConfig) -> dict[str, list[str]]:
     if grid == "update-rate":
         return {f"loss_free_u_{u}": lf + [f"balance.bias_update_rate={u}"] for u in ("1e-4", "1e-3", "1e-2")}
     if grid == "variants":
-        return {
-            "sign_additive_sigmoid": lf,
-            "error_update": lf + ["balance.bias_update=error"],
-            "multiplicative_bias": lf + ["balance.bias_mode=multiplicative"],
-            "softmax_gate": lf + ["model.score_func=softmax"],
+        # Each run sets all three settings its name is about, so that an override of one of them
+        # (which would train another variant under this name) is refused (compare.replaced_overrides).
+        paper = {"balance.bias_update": "sign", "balance.bias_mode": "additive", "model.score_func": "sigmoid"}
+        changes = {
+            "sign_additive_sigmoid": {},
+            "error_update": {"balance.bias_update": "error"},
+            "multiplicative_bias": {"balance.bias_mode": "multiplicative"},
+            "softmax_gate": {"model.score_func": "softmax"},
         }
+        return {name: lf + [f"{k}={v}" for k, v in (paper | change).items()] for name, change in changes.items()}
     if grid == "strategies":
         runs = {
             "none": ["balance.strategy=none"],

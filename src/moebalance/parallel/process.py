@@ -289,7 +289,10 @@ def launch(nproc: int, args: list[str]) -> int:
     try:
         run(parse_args(torchrun_command(nproc, args)[3:]))  # the arguments after `python -m torch.distributed.run`
     except ChildFailedError as exc:
-        rank, failure = exc.get_first_failure()
+        # The root cause: the first rank that exited with a status of its own (the launcher then
+        # stops the others with SIGTERM), else the first one killed by a signal.
+        failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode <= 0, item[1].timestamp))
+        rank, failure = failures[0]
         if failure.exitcode < 0:
             try:
                 name = signal.Signals(-failure.exitcode).name

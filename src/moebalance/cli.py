@@ -50,7 +50,8 @@ EXIT_CODES = {
     EXIT_USAGE: "bad command line: an unknown option or config key, a value out of range, or a path "
     "named on it that cannot serve (missing, a file where a folder is expected, a corrupt checkpoint "
     "or run folder); found before anything was written",
-    EXIT_STOPPED: "training stopped on a non-finite value (train.on_nonfinite=stop)",
+    EXIT_STOPPED: "training stopped on a non-finite value (train.on_nonfinite=stop), or ended with nothing to "
+    "report under skip (every step skipped as non-finite, or a non-finite final validation loss)",
     EXIT_INPUT: "the work failed on its data or files: data that cannot be trained on, a checkpoint "
     "that does not fit, a file that cannot be read or written; a folder it created is removed",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); complete files are kept, and `train --resume` continues "
@@ -444,7 +445,7 @@ def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _cmd_leakage(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.leakage import leakage, render_leakage_table
 
-    result = leakage(cfg, args.out_dir, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
+    result = leakage(cfg, args.out_dir, checkpoint=args.checkpoint, position=args.position, trials=args.trials, progress=not args.no_progress)
     print(render_leakage_table(result))
     print(f"written: {args.out_dir}/leakage.json")
     return EXIT_OK

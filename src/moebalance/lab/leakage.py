@@ -239,6 +239,17 @@ def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generat
     return topk, expert_choice
 
 
+def _counted(route: RouteFn, bar: Any) -> RouteFn:
+    """``route``, advancing the progress ``bar`` by one after each call."""
+
+    def counted(tokens_BS: torch.Tensor) -> torch.Tensor:
+        out = route(tokens_BS)
+        bar.update(1)
+        return out
+
+    return counted
+
+
 def leakage(
     base: RunConfig,
     out_dir: str | Path,
@@ -250,6 +261,7 @@ def leakage(
     current_batch_rate: float = 1e-2,
     current_batch_iterations: int = 8,
     command: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Measure future-token leakage of three routing rules on one model and write ``leakage.json``.
 
@@ -266,6 +278,9 @@ def leakage(
     model of any size or vocabulary from it). The batch is ``train.batch_size`` validation windows
     of ``train.seq_len`` tokens; ``position`` defaults to the middle of the sequence.
 
+    ``train.threads`` caps torch's threads as in training; ``progress`` shows a bar over the
+    routings measured (``3 * (trials + 1)``).
+
     Returns:
         the ``leakage.json`` content: ``{"expert_choice": fraction, "loss_free": fraction,
         "current_batch_bias": fraction, "per_layer": {...}, "position": p, ...}``.
@@ -274,8 +289,12 @@ def leakage(
         ValueError: bad data, a checkpoint of another model, balancing or data than ``base``,
             ``position`` outside ``[0, seq_len-2]`` or ``trials < 1``.
     """
+    from tqdm.auto import tqdm
+
     from moebalance.train.data import prepare_data, sample_batch
 
+    if base.train.threads:
+        torch.set_num_threads(base.train.threads)
     cfg = copy.deepcopy(base)
     batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
     position = seq_len // 2 - 1 if position is None else position
@@ -293,7 +312,11 @@ def leakage(
         "loss_free": model_router(topk),
         "current_batch_bias": current_batch_bias_router(topk, current_batch_rate, current_batch_iterations),
     }
-    measured = {name: measure_leakage(rule, tokens_BS, position, data.vocab_size, trials, cfg.train.seed) for name, rule in rules.items()}
+    with tqdm(total=len(rules) * (trials + 1), desc="leakage", unit="routing", disable=not progress, leave=False) as bar:
+        measured = {
+            name: measure_leakage(_counted(rule, bar), tokens_BS, position, data.vocab_size, trials, cfg.train.seed)
+            for name, rule in rules.items()
+        }
     result: dict[str, Any] = {name: m["fraction"] for name, m in measured.items()}
     result |= {
         "per_layer": {name: m["per_layer"] for name, m in measured.items()},

@@ -157,3 +157,30 @@ def test_overwrite_never_clears_a_run_folder_whose_config_json_is_not_a_run(tmp_
     assert rc == 2 and "not cleared even with --overwrite" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.jsonl"]
     assert (folder / "metrics.jsonl").read_text() == "theirs"
+
+
+@pytest.mark.slow
+def test_more_seeds_after_one_reuse_the_first_seeds_runs(tmp_path, monkeypatch):
+    # Issue 22: `make demo ARGS="--seeds 3"` after a plain `make demo` retrained seed 1234 (about
+    # 9 minutes) although its two runs were there with the same config.
+    base = apply_overrides(get_preset("smoke"), TINY)
+    trained = []
+    train = loop.train
+
+    def counting(cfg, out_dir, **kw):
+        trained.append(Path(out_dir).relative_to(tmp_path).as_posix())
+        return train(cfg, out_dir, **kw)
+
+    monkeypatch.setattr(loop, "train", counting)
+    compare_mod.compare(base, tmp_path / "a", progress=False, command="test")
+    assert trained == ["a/loss_free", "a/aux_loss"]
+    report = compare_mod.compare(base, tmp_path / "a", progress=False, command="test", seeds=2)
+    assert trained[2:] == ["a/seed_1235/loss_free", "a/seed_1235/aux_loss"]
+    first = report["runs"]["seed_1234/loss_free"]
+    assert first["state"] == "finished" and first["run_dir"] == "loss_free"
+    assert not (tmp_path / "a" / "seed_1234").exists()
+    # And the other way round: one seed after several reads seed 1234 where --seeds put it.
+    compare_mod.compare(base, tmp_path / "b", progress=False, command="test", seeds=2)
+    del trained[:]
+    report = compare_mod.compare(base, tmp_path / "b", progress=False, command="test")
+    assert trained == [] and report["runs"]["aux_loss"]["run_dir"] == "seed_1234/aux_loss"

@@ -89,3 +89,47 @@ def test_plot_errors(tmp_path, capsys):
     (empty / "metrics.jsonl").write_text(json.dumps({"kind": "eval", "step": 1}) + "\n")
     with pytest.raises(ValueError, match="no training record|none of the runs"):
         plot_runs([empty], tmp_path / "o")
+
+
+# -- issue 22: plot colours runs as the report does, never overwrites other plots, says what it drops
+
+
+def test_plot_draws_a_compare_folder_in_its_reports_order(run_dir, tmp_path):
+    parent = tmp_path / "cmp"
+    for name in ("loss_free", "aux_loss"):
+        (parent / name).mkdir(parents=True)
+        (parent / name / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    report = {"runs": {"loss_free": {"run_dir": "loss_free"}, "aux_loss": {"run_dir": "aux_loss"}}}
+    (parent / "report.json").write_text(json.dumps(report))
+    # The report drew loss_free first (colour C0), aux_loss second (C1); plot now does the same.
+    assert list(find_run_dirs([parent])) == ["loss_free", "aux_loss"]
+    (parent / "report.json").write_text("{not json")
+    assert list(find_run_dirs([parent])) == ["aux_loss", "loss_free"]  # no readable report: by name
+
+
+def test_plot_refuses_to_overwrite_plots_of_other_runs(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
+    out = tmp_path / "plots"
+    assert main(["plot", str(run_dir), "--out", str(out)]) == 0
+    first = (out / "maxvio_batch.png").read_bytes()
+    assert main(["plot", str(run_dir), "--out", str(out)]) == 0  # the same runs again: redrawn
+    capsys.readouterr()
+    assert main(["plot", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds plots of other runs" in err and "--overwrite" in err
+    assert (out / "maxvio_batch.png").read_bytes() == first
+    assert main(["plot", str(other), "--out", str(out), "--overwrite"]) == 0
+    assert json.loads((out / "plots.json").read_text())["runs"] == [str(other.resolve())]
+
+
+def test_plot_says_when_it_leaves_a_run_out(run_dir, tmp_path, caplog):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "metrics.jsonl").write_text("\x00garbage\n")  # every line damaged
+    with caplog.at_level("WARNING"):
+        plot_runs([run_dir, damaged], tmp_path / "o")
+    text = caplog.text
+    assert "damaged: its metrics.jsonl has no training record; left out of every figure" in text
+    assert "1 line(s) of metrics.jsonl are not JSON records; skipped" in text

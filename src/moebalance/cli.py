@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_plot = add("plot", "redraw the report plots of finished runs (no training)")
     p_plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare folders holding runs")
     p_plot.add_argument("--out", default=None, help="output folder (default runs/plots)")
+    p_plot.add_argument("--overwrite", action="store_true", help="replace plots of other runs in --out")
     p_rep = add("replay", "replay finished runs' expert loads onto expert-parallel ranks")
     p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare / sweep folders holding runs")
     p_rep.add_argument("--ranks", default="2,4,8,16,64,256", help=f"comma-separated EP rank counts, each 1 to {MAX_RANKS}")
@@ -299,6 +300,15 @@ def _check_train_out(args: argparse.Namespace) -> None:
     problem = run_folder_problem(args.out_dir)  # its config.json was checked just above
     if problem is not None:
         raise UsageError(f"--out {args.out_dir!r}: {problem}; nothing removed (choose another --out)")
+
+
+def _check_plot_out(args: argparse.Namespace) -> None:
+    """``plot --out DIR`` where DIR holds plots of other runs: refuse unless ``--overwrite``."""
+    from moebalance.lab.reporting import plot_folder_problem
+
+    problem = plot_folder_problem(args.out_dir, list(args.runs.values()), args.overwrite)
+    if problem is not None:
+        raise UsageError(f"--out {problem}")
 
 
 def _check_measurement(args: argparse.Namespace, cfg: RunConfig) -> None:
@@ -386,6 +396,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
         # The other ranks of a torchrun job leave the folder to rank 0 (which may be clearing it).
         if args.command == "train" and not getattr(args, "print_config", False) and os.environ.get("RANK", "0") == "0":
             _check_train_out(args)
+        if args.command == "plot":
+            _check_plot_out(args)
     return cfg
 
 

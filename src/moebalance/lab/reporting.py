@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moebalance.train.checkpoint import atomic_write_bytes
+from moebalance.train.checkpoint import atomic_write_bytes, write_json
 from moebalance.train.logs import draw_load_heatmap, pyplot, relative_load
 
 if TYPE_CHECKING:
     pass
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "PLOT_FILES",
     "find_run_dirs",
+    "plot_folder_problem",
     "load_metrics",
     "plot_loads",
     "plot_maxvio_batch",
@@ -37,14 +42,18 @@ def load_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
     Raises:
         OSError: the file cannot be read.
     """
-    train, evals = [], []
+    train, evals, skipped = [], [], 0
     for line in (Path(run_dir) / "metrics.jsonl").read_text(errors="replace").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            rec = None
         if isinstance(rec, dict):
             (train if rec.get("kind") == "train" else evals).append(rec)
+        elif line.strip():
+            skipped += 1
+    if skipped:
+        log.warning("%s: %d line(s) of metrics.jsonl are not JSON records; skipped", run_dir, skipped)
     return train, evals
 
 
@@ -184,10 +193,25 @@ def plot_tradeoff(
     plt.close(fig)
 
 
+def _report_order(folder: Path) -> dict[str, int]:
+    """Run folder name -> position in the ``compare`` / ``sweep`` report of ``folder``
+    (``report.json`` / ``sweep.json``), so that ``plot`` draws its runs in the report's order and
+    colours; empty when there is no readable report."""
+    for name in ("report.json", "sweep.json"):
+        try:
+            runs = json.loads((folder / name).read_text())["runs"]
+            return {str(r["run_dir"]): i for i, r in enumerate(runs.values())}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            continue
+    return {}
+
+
 def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
     """Runs named by ``paths``: a folder with a ``metrics.jsonl`` is one run; a folder without one
-    (a ``compare`` output) contributes its sub-folders that have one. Runs are named by their folder
-    name, prefixed by the parent's name where two would clash.
+    (a ``compare`` output) contributes its sub-folders that have one, in the order of its report
+    (``report.json`` / ``sweep.json``: the same colours as the report's plots; sorted by name
+    without one). Runs are named by their folder name, prefixed by the parent's name where two
+    would clash.
 
     Raises:
         FileNotFoundError: a path is not a folder, or holds no run.
@@ -199,7 +223,8 @@ def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
         if (p / "metrics.jsonl").exists():
             found.append(p)
             continue
-        subs = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").exists())
+        order = _report_order(p)
+        subs = sorted((d for d in p.iterdir() if (d / "metrics.jsonl").exists()), key=lambda d: (order.get(d.name, len(order)), d.name))
         if not subs:
             raise FileNotFoundError(f"{str(p)!r} holds no metrics.jsonl (neither a run nor a compare folder)")
         found.extend(subs)
@@ -211,6 +236,34 @@ def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
             name = str(d)
         runs[name] = d
     return runs
+
+
+#: What ``moebalance plot`` writes into its folder (``plots.json``: the run folders it drew).
+PLOT_FILES = ("maxvio_batch.png", "val_loss.png", "expert_load.png", "plots.json")
+
+
+def _drawn_runs(paths: list[str | Path]) -> list[str]:
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def plot_folder_problem(out_dir: str | Path, paths: list[str | Path], overwrite: bool = False) -> str | None:
+    """Why ``moebalance plot`` must not draw ``paths`` into ``out_dir``, or ``None``: the folder
+    holds plots of other runs (its ``plots.json`` names others, or it has none beside plot files)
+    and ``overwrite`` is false. Plots of the same runs are redrawn (the same picture)."""
+    out = Path(out_dir)
+    present = [f for f in PLOT_FILES if (out / f).exists()]
+    if overwrite or not present:
+        return None
+    try:
+        drawn = json.loads((out / "plots.json").read_text())["runs"]
+    except (OSError, ValueError, TypeError, KeyError):
+        drawn = None
+    if drawn == _drawn_runs(paths):
+        return None
+    return (
+        f"{str(out)!r} already holds plots of other runs ({', '.join(present)}); not overwritten: "
+        "choose another --out, or replace them with --overwrite"
+    )
 
 
 def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
@@ -232,6 +285,11 @@ def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
     with_eval = {n: runs[n] for n, (_, ev) in records.items() if ev}
     if not with_train:
         raise ValueError("none of the runs has a training record in metrics.jsonl")
+    for name in records:  # say which runs a figure leaves out, and why
+        if name not in with_train:
+            log.warning("%s: its metrics.jsonl has no training record; left out of every figure", name)
+        elif name not in with_eval:
+            log.warning("%s: its metrics.jsonl has no evaluation record; left out of val_loss.png and expert_load.png", name)
     for name, (train, evals) in records.items():
         _check_fields(name, train, ("step", "maxvio_batch"))
         _check_fields(name, evals, ("step", "val_loss", "loads"))
@@ -243,4 +301,5 @@ def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
         plot_val_loss(with_eval, written[-1])
         written.append(out / "expert_load.png")
         plot_loads(with_eval, written[-1])
+    write_json(out / "plots.json", {"runs": _drawn_runs(list(runs.values()))})
     return written

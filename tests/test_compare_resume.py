@@ -178,6 +178,8 @@ def test_more_seeds_after_one_reuse_the_first_seeds_runs(tmp_path, monkeypatch):
     assert trained[2:] == ["a/seed_1235/loss_free", "a/seed_1235/aux_loss"]
     first = report["runs"]["seed_1234/loss_free"]
     assert first["state"] == "finished" and first["run_dir"] == "loss_free"
+    # 8 steps at u = 1e-3: the report says the bias could not travel, beside the numbers.
+    assert "Too short for Loss-Free to balance" in (tmp_path / "a" / "report.md").read_text()
     assert not (tmp_path / "a" / "seed_1234").exists()
     # And the other way round: one seed after several reads seed 1234 where --seeds put it.
     compare_mod.compare(base, tmp_path / "b", progress=False, command="test", seeds=2)

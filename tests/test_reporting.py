@@ -1,6 +1,7 @@
 """TensorBoard output of the trainer, and ``moebalance plot`` redrawing finished runs."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +134,24 @@ def test_plot_says_when_it_leaves_a_run_out(run_dir, tmp_path, caplog):
     text = caplog.text
     assert "damaged: its metrics.jsonl has no training record; left out of every figure" in text
     assert "1 line(s) of metrics.jsonl are not JSON records; skipped" in text
+
+
+def test_a_run_too_short_for_the_bias_to_travel_is_said_beside_the_numbers():
+    # Issue 22: `sweep alpha train.max_steps=50` ranked Loss-Free the least balanced of five runs
+    # with no warning; at u = 1e-3 its bias travels at most 0.05 of the 0.4-0.7 it needs.
+    from moebalance.lab.reporting import bias_reach, short_run_note
+    from moebalance.lab.sweeps import grid_runs, render_sweep_markdown
+    from moebalance.train.config import apply_overrides, get_preset
+
+    base = get_preset("default")
+    assert bias_reach(base) == pytest.approx(0.6)  # "Ours can travel 0.6 in the whole run"
+    assert bias_reach(apply_overrides(base, ["balance.bias_update_schedule=lr"])) == pytest.approx(0.353, abs=1e-3)
+    assert bias_reach(apply_overrides(base, ["balance.strategy=aux_loss"])) is None
+    assert short_run_note({"loss_free": base}) is None
+    short = apply_overrides(base, ["train.max_steps=50"])
+    note = short_run_note({n: apply_overrides(short, o) for n, o in grid_runs("alpha", short).items()})
+    assert "0.05 in loss_free_u_1e-3" in note and "0.4–0.7" in note and "aux_alpha" not in note
+    stored = json.loads((Path(__file__).parents[1] / "docs" / "results" / "sweep_alpha" / "sweep.json").read_text())
+    md = render_sweep_markdown(stored | {"short_run_note": note})
+    table_end = md.index("| loss_free_u_1e-3 |")
+    assert md.index("Too short for Loss-Free to balance") > table_end  # right under the numbers

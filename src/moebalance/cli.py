@@ -439,6 +439,8 @@ def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
         )
     if "ppl_noise" in report:
         print(report["ppl_noise"]["text"])
+    if report.get("short_run_note"):
+        print(report["short_run_note"].replace("**", ""))
     print(f"report: {args.out_dir}/report.md")
     return EXIT_OK
 
@@ -450,6 +452,8 @@ def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
         report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
     for name, r in report["runs"].items():
         print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
+    if report.get("short_run_note"):
+        print(report["short_run_note"].replace("**", ""))
     print(f"report: {args.out_dir}/sweep.md")
     return EXIT_OK
 

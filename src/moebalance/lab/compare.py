@@ -11,7 +11,7 @@ from typing import Any
 from moebalance.lab.replay import replay_markdown, replay_runs
 from moebalance.lab.runs import RunFolderError, clear_refusal, folder_conflict, run_or_resume, run_state
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
-from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
+from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss, short_run_note
 from moebalance.train.checkpoint import run_folder_problem, write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import prepare_data
@@ -235,6 +235,7 @@ def compare(
     plot_loads(run_dirs, out / "expert_load.png")
     report = report_context(data, base, run_dirs, command) | {"seeds": sorted({r["seed"] for r in results.values()})}
     report["runs"] = results
+    report["short_run_note"] = short_run_note({name: configs[name] for name in configs if name.endswith("loss_free")})
     if seeds > 1:
         report["seed_summary"] = seed_summary(results)
         report["ppl_noise"] = ppl_noise_verdict(report["seed_summary"])
@@ -309,6 +310,8 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
             f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
         )
+    if report.get("short_run_note"):
+        lines += ["", report["short_run_note"]]
     lines += ["", f"{label} per layer:", ""]
     for name, r in runs.items():
         lines.append(f"- {name}: " + ", ".join(f"{v:.3f}" for v in r["maxvio_global_per_layer"]))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from moebalance.train.checkpoint import atomic_write_bytes, write_json
+from moebalance.train.config import RunConfig
 from moebalance.train.logs import draw_load_heatmap, pyplot, relative_load
 
 if TYPE_CHECKING:
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "BIAS_DISTANCE",
     "PLOT_FILES",
+    "bias_reach",
     "find_run_dirs",
     "plot_folder_problem",
     "load_metrics",
@@ -31,6 +34,7 @@ __all__ = [
     "maxvio_global_label",
     "plot_tradeoff",
     "plot_val_loss",
+    "short_run_note",
 ]
 
 
@@ -204,6 +208,41 @@ def _report_order(folder: Path) -> dict[str, int]:
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             continue
     return {}
+
+
+#: How far the biases of the default model had to move to catch up with the routing collapse of
+#: its first steps: the common-mode logit offsets of docs/reproduction.md ("≈ 0.4–0.7").
+BIAS_DISTANCE = (0.4, 0.7)
+
+
+def bias_reach(cfg: RunConfig) -> float | None:
+    """The farthest a Loss-Free bias can move in the run of ``cfg``: ``u`` times the sum of the
+    update-rate factors over its steps (``u * max_steps`` with the constant schedule; Algorithm 1's
+    sign rule moves every bias by exactly ``u * factor`` a step). ``None`` where there is no such
+    bound: no bias update, or the ``error`` rule, whose step grows with the imbalance."""
+    from moebalance.train.loop import bias_rate_scale
+
+    b = cfg.balance
+    if b.strategy not in ("loss_free", "deepseek_v3") or b.bias_update != "sign" or cfg.model.routing != "topk":
+        return None
+    return b.bias_update_rate * sum(bias_rate_scale(step, cfg) for step in range(cfg.train.max_steps))
+
+
+def short_run_note(configs: dict[str, RunConfig]) -> str | None:
+    """A warning for the report when a Loss-Free run is too short for its bias to travel the
+    distance :data:`BIAS_DISTANCE` (its MaxVio then measures the catch-up, not the balance it
+    reaches, and can rank it below runs it beats in a long run); ``None`` otherwise."""
+    short = {name: reach for name, cfg in configs.items() if (reach := bias_reach(cfg)) is not None and reach < BIAS_DISTANCE[0]}
+    if not short:
+        return None
+    lo, hi = BIAS_DISTANCE
+    runs = "; ".join(f"{reach:.3g} in {name}" for name, reach in short.items())
+    return (
+        f"**Too short for Loss-Free to balance:** a bias can move at most u × steps = {runs}, "
+        f"less than the {lo}–{hi} the default model's biases needed to catch up with the early routing "
+        "collapse (docs/reproduction.md). Its MaxVio here measures that catch-up, not the balance Loss-Free "
+        "reaches, and can rank it below runs it beats in a longer run: raise train.max_steps (or the rate)."
+    )
 
 
 def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:

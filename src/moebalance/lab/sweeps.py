@@ -43,6 +43,7 @@ from moebalance.lab.reporting import (
     plot_maxvio_batch,
     plot_tradeoff,
     plot_val_loss,
+    short_run_note,
 )
 from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
@@ -152,7 +153,7 @@ def sweep(
     plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
     plot_val_loss(run_dirs, out / "val_loss.png")
     plot_loads(run_dirs, out / "expert_load.png")
-    report = {"grid": grid} | report_context(data, base, run_dirs, command) | {"runs": records}
+    report = {"grid": grid} | report_context(data, base, run_dirs, command) | {"runs": records, "short_run_note": short_run_note(configs)}
     write_json(out / "sweep.json", report)
     write_text(out / "sweep.md", render_sweep_markdown(report))
     return report
@@ -180,6 +181,8 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
             f"| {name} | `{' '.join(r['overrides'])}` | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
             f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
         )
+    if report.get("short_run_note"):
+        lines += ["", report["short_run_note"]]
     if any(r["routing"] == "expert_choice" for r in report["runs"].values()):
         lines += [
             "",

@@ -186,3 +186,15 @@ def test_more_seeds_after_one_reuse_the_first_seeds_runs(tmp_path, monkeypatch):
     del trained[:]
     report = compare_mod.compare(base, tmp_path / "b", progress=False, command="test")
     assert trained == [] and report["runs"]["aux_loss"]["run_dir"] == "seed_1234/aux_loss"
+
+
+def test_a_run_with_its_final_checkpoint_but_no_summary_resumes(tmp_path):
+    # The final state is in checkpoint.pt only (no periodic copy of it): a run killed between that
+    # write and summary.json resumes from it (writing the summary), not retrained from step 0.
+    cfg = compare_mod.resumable(apply_overrides(get_preset("smoke"), TINY))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(cfg.to_dict()))
+    assert run_state(run, cfg) == "restart"
+    (run / "checkpoint.pt").write_bytes(b"the final state")
+    assert run_state(run, cfg) == "resume"

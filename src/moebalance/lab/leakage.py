@@ -239,15 +239,23 @@ def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generat
     return topk, expert_choice
 
 
-def _counted(route: RouteFn, bar: Any) -> RouteFn:
-    """``route``, advancing the progress ``bar`` by one after each call."""
+def _measure_all(
+    rules: dict[str, RouteFn], tokens_BS: torch.Tensor, position: int, vocab_size: int, trials: int, seed: int, progress: bool
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure_leakage` of every rule, with a progress bar over the routings (one per call)."""
+    from tqdm.auto import tqdm
 
-    def counted(tokens_BS: torch.Tensor) -> torch.Tensor:
-        out = route(tokens_BS)
-        bar.update(1)
-        return out
+    with tqdm(total=len(rules) * (trials + 1), desc="leakage", unit="routing", disable=not progress, leave=False) as bar:
 
-    return counted
+        def counted(route: RouteFn) -> RouteFn:
+            def call(x_BS: torch.Tensor) -> torch.Tensor:
+                out = route(x_BS)
+                bar.update(1)
+                return out
+
+            return call
+
+        return {name: measure_leakage(counted(rule), tokens_BS, position, vocab_size, trials, seed) for name, rule in rules.items()}
 
 
 def leakage(
@@ -289,8 +297,6 @@ def leakage(
         ValueError: bad data, a checkpoint of another model, balancing or data than ``base``,
             ``position`` outside ``[0, seq_len-2]`` or ``trials < 1``.
     """
-    from tqdm.auto import tqdm
-
     from moebalance.train.data import prepare_data, sample_batch
 
     if base.train.threads:
@@ -312,11 +318,7 @@ def leakage(
         "loss_free": model_router(topk),
         "current_batch_bias": current_batch_bias_router(topk, current_batch_rate, current_batch_iterations),
     }
-    with tqdm(total=len(rules) * (trials + 1), desc="leakage", unit="routing", disable=not progress, leave=False) as bar:
-        measured = {
-            name: measure_leakage(_counted(rule, bar), tokens_BS, position, data.vocab_size, trials, cfg.train.seed)
-            for name, rule in rules.items()
-        }
+    measured = _measure_all(rules, tokens_BS, position, data.vocab_size, trials, cfg.train.seed, progress)
     result: dict[str, Any] = {name: m["fraction"] for name, m in measured.items()}
     result |= {
         "per_layer": {name: m["per_layer"] for name, m in measured.items()},

@@ -520,7 +520,9 @@ def _message(exc: BaseException) -> str:
     from moebalance.train.checkpoint import describe_os_error
 
     text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-    return " ".join(text.split()) or type(exc).__name__
+    text = " ".join(text.split()) or type(exc).__name__
+    # A name with undecodable bytes (surrogates) is shown escaped: printing it must not fail.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace | None, exc: BaseException) -> int:

@@ -54,7 +54,7 @@ EXIT_CODES = {
     "report under skip (every step skipped as non-finite, or a non-finite final validation loss)",
     EXIT_INPUT: "the work failed on its data or files: data that cannot be trained on, a checkpoint "
     "that does not fit, a file that cannot be read or written; a folder it created is removed",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C); complete files are kept, and `train --resume` continues "
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); complete files are kept, and `train --resume` continues "
     "from the newest checkpoint (`compare` and `sweep`: run the same command again)",
 }
 

@@ -262,3 +262,18 @@ def test_print_config_into_a_closed_pipe_exits_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert err == "", err
+
+
+def test_leakage_output_survives_a_closed_stdout_pipe(tmp_path):
+    # `moebalance leakage ... | head -1`: the summary meets a closed pipe after the work is done;
+    # the command exits quietly and keeps what it wrote (its folder holds no checkpoint).
+    out = tmp_path / "L"
+    argv = ["leakage", "--preset", "smoke", "--no-progress", "--trials", "1", "--out", str(out), "data.max_files=20",
+            "model.d_model=32", "model.n_heads=2", "train.batch_size=2", "train.seq_len=32", "train.threads=1"]  # fmt: skip
+    env = {**_env(), "MOEBALANCE_CACHE": os.environ["MOEBALANCE_CACHE"]}
+    proc = subprocess.Popen([sys.executable, "-m", "moebalance", *argv], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Broken pipe" not in err and "Traceback" not in err, err
+    assert (out / "leakage.json").is_file()

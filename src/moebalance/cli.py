@@ -346,6 +346,7 @@ def _check_memory(args: argparse.Namespace, cfg: RunConfig) -> None:
     from moebalance.train.footprint import check_fits
 
     world = _world_size(args)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or world  # the ranks that share this machine
     if world > 1 and cfg.train.expert_parallel:
         if cfg.model.num_experts % world:
             raise UsageError(
@@ -354,7 +355,7 @@ def _check_memory(args: argparse.Namespace, cfg: RunConfig) -> None:
             )
         if cfg.train.checkpoint_every or getattr(args, "resume", None):
             raise UsageError("train.checkpoint_every and --resume are not supported with train.expert_parallel yet")
-    check_fits(cfg, world)
+    check_fits(cfg, world, local)
 
 
 def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
@@ -510,8 +511,9 @@ def _output_folder(out: str | None) -> Iterator[None]:
         if top is not None and top.is_dir() and not any(p.is_file() for p in top.rglob("*")):
             shutil.rmtree(top, ignore_errors=True)
         raise
-    except BaseException:
-        if top is not None and top.is_dir() and not any(top.rglob("*.pt")):
+    except BaseException as exc:
+        done = isinstance(exc, BrokenPipeError) and _stdout_closed()  # the work is done; its summary met `| head`
+        if top is not None and not done and top.is_dir() and not any(top.rglob("*.pt")):
             shutil.rmtree(top, ignore_errors=True)
         raise
 
@@ -659,6 +661,8 @@ def _stdout_closed() -> bool:
     end); if so, point stdout at /dev/null, so that the interpreter's final flush is quiet too."""
     import select
 
+    if _STDOUT_GONE[0]:
+        return True
     try:
         fd = sys.stdout.fileno()
         poller = select.poll()
@@ -668,4 +672,8 @@ def _stdout_closed() -> bool:
             os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
     except (OSError, ValueError, AttributeError):  # no real stdout (captured): not a closed pipe
         return False
+    _STDOUT_GONE[0] = broken
     return broken
+
+
+_STDOUT_GONE = [False]  # set by _stdout_closed once stdout's pipe was found closed (and replaced)

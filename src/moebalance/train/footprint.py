@@ -140,13 +140,14 @@ def available_bytes(device: str) -> int | None:
     return min(ram, limit) if limit else ram
 
 
-def check_fits(cfg: RunConfig, world_size: int = 1) -> Footprint:
+def check_fits(cfg: RunConfig, world_size: int = 1, local_ranks: int | None = None) -> Footprint:
     """Refuse a config that cannot fit this machine's memory.
 
     Args:
         cfg: the run config.
-        world_size: ranks of the job. On the CPU they share the machine's memory; on CUDA each
-            rank has its own GPU.
+        world_size: ranks of the job (expert parallelism divides the routed experts over them).
+        local_ranks: the ranks on this machine (default ``world_size``). On the CPU they share
+            its memory; on CUDA each rank has its own GPU.
 
     Returns:
         the :class:`Footprint` of one rank.
@@ -156,7 +157,7 @@ def check_fits(cfg: RunConfig, world_size: int = 1) -> Footprint:
             naming the fields of the largest term and the estimate.
     """
     fp = estimate(cfg, world_size)
-    ranks_here = 1 if cfg.train.device.startswith("cuda") else world_size
+    ranks_here = 1 if cfg.train.device.startswith("cuda") else (local_ranks or world_size)
     have = available_bytes(cfg.train.device)
     if have is not None and fp.total_bytes * ranks_here > have:
         where = "this GPU" if ranks_here == 1 and cfg.train.device.startswith("cuda") else "this machine"

@@ -277,3 +277,16 @@ def test_leakage_output_survives_a_closed_stdout_pipe(tmp_path):
     assert proc.wait(timeout=300) == 0, err
     assert "Broken pipe" not in err and "Traceback" not in err, err
     assert (out / "leakage.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_nproc_2_trains_through_the_launcher(tmp_path):
+    # The launcher now runs torchrun's code in this process (to report a worker's status without
+    # its traceback): a job that succeeds still trains on both ranks with identical biases.
+    argv = ["train", "--nproc", "2", "--preset", "smoke", "--no-progress", "--out", str(tmp_path / "dp2"), "train.max_steps=4",
+            "train.warmup_steps=1", "train.eval_every=2", "train.threads=1", "train.tensorboard=false", "data.max_files=20"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "moebalance", *argv], env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert json.loads((tmp_path / "dp2" / "bias_checksums.json").read_text())["identical"] is True

@@ -95,17 +95,34 @@ def test_plot_errors(tmp_path, capsys):
 # -- issue 22: plot colours runs as the report does, never overwrites other plots, says what it drops
 
 
-def test_plot_draws_a_compare_folder_in_its_reports_order(run_dir, tmp_path):
-    parent = tmp_path / "cmp"
-    for name in ("loss_free", "aux_loss"):
-        (parent / name).mkdir(parents=True)
-        (parent / name / "metrics.jsonl").write_text((run_dir / "metrics.jsonl").read_text())
-    report = {"runs": {"loss_free": {"run_dir": "loss_free"}, "aux_loss": {"run_dir": "aux_loss"}}}
-    (parent / "report.json").write_text(json.dumps(report))
-    # The report drew loss_free first (colour C0), aux_loss second (C1); plot now does the same.
-    assert list(find_run_dirs([parent])) == ["loss_free", "aux_loss"]
-    (parent / "report.json").write_text("{not json")
-    assert list(find_run_dirs([parent])) == ["aux_loss", "loss_free"]  # no readable report: by name
+def test_plot_colours_each_run_as_the_report_does(run_dir, tmp_path, monkeypatch):
+    # Issue 22: the report drew loss_free, aux_loss (C0, C1) and plot drew the same runs sorted by
+    # folder name (aux_loss C0): the colours swapped. A run's colour now follows its name only.
+    from moebalance.lab import reporting
+
+    drawn = []
+    real = reporting.pyplot
+
+    def spying_pyplot():
+        plt = real()
+        subplots = plt.subplots
+
+        def spy(*a, **kw):
+            fig, ax = subplots(*a, **kw)
+            plot = ax.plot
+            ax.plot = lambda *pa, **pkw: drawn.append((pkw.get("label"), pkw.get("color"))) or plot(*pa, **pkw)
+            return fig, ax
+
+        monkeypatch.setattr(plt, "subplots", spy)
+        return plt
+
+    monkeypatch.setattr(reporting, "pyplot", spying_pyplot)
+    report_order = {"loss_free": run_dir, "aux_loss": run_dir}
+    reporting.plot_maxvio_batch(report_order, tmp_path / "a.png")
+    in_report = dict(drawn)
+    drawn.clear()
+    reporting.plot_maxvio_batch(dict(sorted(report_order.items())), tmp_path / "b.png")  # plot's order
+    assert dict(drawn) == in_report and in_report["loss_free"] != in_report["aux_loss"]
 
 
 def test_plot_refuses_to_overwrite_plots_of_other_runs(run_dir, tmp_path, capsys):

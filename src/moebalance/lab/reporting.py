@@ -34,6 +34,7 @@ __all__ = [
     "maxvio_global_label",
     "plot_tradeoff",
     "plot_val_loss",
+    "run_colours",
     "short_run_note",
 ]
 
@@ -107,18 +108,25 @@ def _plain_log_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def run_colours(names) -> dict[str, str]:
+    """A colour per run name, from the names alone (``C0``, ``C1``, ... in sorted order), so that a
+    run has the same colour in a report's figures and in ``moebalance plot``'s, whatever order
+    either draws the runs in."""
+    return {name: f"C{i % 10}" for i, name in enumerate(sorted(names))}
+
+
 def plot_maxvio_batch(runs: dict[str, str | Path], path: str | Path) -> None:
     """MaxVio_batch (mean over layers) per training step, one line per run (paper Fig. 3 style)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    windows = set()
+    windows, colours = set(), run_colours(runs)
     for name, run_dir in runs.items():
         train, _ = load_metrics(run_dir)
         steps = [r["step"] for r in train]
         vio = [r["maxvio_batch"] for r in train]
         window = max(1, len(vio) // 50)
         windows.add(window)
-        ax.plot(steps, _smooth(vio, window), label=name)
+        ax.plot(steps, _smooth(vio, window), label=name, color=colours[name])
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over layers)")
     _plain_log_axis(ax)
@@ -133,9 +141,10 @@ def plot_val_loss(runs: dict[str, str | Path], path: str | Path) -> None:
     """Validation loss at each evaluation, one line per run."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
+    colours = run_colours(runs)
     for name, run_dir in runs.items():
         _, evals = load_metrics(run_dir)
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", label=name)
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", label=name, color=colours[name])
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss")
@@ -197,19 +206,6 @@ def plot_tradeoff(
     plt.close(fig)
 
 
-def _report_order(folder: Path) -> dict[str, int]:
-    """Run folder name -> position in the ``compare`` / ``sweep`` report of ``folder``
-    (``report.json`` / ``sweep.json``), so that ``plot`` draws its runs in the report's order and
-    colours; empty when there is no readable report."""
-    for name in ("report.json", "sweep.json"):
-        try:
-            runs = json.loads((folder / name).read_text())["runs"]
-            return {str(r["run_dir"]): i for i, r in enumerate(runs.values())}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            continue
-    return {}
-
-
 #: How far the biases of the default model had to move to catch up with the routing collapse of
 #: its first steps: the common-mode logit offsets of docs/reproduction.md ("≈ 0.4–0.7").
 BIAS_DISTANCE = (0.4, 0.7)
@@ -247,10 +243,8 @@ def short_run_note(configs: dict[str, RunConfig]) -> str | None:
 
 def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
     """Runs named by ``paths``: a folder with a ``metrics.jsonl`` is one run; a folder without one
-    (a ``compare`` output) contributes its sub-folders that have one, in the order of its report
-    (``report.json`` / ``sweep.json``: the same colours as the report's plots; sorted by name
-    without one). Runs are named by their folder name, prefixed by the parent's name where two
-    would clash.
+    (a ``compare`` output) contributes its sub-folders that have one. Runs are named by their folder
+    name, prefixed by the parent's name where two would clash.
 
     Raises:
         FileNotFoundError: a path is not a folder, or holds no run.
@@ -262,8 +256,7 @@ def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
         if (p / "metrics.jsonl").exists():
             found.append(p)
             continue
-        order = _report_order(p)
-        subs = sorted((d for d in p.iterdir() if (d / "metrics.jsonl").exists()), key=lambda d: (order.get(d.name, len(order)), d.name))
+        subs = sorted(d for d in p.iterdir() if (d / "metrics.jsonl").exists())
         if not subs:
             raise FileNotFoundError(f"{str(p)!r} holds no metrics.jsonl (neither a run nor a compare folder)")
         found.extend(subs)

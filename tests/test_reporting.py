@@ -172,3 +172,14 @@ def test_a_run_too_short_for_the_bias_to_travel_is_said_beside_the_numbers():
     md = render_sweep_markdown(stored | {"short_run_note": note})
     table_end = md.index("| loss_free_u_1e-3 |")
     assert md.index("Too short for Loss-Free to balance") > table_end  # right under the numbers
+
+
+def test_plot_never_blocks_on_a_plots_json_that_is_a_fifo(run_dir, tmp_path, capsys):
+    import os
+
+    out = tmp_path / "plots"
+    out.mkdir()
+    (out / "maxvio_batch.png").write_bytes(b"an old plot")
+    os.mkfifo(out / "plots.json")
+    assert main(["plot", str(run_dir), "--out", str(out)]) == 2  # refused, not hung on the FIFO
+    assert "already holds plots of other runs" in capsys.readouterr().err

@@ -286,8 +286,10 @@ def plot_folder_problem(out_dir: str | Path, paths: list[str | Path], overwrite:
     present = [f for f in PLOT_FILES if (out / f).exists()]
     if overwrite or not present:
         return None
-    try:
-        drawn = json.loads((out / "plots.json").read_text())["runs"]
+    manifest, drawn = out / "plots.json", None
+    try:  # a regular file of plausible size only: a FIFO or a device there must not block or flood
+        if manifest.is_file() and manifest.stat().st_size < 2**20:
+            drawn = json.loads(manifest.read_text())["runs"]
     except (OSError, ValueError, TypeError, KeyError):
         drawn = None
     if drawn == _drawn_runs(paths):

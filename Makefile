@@ -9,14 +9,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 OUT ?= runs/demo
 ARGS ?=
+# Where pip looks for torch: empty (default) keeps pip's own index, e.g.
+# make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu picks the CPU wheel on any Linux.
+TORCH_INDEX ?=
 
 .PHONY: demo test test-quick bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# Pin the CPU build of PyTorch first: a looser requirement pulls a several-GB CUDA build.
-	$(BIN)/pip install -q torch==2.13.0
+	# Pin PyTorch first. On PyPI a Linux torch==2.13.0 is the CUDA build (several GB of nvidia-*
+	# packages) unless pip finds a local CPU wheel; TORCH_INDEX=https://download.pytorch.org/whl/cpu
+	# asks for the CPU build.
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 

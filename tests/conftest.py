@@ -3,8 +3,12 @@ import os
 import pytest
 import torch
 
-# Tests share one token cache per session so the built-in corpus is tokenized once.
-os.environ.setdefault("MOEBALANCE_CACHE", os.path.join(os.path.dirname(__file__), "..", ".cache", "moebalance"))
+# Tests share one token cache per session so the built-in corpus is tokenized once: the checkout's
+# .cache/ (ignored by git), or MOEBALANCE_TEST_CACHE. Never the user's MOEBALANCE_CACHE: a test
+# must not write into the cache a user's own runs read.
+os.environ["MOEBALANCE_CACHE"] = os.environ.get("MOEBALANCE_TEST_CACHE") or os.path.join(
+    os.path.dirname(__file__), "..", ".cache", "moebalance"
+)
 
 
 @pytest.fixture(scope="module")

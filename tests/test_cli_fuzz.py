@@ -5,7 +5,8 @@ Every generated command either has ``--print-config`` or contains a failure that
 any training (a data file with no text, or a value out of range), so each example takes
 milliseconds and ``cli.main`` runs in this process, unmocked. The paths include files where
 folders are expected, folders where files are expected, a symlink loop, a dangling symlink, a
-name longer than the file system allows, a NUL byte, and garbage, truncated and foreign
+name longer than the file system allows, a NUL byte, names with undecodable bytes, sizes at the
+edge of int64 and of this machine's memory, and garbage, truncated and foreign
 checkpoints and run folders (tests run as root, so permission bits cannot make a path
 unreadable; these kinds of path are unusable for root as well), a FIFO and a link to /dev/zero,
 and one finished run with a copy of it for every damage of tests/run_damage.py (run files that are
@@ -83,13 +84,18 @@ PATHS = [
     "finished", "finished/checkpoint.pt", "finished/metrics.jsonl",
     *(f"d_{name}" for name in DAMAGES),
     *(f"d_{name}/checkpoint.pt" for name in DAMAGES if name.startswith("checkpoint")),
+    # issue 22: names that are not UTF-8 (undecodable bytes), an unknown user's home
+    "bad\udcffname", "adir/\udcff", "~nosuchuser_zz/x.txt",
 ]
+# issue 22: sizes at the edge of int64 and of memory (a typo in a size is the common way there)
+SIZES = ["65536", "2147483648", str(2**31 - 1), str(2**63 - 1), str(2**63), str(10**30), "1e300", "1e-300"]
 paths = st.sampled_from(PATHS)
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 values = st.one_of(
     text,
     paths,
     st.integers(-(2**70), 2**70).map(str),
+    st.sampled_from(SIZES),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["true", "false", "none", "null", "loss_free", "aux_loss", "cuda", "cuda:7", "meta", "1e-3", "-0", "0x10"]),
 )

@@ -31,16 +31,19 @@ BAD = [
     ("model.topk_group=2", "in [1, n_group=1]"),
     ("model.rope_theta=-1", "> 0"),
     ("model.tie_embeddings=2", "a boolean"),
-    ("model.init_std=0", "> 0"),
-    ("model.router_init_std=0", "> 0 or None (model.init_std)"),
+    ("model.init_std=0", "in (0, 10]"),
+    ("model.init_std=1e300", "in (0, 10]"),  # issue 22: every step non-finite, status 3 under on_nonfinite=skip
+    ("model.router_init_std=0", "in (0, 10] or None (model.init_std)"),
     ("model.activation_checkpointing=sometimes", "a boolean"),
     ("balance.strategy=magic", "one of ['loss_free', 'aux_loss', 'none', 'batch_aux_loss'"),
-    ("balance.seq_aux_coeff=-1", ">= 0"),
+    ("balance.seq_aux_coeff=-1", "in [0, 1000]"),
     ("model.routing=hash", "one of ['topk', 'expert_choice']"),
     ("model.expert_choice_capacity=0", "> 0"),
     ("model.capacity_factor=0", "> 0 or None (dropless)"),
     ("model.drop_policy=random", "one of ['position', 'score']"),
-    ("balance.bias_update_rate=0", "> 0"),
+    ("balance.bias_update_rate=0", "float32's normal range"),
+    ("balance.bias_update_rate=1e-300", "in [1.175e-38, 3.403e+38]"),  # issue 22: was exit 4 at work
+    ("balance.bias_update_rate=1e300", "in [1.175e-38, 3.403e+38]"),
     ("balance.bias_update_rate=inf", "a finite number"),
     ("balance.bias_update=raw", "one of ['sign', 'error', 'smebu', 'proportional', 'quantile']"),
     ("balance.bias_decay_steps=0", ">= 1"),
@@ -59,7 +62,8 @@ BAD = [
     ("balance.bias_mode=affine", "one of ['additive', 'multiplicative']"),
     ("balance.bias_center=often", "a boolean"),
     ("balance.bias_update_schedule=cosine", "one of ['constant', 'lr', 'decay']"),
-    ("balance.aux_loss_coeff=-1e-3", ">= 0"),
+    ("balance.aux_loss_coeff=-1e-3", "in [0, 1000]"),
+    ("balance.z_loss_coeff=1e308", "in [0, 1000]"),  # issue 22: every step non-finite, status 3 under skip
     ("balance.z_loss_coeff=nan", "a finite number"),
     ("data.path= ", "a non-empty path"),
     ("data.vocab_size=256", "in [257, 65535]"),
@@ -98,7 +102,9 @@ BAD = [
     ("train.keep_checkpoints=0", ">= 1"),
     ("train.on_nonfinite=ignore", "one of ['skip', 'stop']"),
     ("train.expert_parallel=maybe", "a boolean"),
-    ("train.dist_timeout_s=0", "> 0 (seconds)"),
+    ("train.dist_timeout_s=0", "in [1, 604800] (seconds"),
+    ("train.dist_timeout_s=1e-9", "in [1, 604800] (seconds"),  # issue 22: torchrun traceback
+    ("train.dist_timeout_s=1e300", "in [1, 604800] (seconds"),
 ]
 
 

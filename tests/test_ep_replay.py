@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -135,3 +136,14 @@ def test_compare_report_includes_the_replay_table(tmp_path):
     md = render_compare_markdown(report)
     assert "Expert-parallel cost: a replay of the measured loads" in md
     assert "| loss_free | 8 | 2 | 1.000 | 0.0% |" in md
+
+
+def test_the_note_on_left_out_rank_counts_says_why_for_each():
+    # Issue 22: "Not replayable with 16 experts: 64, 256 EP ranks" appeared with no reason that fit.
+    from moebalance.lab.replay import not_replayable_note
+
+    note = not_replayable_note(16, [3, 64, 256])
+    assert "64 and 256 ranks exceed the 16 experts (each rank holds at least one whole expert)" in note
+    assert "16 experts do not split evenly over 3 ranks" in note
+    stored = (Path(__file__).parents[1] / "docs" / "results" / "demo" / "report.md").read_text()
+    assert not_replayable_note(16, [64, 256]) in stored

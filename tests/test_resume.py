@@ -23,7 +23,7 @@ import moebalance.train.loop as train_mod
 from moebalance.train.checkpoint import FAULT_ENV, CheckpointDir, load_checkpoint, save_checkpoint
 from moebalance.train.config import apply_overrides, get_preset
 from moebalance.train.loop import train
-from moebalance.train.resume import STATE_VERSION
+from moebalance.train.resume import STATE_VERSION, latest_training_state
 
 STEPS, EVERY = 12, 4
 TINY = [
@@ -137,6 +137,12 @@ def test_resume_with_grad_accum_aux_loss_and_recompute(tokens, tmp_path, monkeyp
     train(tiny_cfg(tokens, *extra), tmp_path / "run", progress=False, resume=True)
     assert_same_run(ref, tmp_path / "run")
     assert len(list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))) == 2  # TensorBoard continues
+
+
+def test_a_finished_run_keeps_one_copy_of_its_final_state(straight):
+    # Issue 22: checkpoints/step_<max_steps>.pt was a byte-identical copy of checkpoint.pt.
+    assert CheckpointDir(straight / "checkpoints").steps() == [EVERY, 2 * EVERY]
+    assert latest_training_state(straight)[0] == straight / "checkpoint.pt"
 
 
 def test_resume_a_finished_run_with_more_steps(tokens, straight, tmp_path):
@@ -368,7 +374,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tokens, straight, tmp_path)
     resumed = cli(tmp_path, tokens, resume=True)
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
-    assert ckpts.steps() == [8, 12]
+    assert ckpts.steps() == [4, 8]  # the final state (step 12) is checkpoint.pt only
     assert_same_run(straight, tmp_path)
 
 

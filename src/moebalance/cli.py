@@ -51,10 +51,11 @@ EXIT_CODES = {
     EXIT_USAGE: "bad command line: an unknown option or config key, a value out of range, or a path "
     "named on it that cannot serve (missing, a file where a folder is expected, a corrupt checkpoint "
     "or run folder); found before anything was written",
-    EXIT_STOPPED: "training stopped on a non-finite value (train.on_nonfinite=stop)",
+    EXIT_STOPPED: "training stopped on a non-finite value (train.on_nonfinite=stop), or ended with nothing to "
+    "report under skip (every step skipped as non-finite, or a non-finite final validation loss)",
     EXIT_INPUT: "the work failed on its data or files: data that cannot be trained on, a checkpoint "
     "that does not fit, a file that cannot be read or written; a folder it created is removed",
-    EXIT_INTERRUPTED: "interrupted (Ctrl-C); complete files are kept, and `train --resume` continues "
+    EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); complete files are kept, and `train --resume` continues "
     "from the newest checkpoint (`compare` and `sweep`: run the same command again)",
 }
 
@@ -113,11 +114,46 @@ def _config(args: argparse.Namespace) -> RunConfig:
             if getattr(args, flag) is not None:
                 raise UsageError(f"--{flag} cannot be combined with --checkpoint: the checkpoint's own config is used")
         return checkpoint_config(args.checkpoint, args.overrides)
-    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data is not None else [])
     cfg = preset_config(args.preset or "default", overrides)
-    if cfg.data.path is not None and not Path(cfg.data.path).expanduser().exists():
+    for name in ("path", "cache_dir"):
+        value = getattr(cfg.data, name)
+        if value is not None:
+            _check_path_name(f"data.{name}", value)
+    if cfg.data.path is not None and not _expand(f"data.path {cfg.data.path!r}", cfg.data.path).exists():
         raise UsageError(f"data.path {cfg.data.path!r} does not exist")
     return cfg
+
+
+def _expand(what: str, path: str) -> Path:
+    """``path`` with ``~`` / ``~user`` expanded; an unknown user is a usage error naming ``what``."""
+    try:
+        return Path(path).expanduser()
+    except RuntimeError as exc:  # "Could not determine home directory"
+        raise UsageError(f"{what}: {exc} (no such user?)") from None
+
+
+def _check_path_name(what: str, path: str) -> None:
+    """A path named on the command line is not empty and is valid UTF-8 (a name with undecodable
+    bytes cannot be written into the run's config.json, logs and reports)."""
+    if not path.strip():
+        raise UsageError(f"{what} is empty: give a path")
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {path!r}: the name is not valid UTF-8 (bytes {os.fsencode(path)!r}); rename it") from None
+
+
+def _check_path_options(args: argparse.Namespace) -> None:
+    """Every path option (``--out``, ``--data``, ``--resume``, ``--checkpoint``, run folders) is a
+    usable name: an empty ``--data ''`` is not the built-in corpus, an empty ``--resume ''`` not
+    "no resume"."""
+    for flag in ("out", "data", "resume", "checkpoint"):
+        value = getattr(args, flag, None)
+        if value is not None:
+            _check_path_name(f"--{flag}", value)
+    for value in getattr(args, "run_dirs", None) or ():
+        _check_path_name("RUN_DIR", value)
 
 
 def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
@@ -127,6 +163,26 @@ def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="config overrides")
+
+
+def _count(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[lo, hi]`` (argparse names the option; exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer in [{lo}, {hi}], got {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo}, {hi}], got {text}")
+        return value
+
+    return parse
+
+
+#: The ranges of the count options (every count a command takes has one).
+MAX_NPROC, MAX_TRIALS, MAX_POSITION, MAX_RANKS = 1024, 10_000, 2**31, 2**20
+# (--seeds: moebalance.lab.compare.check_seeds, 1 to MAX_SEEDS.)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -177,9 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_train.add_argument(
         "--nproc",
-        type=int,
+        type=_count(1, MAX_NPROC),
         default=1,
-        help="data-parallel processes on this machine: runs the same command under torchrun (default 1)",
+        help=f"data-parallel processes on this machine, 1 to {MAX_NPROC}: runs the same command under torchrun (default 1)",
     )
     p_train.add_argument(
         "--overwrite",
@@ -207,14 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint.pt of a trained run: its model is rebuilt from the run's own config "
         "(default: the seeded initial model)",
     )
-    p_leak.add_argument("--position", type=int, default=None, help="last unchanged position p (default: seq_len/2 - 1)")
-    p_leak.add_argument("--trials", type=int, default=4, help="perturbed sequences averaged (default 4)")
+    p_leak.add_argument("--position", type=_count(0, MAX_POSITION), default=None, help="last unchanged position p, 0 to train.seq_len-2 (default: seq_len/2 - 1)")
+    p_leak.add_argument("--trials", type=_count(1, MAX_TRIALS), default=4, help=f"perturbed sequences averaged, 1 to {MAX_TRIALS} (default 4)")
     p_plot = add("plot", "redraw the report plots of finished runs (no training)")
     p_plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare folders holding runs")
     p_plot.add_argument("--out", default=None, help="output folder (default runs/plots)")
+    p_plot.add_argument("--overwrite", action="store_true", help="replace plots of other runs in --out")
     p_rep = add("replay", "replay finished runs' expert loads onto expert-parallel ranks")
     p_rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or compare / sweep folders holding runs")
-    p_rep.add_argument("--ranks", default="2,4,8,16,64,256", help="comma-separated EP rank counts")
+    p_rep.add_argument("--ranks", default="2,4,8,16,64,256", help=f"comma-separated EP rank counts, each 1 to {MAX_RANKS}")
     _add_verify(add("verify", "does plain transformers route a save_pretrained folder as moebalance does? (probe batch)"))
     return parser
 
@@ -235,8 +292,8 @@ def _ranks(text: str) -> tuple[int, ...]:
         ranks = tuple(int(r) for r in text.split(","))
     except ValueError:
         raise UsageError(f"--ranks must be comma-separated integers, got {text!r}") from None
-    if any(r < 1 for r in ranks):
-        raise UsageError(f"--ranks must be >= 1, got {text!r}")
+    if any(not 1 <= r <= MAX_RANKS for r in ranks):
+        raise UsageError(f"--ranks: each must be in [1, {MAX_RANKS}], got {text!r}")
     return ranks
 
 
@@ -269,6 +326,15 @@ def _check_train_out(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out_dir!r}: {problem}; nothing removed (choose another --out)")
 
 
+def _check_plot_out(args: argparse.Namespace) -> None:
+    """``plot --out DIR`` where DIR holds plots of other runs: refuse unless ``--overwrite``."""
+    from moebalance.lab.reporting import plot_folder_problem
+
+    problem = plot_folder_problem(args.out_dir, list(args.runs.values()), args.overwrite)
+    if problem is not None:
+        raise UsageError(f"--out {problem}")
+
+
 def _check_measurement(args: argparse.Namespace, cfg: RunConfig) -> None:
     seq_len = cfg.train.seq_len
     if args.position is not None and not 0 <= args.position <= seq_len - 2:
@@ -292,11 +358,36 @@ def _check_replaced(args: argparse.Namespace, cfg: RunConfig) -> None:
         )
 
 
+def _world_size(args: argparse.Namespace) -> int:
+    """Ranks of the job: ``--nproc`` in the launching process, torchrun's ``WORLD_SIZE`` in a worker."""
+    return int(os.environ.get("WORLD_SIZE", 0)) or getattr(args, "nproc", 1)
+
+
+def _check_memory(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """Refuse (exit 2) a config whose sizes cannot fit this machine, before anything is built
+    (:func:`moebalance.train.footprint.check_fits`); ``--nproc N`` ranks of expert parallelism
+    are checked against the config before torchrun starts them."""
+    from moebalance.train.footprint import check_fits
+
+    world = _world_size(args)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 0)) or world  # the ranks that share this machine
+    if world > 1 and cfg.train.expert_parallel:
+        if cfg.model.num_experts % world:
+            raise UsageError(
+                f"--nproc {world} with train.expert_parallel=true: model.num_experts={cfg.model.num_experts} "
+                f"must be a multiple of the number of ranks"
+            )
+        if cfg.train.checkpoint_every or getattr(args, "resume", None):
+            raise UsageError("train.checkpoint_every and --resume are not supported with train.expert_parallel yet")
+    check_fits(cfg, world, local)
+
+
 def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
     """The config phase: parse the config and check every path the command names (exit 2)."""
     unknown = [e for e in extra if e.startswith("-") or "=" not in e or args.command in ("plot", "replay", "verify")]
     if unknown:
         raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    _check_path_options(args)
     if args.command == "train" and args.resume and args.overwrite:  # before the resumed config is checked
         raise UsageError("--overwrite cannot be combined with --resume (which continues the run)")
     cfg = None
@@ -313,7 +404,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
                 if args.command == "replay":
                     args.runs = replay_inputs(args.run_dirs)
                 else:
-                    plot_inputs(args.run_dirs)  # plot_runs reads them again, at work
+                    plot_inputs(args.run_dirs)  # every metrics file checked here; plot_runs reads them again
+                    args.runs = find_run_dirs(args.run_dirs)
             else:
                 args.overrides = list(args.overrides) + extra
                 cfg = _config(args)
@@ -326,6 +418,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
                     args.run_names = check_runs(n.strip() for n in args.runs.split(","))
                 if args.command in ("compare", "sweep"):
                     _check_replaced(args, cfg)
+                if not getattr(args, "print_config", False):
+                    _check_memory(args, cfg)
         except (ValueError, OSError) as exc:
             raise UsageError(_message(exc)) from exc
     if args.command not in ("replay", "verify"):
@@ -335,6 +429,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
         # The other ranks of a torchrun job leave the folder to rank 0 (which may be clearing it).
         if args.command == "train" and not getattr(args, "print_config", False) and os.environ.get("RANK", "0") == "0":
             _check_train_out(args)
+        if args.command == "plot":
+            _check_plot_out(args)
     return cfg
 
 
@@ -376,6 +472,8 @@ def _cmd_compare(args: argparse.Namespace, cfg: RunConfig) -> int:
         )
     if "ppl_noise" in report:
         print(report["ppl_noise"]["text"])
+    if report.get("short_run_note"):
+        print(report["short_run_note"].replace("**", ""))
     print(f"report: {args.out_dir}/report.md")
     return EXIT_OK
 
@@ -387,6 +485,8 @@ def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
         report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
     for name, r in report["runs"].items():
         print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
+    if report.get("short_run_note"):
+        print(report["short_run_note"].replace("**", ""))
     print(f"report: {args.out_dir}/sweep.md")
     return EXIT_OK
 
@@ -394,7 +494,7 @@ def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _cmd_leakage(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.leakage import leakage, render_leakage_table
 
-    result = leakage(cfg, args.out_dir, checkpoint=args.checkpoint, position=args.position, trials=args.trials)
+    result = leakage(cfg, args.out_dir, checkpoint=args.checkpoint, position=args.position, trials=args.trials, progress=not args.no_progress)
     print(render_leakage_table(result))
     print(f"written: {args.out_dir}/leakage.json")
     return EXIT_OK
@@ -403,7 +503,7 @@ def _cmd_leakage(args: argparse.Namespace, cfg: RunConfig) -> int:
 def _cmd_plot(args: argparse.Namespace, cfg: None) -> int:
     from moebalance.lab.reporting import plot_runs
 
-    for path in plot_runs(args.run_dirs, args.out_dir):
+    for path in plot_runs(list(args.runs.values()), args.out_dir):
         print(path)
     return EXIT_OK
 
@@ -478,8 +578,9 @@ def _output_folder(out: str | None) -> Iterator[None]:
         if top is not None and top.is_dir() and not any(p.is_file() for p in top.rglob("*")):
             shutil.rmtree(top, ignore_errors=True)
         raise
-    except BaseException:
-        if top is not None and top.is_dir() and not any(top.rglob("*.pt")):
+    except BaseException as exc:
+        done = isinstance(exc, BrokenPipeError) and _stdout_closed()  # the work is done; its summary met `| head`
+        if top is not None and not done and top.is_dir() and not any(top.rglob("*.pt")):
             shutil.rmtree(top, ignore_errors=True)
         raise
 
@@ -488,7 +589,9 @@ def _message(exc: BaseException) -> str:
     from moebalance.train.checkpoint import describe_os_error
 
     text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
-    return " ".join(text.split()) or type(exc).__name__
+    text = " ".join(text.split()) or type(exc).__name__
+    # A name with undecodable bytes (surrogates) is shown escaped: printing it must not fail.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace | None, exc: BaseException) -> int:
@@ -500,9 +603,11 @@ def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace | None, exc:
         return EXIT_USAGE
     if isinstance(exc, KeyboardInterrupt):
         code, kind, text = EXIT_INTERRUPTED, "interrupted", _interrupted_hint(args)
+        if isinstance(exc, Terminated):
+            text = f"terminated (SIGTERM); {text}"
     elif isinstance(exc, FloatingPointError):  # guards.NonFiniteError with train.on_nonfinite=stop
         code, kind, text = EXIT_STOPPED, "stopped", _message(exc)
-    elif isinstance(exc, (OSError, ValueError)):
+    elif isinstance(exc, (OSError, ValueError, MemoryError)):  # MemoryError: see _allocation_failures
         code, kind, text = EXIT_INPUT, "error", _message(exc)
     else:
         if os.environ.get("MOEBALANCE_TRACEBACK"):
@@ -511,6 +616,54 @@ def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace | None, exc:
         text = f"{type(exc).__name__}: {_message(exc)} (a bug in moebalance; MOEBALANCE_TRACEBACK=1 shows the traceback)"
     print(f"{sub.prog}: {kind}: {text}", file=sys.stderr)
     return code
+
+
+#: How torch words an allocation that cannot be made (CPU allocator, CUDA, a size past int64).
+_ALLOCATION_WORDS = ("can't allocate memory", "out of memory", "storage size calculation overflowed", "failed to unpack")
+
+
+@contextlib.contextmanager
+def _allocation_failures(cfg: RunConfig | None) -> Iterator[None]:
+    """An allocation that fails during the work is the config's size against this machine (exit 4),
+    reported with the config's estimate (:mod:`moebalance.train.footprint`), not an internal error."""
+    try:
+        yield
+    except (MemoryError, RuntimeError, OverflowError, TypeError) as exc:
+        words = str(exc).lower()
+        if not isinstance(exc, MemoryError) and not any(w in words for w in _ALLOCATION_WORDS):
+            raise
+        reason = " ".join(str(exc).split()[:24]) or type(exc).__name__
+        if cfg is None:
+            raise MemoryError(f"out of memory: {reason}") from exc
+        from moebalance.train.footprint import describe, estimate
+
+        raise MemoryError(f"out of memory ({reason}); {describe(estimate(cfg))}: lower those sizes") from exc
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: stopped like Ctrl-C (complete files kept, exit 130), and said so."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread, default handler
+    only; not in a torchrun worker, which its launcher stops with SIGTERM when another rank failed)."""
+    import signal
+    import threading
+
+    mine = threading.current_thread() is threading.main_thread() and "WORLD_SIZE" not in os.environ
+    if not mine or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _interrupted_hint(args: argparse.Namespace | None) -> str:
@@ -528,8 +681,6 @@ def _launch(args: argparse.Namespace, cfg: RunConfig, argv: list[str] | None) ->
     from moebalance.parallel.process import launch
     from moebalance.train.data import check_data, prepare_data
 
-    if args.nproc < 1:
-        raise UsageError(f"--nproc must be >= 1, got {args.nproc}")
     # The data once, here: a bad corpus is one error (exit 4) before any worker starts, not one per
     # rank and torchrun's report; the workers then read the token cache this fills.
     check_data(prepare_data(cfg.data), cfg.train.seq_len)
@@ -543,19 +694,53 @@ def main(argv: list[str] | None = None) -> int:
     argparse's own errors (an unknown option or choice) and ``--help`` exit through
     ``SystemExit`` as usual; every other failure comes back as a status, with one line on stderr.
     """
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: seconds, in which a Ctrl-C is an interrupt like any other
+    except KeyboardInterrupt:
+        print("moebalance: interrupted: stopped by Ctrl-C", file=sys.stderr)
+        return EXIT_INTERRUPTED
     # parse_known_args: after `sweep GRID`, argparse has already filled the `overrides`
     # positional when it meets them behind options; they come back as extras.
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
-        cfg = _prepare(args, extra)
-        if getattr(args, "print_config", False):
-            print(json.dumps(cfg.to_dict(), indent=2))
+        with _sigterm_stops():
+            cfg = _prepare(args, extra)
+            if getattr(args, "print_config", False):
+                print(json.dumps(cfg.to_dict(), indent=2))
+                sys.stdout.flush()
+                return EXIT_OK
+            if getattr(args, "nproc", 1) != 1 and "WORLD_SIZE" not in os.environ:
+                return _launch(args, cfg, argv)
+            with _output_folder(getattr(args, "out_dir", None)), _allocation_failures(cfg):
+                return COMMANDS[args.command](args, cfg)
+    except BrokenPipeError as exc:
+        if _stdout_closed():  # `moebalance ... | head`: the reader has what it wanted
             return EXIT_OK
-        if getattr(args, "nproc", 1) != 1 and "WORLD_SIZE" not in os.environ:
-            return _launch(args, cfg, argv)
-        with _output_folder(getattr(args, "out_dir", None)):
-            return COMMANDS[args.command](args, cfg)
+        return _fail(parser, args, exc)
     except (Exception, KeyboardInterrupt) as exc:
         return _fail(parser, args, exc)
+
+
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader went away (``poll`` reports ``POLLERR`` on its write
+    end); if so, point stdout at /dev/null, so that the interpreter's final flush is quiet too."""
+    import select
+
+    if _STDOUT_GONE[0]:
+        return True
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        broken = any(events & select.POLLERR for _, events in poller.poll(0))
+        if broken:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    except (OSError, ValueError, AttributeError):  # no real stdout (captured): not a closed pipe
+        return False
+    _STDOUT_GONE[0] = broken
+    return broken
+
+
+_STDOUT_GONE = [False]  # set by _stdout_closed once stdout's pipe was found closed (and replaced)

@@ -4,19 +4,25 @@ the stronger auxiliary-loss baselines: :data:`COMPARE_RUNS`)."""
 from __future__ import annotations
 
 import copy
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
-from moebalance.lab.runs import RunFolderError, clear_refusal, damaged_run, folder_conflict, run_or_resume
+from moebalance.lab.runs import RunFolderError, clear_refusal, damaged_run, folder_conflict, run_or_resume, run_state
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
-from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss
+from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss, short_run_note
 from moebalance.train.checkpoint import run_folder_problem, write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import prepare_data
 
-__all__ = ["COMPARE_RUNS", "DEFAULT_RUNS", "check_run_folders", "check_runs", "check_seeds", "compare", "compare_configs", "replaced_overrides", "resumable", "seed_configs"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "COMPARE_RUNS", "DEFAULT_RUNS", "check_run_folders", "check_runs", "check_seeds", "compare", "compare_configs",
+    "replaced_overrides", "resumable", "run_folders", "seed_configs",
+]  # fmt: skip
 
 REPORT_FIELDS = (
     "val_loss",
@@ -252,16 +258,15 @@ def compare(
     data, base = prepare_base(base)
     base = resumable(base)
     configs = seed_configs(base, seeds, runs)  # validates every run before the first one starts
-    check_run_folders({name: (cfg, out / name) for name, cfg in configs.items()}, overwrite)
+    run_dirs = run_folders(out, configs)
+    check_run_folders({name: (cfg, run_dirs[name]) for name, cfg in configs.items()}, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {}
-    run_dirs: dict[str, Path] = {}
     for name, cfg in configs.items():
-        run_dirs[name] = out / name
         res, state = run_or_resume(cfg, run_dirs[name], data, overwrite, progress, desc=name)
         results[name] = {k: res[k] for k in REPORT_FIELDS} | {
             "balance": cfg.balance.__dict__.copy(),
-            "run_dir": name,
+            "run_dir": run_dirs[name].relative_to(out).as_posix(),
             "run": name.rsplit("/", 1)[-1],
             "seed": cfg.train.seed,
             "state": state,
@@ -271,6 +276,7 @@ def compare(
     plot_loads(run_dirs, out / "expert_load.png")
     report = report_context(data, base, run_dirs, command) | {"seeds": sorted({r["seed"] for r in results.values()})}
     report["runs"] = results
+    report["short_run_note"] = short_run_note({name: configs[name] for name in configs if name.endswith("loss_free")})
     if seeds > 1:
         summary = report["seed_summary"] = seed_summary(results)
         if "loss_free" in summary and "aux_loss" in summary:
@@ -281,6 +287,25 @@ def compare(
     write_json(out / "report.json", report)
     write_text(out / "report.md", render_compare_markdown(report))
     return report
+
+
+def run_folders(out: Path, configs: dict[str, RunConfig]) -> dict[str, Path]:
+    """The folder of each run of :func:`seed_configs`: ``out/NAME``, or the same run's folder under
+    the other naming (``STRATEGY`` of a one-seed compare, ``seed_S/STRATEGY`` of a several-seed
+    one) when ``out/NAME`` holds no run and that folder holds this config's run, finished or
+    resumable (:func:`~moebalance.lab.runs.run_state`). So ``make demo`` then ``make demo
+    ARGS="--seeds 3"`` trains seed 1234 once: its two runs are read back where the first command
+    left them.
+    """
+    folders = {}
+    for name, cfg in configs.items():
+        strategy = name.rsplit("/", 1)[-1]
+        folder, other = out / name, out / (strategy if "/" in name else f"seed_{cfg.train.seed}/{strategy}")
+        if run_state(folder, cfg) == "new" and run_state(other, cfg) in ("finished", "resume"):
+            log.info("%s: the same run is in %s; reading it from there", folder, other)
+            folder = other
+        folders[name] = folder
+    return folders
 
 
 def check_run_folders(plan: dict[str, tuple[RunConfig, Path]], overwrite: bool) -> None:
@@ -332,6 +357,8 @@ def render_compare_markdown(report: dict[str, Any]) -> str:
             f"| {name} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
             f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
         )
+    if report.get("short_run_note"):
+        lines += ["", report["short_run_note"]]
     lines += ["", f"{label} per layer:", ""]
     for name, r in runs.items():
         lines.append(f"- {name}: " + ", ".join(f"{v:.3f}" for v in r["maxvio_global_per_layer"]))

@@ -239,6 +239,25 @@ def _models(cfg: RunConfig, data, state, warmup_batches: int, gen: torch.Generat
     return topk, expert_choice
 
 
+def _measure_all(
+    rules: dict[str, RouteFn], tokens_BS: torch.Tensor, position: int, vocab_size: int, trials: int, seed: int, progress: bool
+) -> dict[str, dict[str, Any]]:
+    """:func:`measure_leakage` of every rule, with a progress bar over the routings (one per call)."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(rules) * (trials + 1), desc="leakage", unit="routing", disable=not progress, leave=False) as bar:
+
+        def counted(route: RouteFn) -> RouteFn:
+            def call(x_BS: torch.Tensor) -> torch.Tensor:
+                out = route(x_BS)
+                bar.update(1)
+                return out
+
+            return call
+
+        return {name: measure_leakage(counted(rule), tokens_BS, position, vocab_size, trials, seed) for name, rule in rules.items()}
+
+
 def leakage(
     base: RunConfig,
     out_dir: str | Path,
@@ -250,6 +269,7 @@ def leakage(
     current_batch_rate: float = 1e-2,
     current_batch_iterations: int = 8,
     command: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Measure future-token leakage of three routing rules on one model and write ``leakage.json``.
 
@@ -266,6 +286,9 @@ def leakage(
     model of any size or vocabulary from it). The batch is ``train.batch_size`` validation windows
     of ``train.seq_len`` tokens; ``position`` defaults to the middle of the sequence.
 
+    ``train.threads`` caps torch's threads as in training; ``progress`` shows a bar over the
+    routings measured (``3 * (trials + 1)``).
+
     Returns:
         the ``leakage.json`` content: ``{"expert_choice": fraction, "loss_free": fraction,
         "current_batch_bias": fraction, "per_layer": {...}, "position": p, ...}``.
@@ -276,6 +299,8 @@ def leakage(
     """
     from moebalance.train.data import prepare_data, sample_batch
 
+    if base.train.threads:
+        torch.set_num_threads(base.train.threads)
     cfg = copy.deepcopy(base)
     batch, seq_len = cfg.train.batch_size, cfg.train.seq_len
     position = seq_len // 2 - 1 if position is None else position
@@ -293,7 +318,7 @@ def leakage(
         "loss_free": model_router(topk),
         "current_batch_bias": current_batch_bias_router(topk, current_batch_rate, current_batch_iterations),
     }
-    measured = {name: measure_leakage(rule, tokens_BS, position, data.vocab_size, trials, cfg.train.seed) for name, rule in rules.items()}
+    measured = _measure_all(rules, tokens_BS, position, data.vocab_size, trials, cfg.train.seed, progress)
     result: dict[str, Any] = {name: m["fraction"] for name, m in measured.items()}
     result |= {
         "per_layer": {name: m["per_layer"] for name, m in measured.items()},

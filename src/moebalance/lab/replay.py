@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_RANKS", "ReplayResult", "rank_loads", "replay_inputs", "replay_loads", "replay_markdown", "replay_runs"]
+__all__ = ["DEFAULT_RANKS", "ReplayResult", "not_replayable_note", "rank_loads", "replay_inputs", "replay_loads",
+           "replay_markdown", "replay_runs"]
 
 DEFAULT_RANKS = (2, 4, 8, 16, 64, 256)
 
@@ -181,10 +182,22 @@ def replay_markdown(replay: dict[str, Any]) -> list[str]:
         for rk in run["not_replayable"]:
             skipped.setdefault(run["num_experts"], set()).add(rk)
     for num_experts, rks in sorted(skipped.items()):
-        lines += [
-            "",
-            f"Not replayable with {num_experts} experts: {', '.join(map(str, sorted(rks)))} EP ranks "
-            "(a rank count must divide the number of experts; one expert is never split across ranks, "
-            "so these rows are left out rather than invented).",
-        ]
+        lines += ["", not_replayable_note(num_experts, sorted(rks))]
     return lines + [""]
+
+
+def not_replayable_note(num_experts: int, ranks: list[int]) -> str:
+    """Why the rank counts ``ranks`` were left out of a replay of ``num_experts`` experts: each rank
+    holds whole experts and as many as every other rank, so a rank count must divide ``num_experts``."""
+    more = [r for r in ranks if r > num_experts]
+    uneven = [r for r in ranks if r <= num_experts]
+    why = []
+    if more:
+        why.append(f"{' and '.join(map(str, more))} ranks exceed the {num_experts} experts (each rank holds at least one whole expert)")
+    if uneven:
+        why.append(f"{num_experts} experts do not split evenly over {' or '.join(map(str, uneven))} ranks")
+    return (
+        f"Not replayable with {num_experts} experts: {', '.join(map(str, ranks))} EP ranks, because "
+        f"{'; and '.join(why)}. Expert parallelism never splits an expert across ranks, so these rows are "
+        "left out rather than invented (`moebalance replay RUN --ranks ...` picks other counts)."
+    )

@@ -7,19 +7,28 @@ be redrawn from finished runs without training again. Files are written atomical
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moebalance.train.checkpoint import atomic_write_bytes
+from moebalance.train.checkpoint import atomic_write_bytes, write_json
+from moebalance.train.config import RunConfig
 from moebalance.train.logs import draw_load_heatmap, pyplot, relative_load
 from moebalance.train.runfiles import read_metrics
 
 if TYPE_CHECKING:
     pass
 
+log = logging.getLogger(__name__)
+
 __all__ = [
+    "BIAS_DISTANCE",
+    "PLOT_FILES",
+    "bias_reach",
     "find_run_dirs",
+    "plot_folder_problem",
     "load_metrics",
     "plot_loads",
     "plot_inputs",
@@ -28,6 +37,8 @@ __all__ = [
     "maxvio_global_label",
     "plot_tradeoff",
     "plot_val_loss",
+    "run_colours",
+    "short_run_note",
 ]
 
 
@@ -93,18 +104,25 @@ def _plain_log_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(NullFormatter())
 
 
+def run_colours(names) -> dict[str, str]:
+    """A colour per run name, from the names alone (``C0``, ``C1``, ... in sorted order), so that a
+    run has the same colour in a report's figures and in ``moebalance plot``'s, whatever order
+    either draws the runs in."""
+    return {name: f"C{i % 10}" for i, name in enumerate(sorted(names))}
+
+
 def plot_maxvio_batch(runs: dict[str, str | Path], path: str | Path) -> None:
     """MaxVio_batch (mean over layers) per training step, one line per run (paper Fig. 3 style)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    windows = set()
+    windows, colours = set(), run_colours(runs)
     for name, run_dir in runs.items():
         train, _ = load_metrics(run_dir)
         steps = [r["step"] for r in train]
         vio = [r["maxvio_batch"] for r in train]
         window = max(1, len(vio) // 50)
         windows.add(window)
-        ax.plot(steps, _smooth(vio, window), label=name)
+        ax.plot(steps, _smooth(vio, window), label=name, color=colours[name])
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over layers)")
     _plain_log_axis(ax)
@@ -119,9 +137,10 @@ def plot_val_loss(runs: dict[str, str | Path], path: str | Path) -> None:
     """Validation loss at each evaluation, one line per run."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
+    colours = run_colours(runs)
     for name, run_dir in runs.items():
         _, evals = load_metrics(run_dir)
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", label=name)
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], marker="o", label=name, color=colours[name])
     ax.set_xlabel("training step")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Validation loss")
@@ -183,6 +202,41 @@ def plot_tradeoff(
     plt.close(fig)
 
 
+#: How far the biases of the default model had to move to catch up with the routing collapse of
+#: its first steps: the common-mode logit offsets of docs/reproduction.md ("≈ 0.4–0.7").
+BIAS_DISTANCE = (0.4, 0.7)
+
+
+def bias_reach(cfg: RunConfig) -> float | None:
+    """The farthest a Loss-Free bias can move in the run of ``cfg``: ``u`` times the sum of the
+    update-rate factors over its steps (``u * max_steps`` with the constant schedule; Algorithm 1's
+    sign rule moves every bias by exactly ``u * factor`` a step). ``None`` where there is no such
+    bound: no bias update, or the ``error`` rule, whose step grows with the imbalance."""
+    from moebalance.train.loop import bias_rate_scale
+
+    b = cfg.balance
+    if b.strategy not in ("loss_free", "deepseek_v3") or b.bias_update != "sign" or cfg.model.routing != "topk":
+        return None
+    return b.bias_update_rate * sum(bias_rate_scale(step, cfg) for step in range(cfg.train.max_steps))
+
+
+def short_run_note(configs: dict[str, RunConfig]) -> str | None:
+    """A warning for the report when a Loss-Free run is too short for its bias to travel the
+    distance :data:`BIAS_DISTANCE` (its MaxVio then measures the catch-up, not the balance it
+    reaches, and can rank it below runs it beats in a long run); ``None`` otherwise."""
+    short = {name: reach for name, cfg in configs.items() if (reach := bias_reach(cfg)) is not None and reach < BIAS_DISTANCE[0]}
+    if not short:
+        return None
+    lo, hi = BIAS_DISTANCE
+    runs = "; ".join(f"{reach:.3g} in {name}" for name, reach in short.items())
+    return (
+        f"**Too short for Loss-Free to balance:** a bias can move at most u × steps = {runs}, "
+        f"less than the {lo}–{hi} the default model's biases needed to catch up with the early routing "
+        "collapse (docs/reproduction.md). Its MaxVio here measures that catch-up, not the balance Loss-Free "
+        "reaches, and can rank it below runs it beats in a longer run: raise train.max_steps (or the rate)."
+    )
+
+
 def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
     """Runs named by ``paths``: a folder with a ``metrics.jsonl`` is one run; a folder without one
     (a ``compare`` output) contributes its sub-folders that have one. Runs are named by their folder
@@ -228,10 +282,45 @@ def plot_inputs(paths: list[str | Path]) -> tuple[dict[str, Path], dict[str, Pat
     with_eval = {n: runs[n] for n, (_, ev) in records.items() if ev}
     if not with_train:
         raise ValueError("none of the runs has a training record in metrics.jsonl")
+    for name in records:  # say which runs a figure leaves out, and why
+        if name not in with_train:
+            log.warning("%s: its metrics.jsonl has no training record; left out of every figure", name)
+        elif name not in with_eval:
+            log.warning("%s: its metrics.jsonl has no evaluation record; left out of val_loss.png and expert_load.png", name)
     for name, (train, evals) in records.items():
         _check_fields(name, train, ("step", "maxvio_batch"))
         _check_fields(name, evals, ("step", "val_loss", "loads"))
     return with_train, with_eval
+
+
+#: What ``moebalance plot`` writes into its folder (``plots.json``: the run folders it drew).
+PLOT_FILES = ("maxvio_batch.png", "val_loss.png", "expert_load.png", "plots.json")
+
+
+def _drawn_runs(paths: list[str | Path]) -> list[str]:
+    return [str(Path(p).resolve()) for p in paths]
+
+
+def plot_folder_problem(out_dir: str | Path, paths: list[str | Path], overwrite: bool = False) -> str | None:
+    """Why ``moebalance plot`` must not draw ``paths`` into ``out_dir``, or ``None``: the folder
+    holds plots of other runs (its ``plots.json`` names others, or it has none beside plot files)
+    and ``overwrite`` is false. Plots of the same runs are redrawn (the same picture)."""
+    out = Path(out_dir)
+    present = [f for f in PLOT_FILES if (out / f).exists()]
+    if overwrite or not present:
+        return None
+    manifest, drawn = out / "plots.json", None
+    try:  # a regular file of plausible size only: a FIFO or a device there must not block or flood
+        if manifest.is_file() and manifest.stat().st_size < 2**20:
+            drawn = json.loads(manifest.read_text())["runs"]
+    except (OSError, ValueError, TypeError, KeyError):
+        drawn = None
+    if drawn == _drawn_runs(paths):
+        return None
+    return (
+        f"{str(out)!r} already holds plots of other runs ({', '.join(present)}); not overwritten: "
+        "choose another --out, or replace them with --overwrite"
+    )
 
 
 def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
@@ -255,4 +344,5 @@ def plot_runs(paths: list[str | Path], out_dir: str | Path) -> list[Path]:
         plot_val_loss(with_eval, written[-1])
         written.append(out / "expert_load.png")
         plot_loads(with_eval, written[-1])
+    write_json(out / "plots.json", {"runs": _drawn_runs(paths)})  # the run folders (cli: find_run_dirs)
     return written

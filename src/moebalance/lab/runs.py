@@ -66,7 +66,8 @@ def _assess(run_dir: Path, cfg: RunConfig) -> tuple[str, list[str]]:
     if (run_dir / "summary.json").is_file():  # finished: read back, unless it was recorded differently
         recorded = [k for k in changed if k in RECORD_KEYS]
         return ("conflict", recorded) if recorded else ("finished", [])
-    return ("resume" if CheckpointDir(run_dir / "checkpoints").steps() else "restart"), []
+    resumable = CheckpointDir(run_dir / "checkpoints").steps() or (run_dir / "checkpoint.pt").is_file()
+    return ("resume" if resumable else "restart"), []
 
 
 def run_state(run_dir: Path, cfg: RunConfig) -> str:

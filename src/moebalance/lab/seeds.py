@@ -5,10 +5,12 @@ Each seed fixes the initial weights and the data order, shared by the strategies
 (``data.split_seed``, docs/data.md). The spread is the sample standard deviation over seeds
 (``ddof = 1``); with one seed there is none.
 
-The rule for "the perplexity difference exceeds the seed spread": ``|mean_LF - mean_aux| >
-2 * pooled_std`` with ``pooled_std = sqrt((std_LF**2 + std_aux**2) / 2)``, the spread of one
-method's perplexity across seeds. The report also gives the paired per-seed differences, their
-mean and standard deviation, and how many seeds favour each method.
+The one statistical statement on the perplexity difference is a **paired t-test** on the
+per-seed differences ``ppl_LF - ppl_aux`` (two-sided, ``n - 1`` degrees of freedom; Student 1908):
+the difference is *significant* at ``p < 0.05``, else *not established*. The report also gives the
+paired differences, their mean and standard deviation, the pooled seed std (the spread of one
+method's perplexity across seeds, ``sqrt((std_LF**2 + std_aux**2) / 2)``) and how many seeds
+favour each method; the README quotes the same test.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["METRICS", "ppl_noise_verdict", "seed_markdown", "seed_summary"]
+__all__ = ["METRICS", "SIGNIFICANCE", "paired_t_test", "ppl_noise_verdict", "seed_markdown", "seed_summary"]
+
+#: Two-sided p-value below which a paired difference is called significant.
+SIGNIFICANCE = 0.05
 
 #: record field -> report name
 METRICS = {"val_ppl": "val ppl", "maxvio_global": "MaxVio_global", "maxvio_batch_last": "MaxVio_batch (last 10%)"}
@@ -51,43 +56,95 @@ def seed_summary(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     return out
 
 
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (modified Lentz; Numerical
+    Recipes 3rd ed. §6.4, ``betacf``)."""
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)), -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _incomplete_beta(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function ``I_x(a, b)``, ``0 <= x <= 1``."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def paired_t_test(diffs: list[float]) -> tuple[float, float]:
+    """Paired (one-sample) t-test of ``mean(diffs) == 0``: ``(t, two-sided p)``, ``n - 1`` degrees of freedom.
+
+    ``p = I_{df / (df + t^2)}(df / 2, 1 / 2)`` (the Student t tail through the incomplete beta
+    function, as ``scipy.stats.ttest_1samp``). Equal differences give ``t = ±inf, p = 0`` (all
+    zero: ``t = 0, p = 1``).
+
+    Raises:
+        ValueError: fewer than two differences (no spread to test against).
+    """
+    n = len(diffs)
+    if n < 2:
+        raise ValueError(f"a paired t-test needs at least 2 differences, got {n}")
+    mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+    if std == 0.0:
+        return (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+    t = mean / (std / math.sqrt(n))
+    df = n - 1
+    return t, _incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
+
+
 def ppl_noise_verdict(summary: dict[str, dict[str, Any]], a: str = "loss_free", b: str = "aux_loss") -> dict[str, Any]:
-    """Whether the validation-perplexity difference of ``a`` and ``b`` exceeds the seed spread.
+    """The paired t-test of the validation-perplexity difference of ``a`` and ``b`` over seeds.
 
     Returns:
         dict with ``mean_diff`` (``mean_a - mean_b``), ``rel_diff`` (``mean_a / mean_b - 1``),
-        ``pooled_std``, ``exceeds`` (``|mean_diff| > 2 * pooled_std``; ``None`` with one seed),
-        ``paired_diffs`` (per seed, ``a - b``), ``paired_mean``, ``paired_std``, ``a_lower`` (seeds
-        where ``a`` has the lower perplexity), ``rule`` and ``text`` (one sentence).
+        ``pooled_std``, ``paired_diffs`` (per seed, ``a - b``), ``paired_mean``, ``paired_std``,
+        ``t`` and ``p`` (:func:`paired_t_test`), ``significant`` (``p <`` :data:`SIGNIFICANCE`;
+        ``None`` with one seed), ``a_lower`` (seeds where ``a`` has the lower perplexity), ``rule``
+        and ``text`` (the statement, the test named).
     """
     pa, pb = summary[a]["val_ppl"], summary[b]["val_ppl"]
     diff = pa["mean"] - pb["mean"]
     paired = [x - y for x, y in zip(pa["values"], pb["values"])]
-    if pa["std"] is None or pb["std"] is None:
-        pooled, exceeds = None, None
-    else:
-        pooled = math.sqrt((pa["std"] ** 2 + pb["std"] ** 2) / 2)
-        exceeds = abs(diff) > 2 * pooled
     n = len(paired)
     lower = sum(d < 0 for d in paired)
-    rule = "|mean difference| > 2 x pooled seed std, pooled std = sqrt((std_a^2 + std_b^2) / 2)"
-    if exceeds is None:
-        text = f"One seed: no seed spread to compare the {diff:+.2f} perplexity difference with; run --seeds 2 or more."
+    rule = f"paired t-test on the per-seed differences, two-sided, n - 1 degrees of freedom; significant when p < {SIGNIFICANCE:g}"
+    if n < 2:
+        pooled = t = p = significant = None
+        text = f"One seed: no seed spread to test the {diff:+.2f} perplexity difference against; run --seeds 2 or more."
     else:
+        pooled = math.sqrt((pa["std"] ** 2 + pb["std"] ** 2) / 2)
+        t, p = paired_t_test(paired)
+        significant = p < SIGNIFICANCE
         text = (
-            f"{a} minus {b}: {diff:+.2f} perplexity ({100 * (pa['mean'] / pb['mean'] - 1):+.2f}%) against a pooled "
-            f"seed std of {pooled:.2f}; the difference {'exceeds' if exceeds else 'does not exceed'} twice the seed "
-            f"spread, so it is {'larger than' if exceeds else 'within'} the noise. {a} had the lower perplexity "
-            f"in {lower} of {n} seeds (paired differences {', '.join(f'{d:+.2f}' for d in paired)})."
+            f"{a} minus {b}: {diff:+.2f} perplexity ({100 * (pa['mean'] / pb['mean'] - 1):+.2f}%); paired t-test over "
+            f"{n} seeds: t = {t:.2f}, p = {p:.2f} (two-sided, {n - 1} degrees of freedom), so the difference is "
+            f"{'significant' if significant else 'not established'} at the {100 * SIGNIFICANCE:g}% level. {a} had the "
+            f"lower perplexity in {lower} of {n} seeds (paired differences {', '.join(f'{d:+.2f}' for d in paired)}; "
+            f"pooled seed std {pooled:.2f})."
         )
     return {
         "mean_diff": diff,
         "rel_diff": pa["mean"] / pb["mean"] - 1,
         "pooled_std": pooled,
-        "exceeds": exceeds,
         "paired_diffs": paired,
         "paired_mean": statistics.fmean(paired),
         "paired_std": statistics.stdev(paired) if n > 1 else None,
+        "t": t,
+        "p": p,
+        "significant": significant,
         "a_lower": lower,
         "rule": rule,
         "text": text,

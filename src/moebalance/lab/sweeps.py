@@ -43,6 +43,7 @@ from moebalance.lab.reporting import (
     plot_maxvio_batch,
     plot_tradeoff,
     plot_val_loss,
+    short_run_note,
 )
 from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
@@ -66,12 +67,16 @@ def grid_runs(grid: str, base: RunConfig) -> dict[str, list[str]]:
     if grid == "update-rate":
         return {f"loss_free_u_{u}": lf + [f"balance.bias_update_rate={u}"] for u in ("1e-4", "1e-3", "1e-2")}
     if grid == "variants":
-        return {
-            "sign_additive_sigmoid": lf,
-            "error_update": lf + ["balance.bias_update=error"],
-            "multiplicative_bias": lf + ["balance.bias_mode=multiplicative"],
-            "softmax_gate": lf + ["model.score_func=softmax"],
+        # Each run sets all three settings its name is about, so that an override of one of them
+        # (which would train another variant under this name) is refused (compare.replaced_overrides).
+        paper = {"balance.bias_update": "sign", "balance.bias_mode": "additive", "model.score_func": "sigmoid"}
+        changes = {
+            "sign_additive_sigmoid": {},
+            "error_update": {"balance.bias_update": "error"},
+            "multiplicative_bias": {"balance.bias_mode": "multiplicative"},
+            "softmax_gate": {"model.score_func": "softmax"},
         }
+        return {name: lf + [f"{k}={v}" for k, v in (paper | change).items()] for name, change in changes.items()}
     if grid == "strategies":
         runs = {
             "none": ["balance.strategy=none"],
@@ -148,7 +153,7 @@ def sweep(
     plot_maxvio_batch(run_dirs, out / "maxvio_batch.png")
     plot_val_loss(run_dirs, out / "val_loss.png")
     plot_loads(run_dirs, out / "expert_load.png")
-    report = {"grid": grid} | report_context(data, base, run_dirs, command) | {"runs": records}
+    report = {"grid": grid} | report_context(data, base, run_dirs, command) | {"runs": records, "short_run_note": short_run_note(configs)}
     write_json(out / "sweep.json", report)
     write_text(out / "sweep.md", render_sweep_markdown(report))
     return report
@@ -176,6 +181,8 @@ def render_sweep_markdown(report: dict[str, Any]) -> str:
             f"| {name} | `{' '.join(r['overrides'])}` | {r['val_ppl']:.2f} | {r['maxvio_global']:.3f} | "
             f"{r['maxvio_batch_last']:.3f} | {r['tokens_per_s']:.0f} |"
         )
+    if report.get("short_run_note"):
+        lines += ["", report["short_run_note"]]
     if any(r["routing"] == "expert_choice" for r in report["runs"].values()):
         lines += [
             "",

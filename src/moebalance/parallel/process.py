@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -267,5 +266,42 @@ def torchrun_command(nproc: int, args: list[str]) -> list[str]:
 
 
 def launch(nproc: int, args: list[str]) -> int:
-    """Run ``moebalance <args>`` under ``torchrun`` with ``nproc`` processes; return its exit code."""
-    return subprocess.call(torchrun_command(nproc, args))
+    """Run ``moebalance <args>`` under torchrun's launcher (``torch.distributed.run``, in this
+    process) with ``nproc`` processes; return 0, or the exit status of the first rank that failed.
+
+    Each worker reports its own failure in one line; the launcher's report of it (its log record
+    and a Python traceback of ``ChildFailedError``) is not shown.
+
+    Raises:
+        ChildProcessError: a worker was killed by a signal (naming the rank and the signal).
+        KeyboardInterrupt: the launcher was stopped by SIGINT or SIGTERM (the workers get it too).
+    """
+    import logging
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    quiet = logging.getLogger("torch.distributed.elastic")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its ERROR record of a failed worker repeats what the worker said
+    try:
+        run(parse_args(torchrun_command(nproc, args)[3:]))  # the arguments after `python -m torch.distributed.run`
+    except ChildFailedError as exc:
+        # The root cause: the first rank that exited with a status of its own (the launcher then
+        # stops the others with SIGTERM), else the first one killed by a signal.
+        failures = sorted(exc.failures.items(), key=lambda item: (item[1].exitcode <= 0, item[1].timestamp))
+        rank, failure = failures[0]
+        if failure.exitcode < 0:
+            try:
+                name = signal.Signals(-failure.exitcode).name
+            except ValueError:
+                name = str(-failure.exitcode)
+            raise ChildProcessError(f"rank {rank} of {nproc} was killed by signal {name}") from None
+        return failure.exitcode
+    except SignalException as exc:
+        raise KeyboardInterrupt(str(exc)) from None
+    finally:
+        quiet.setLevel(level)
+    return 0

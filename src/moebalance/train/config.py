@@ -94,6 +94,16 @@ def _check_fields(obj: Any, section: str) -> None:
         _check_type(getattr(obj, f.name), hints[f.name], f"{section}.{f.name}")
 
 
+#: The normal range of float32 (smallest normal number, largest finite one): the biases, weights
+#: and losses are float32, so a rate or scale outside it rounds to 0 or to infinity.
+FLOAT32_TINY, FLOAT32_MAX = 2.0**-126, 3.4028234663852886e38
+
+#: Largest standard deviation of an initial weight and largest coefficient of a balancing loss:
+#: beyond them the first step's logits or loss overflow float32, every step is skipped as non-finite
+#: and the run ends having trained nothing (a typo, never an experiment).
+MAX_INIT_STD, MAX_LOSS_COEFF = 10.0, 1e3
+
+
 @dataclass
 class ModelConfig:
     """The small decoder-only MoE language model (see :mod:`moebalance.train.model`).
@@ -157,8 +167,11 @@ class ModelConfig:
         _check(self.capacity_factor is None or self.routing == "topk", "model.capacity_factor", "None with model.routing='expert_choice' (it has expert_choice_capacity)", self.capacity_factor)
         _check(self.drop_policy in ("position", "score"), "model.drop_policy", "'position' or 'score'", self.drop_policy)
         _check(self.rope_theta > 0, "model.rope_theta", "> 0", self.rope_theta)
-        _check(self.init_std > 0, "model.init_std", "> 0", self.init_std)
-        _check(self.router_init_std is None or self.router_init_std > 0, "model.router_init_std", "> 0 or None (model.init_std)", self.router_init_std)
+        _check(0 < self.init_std <= MAX_INIT_STD, "model.init_std", f"in (0, {MAX_INIT_STD:g}]", self.init_std)
+        _check(
+            self.router_init_std is None or 0 < self.router_init_std <= MAX_INIT_STD,
+            "model.router_init_std", f"in (0, {MAX_INIT_STD:g}] or None (model.init_std)", self.router_init_std,
+        )  # fmt: skip
 
 
 @dataclass
@@ -210,15 +223,19 @@ class BalanceConfig:
         _check_fields(self, "balance")
         _check(self.aux_loss_scores in ("normalized", "raw"), "balance.aux_loss_scores", "'normalized' or 'raw'", self.aux_loss_scores)
         _check(self.strategy in STRATEGY_NAMES, "balance.strategy", f"one of {list(STRATEGY_NAMES)}", self.strategy)
-        _check(self.bias_update_rate > 0, "balance.bias_update_rate", "> 0", self.bias_update_rate)
+        _check(
+            FLOAT32_TINY <= self.bias_update_rate <= FLOAT32_MAX,
+            "balance.bias_update_rate", f"in [{FLOAT32_TINY:.4g}, {FLOAT32_MAX:.4g}] (float32's normal range: the bias is float32)",
+            self.bias_update_rate,
+        )  # fmt: skip
         _check(self.bias_update in _BIAS_RULES, "balance.bias_update", f"one of {list(_BIAS_RULES)}", self.bias_update)
         _check(self.bias_update_schedule in ("constant", "lr", "decay"), "balance.bias_update_schedule", "'constant', 'lr' or 'decay'", self.bias_update_schedule)
         self._check_rule_fields()
         _check(self.bias_mode in ("additive", "multiplicative"), "balance.bias_mode", "'additive' or 'multiplicative'", self.bias_mode)
         _check(not (self.bias_center and self.bias_mode != "additive"), "balance.bias_center", "false with balance.bias_mode='multiplicative' (a product is not shift-invariant)", self.bias_center)
-        _check(self.aux_loss_coeff >= 0, "balance.aux_loss_coeff", ">= 0", self.aux_loss_coeff)
-        _check(self.z_loss_coeff >= 0, "balance.z_loss_coeff", ">= 0", self.z_loss_coeff)
-        _check(self.seq_aux_coeff >= 0, "balance.seq_aux_coeff", ">= 0", self.seq_aux_coeff)
+        for name in ("aux_loss_coeff", "z_loss_coeff", "seq_aux_coeff"):
+            value = getattr(self, name)
+            _check(0 <= value <= MAX_LOSS_COEFF, f"balance.{name}", f"in [0, {MAX_LOSS_COEFF:g}]", value)
 
     def _check_rule_fields(self) -> None:
         """The options of the bias rules and schedules (ranges of :mod:`moebalance.rules`)."""
@@ -294,6 +311,11 @@ class DataConfig:
         _check(0 <= self.bin_vocab_size <= 65536, "data.bin_vocab_size", "in [0, 65536]", self.bin_vocab_size)
 
 
+#: ``train.dist_timeout_s`` range: below a second the ranks' rendezvous itself times out; above a
+#: week no collective is meant to wait (and 1e300 s overflows the process group's timedelta).
+MIN_DIST_TIMEOUT_S, MAX_DIST_TIMEOUT_S = 1.0, 7 * 24 * 3600.0
+
+
 @dataclass
 class TrainConfig:
     """Optimisation and logging. One optimizer step sees ``batch_size * grad_accum`` sequences."""
@@ -346,7 +368,10 @@ class TrainConfig:
         _check(self.eval_tokens >= 0, "train.eval_tokens", ">= 0", self.eval_tokens)
         _check(self.dtype in ("float32", "bfloat16"), "train.dtype", "'float32' or 'bfloat16'", self.dtype)
         _check(0 <= self.threads <= 1024, "train.threads", "in [0, 1024] (0: torch's default)", self.threads)
-        _check(self.dist_timeout_s > 0, "train.dist_timeout_s", "> 0 (seconds)", self.dist_timeout_s)
+        _check(
+            MIN_DIST_TIMEOUT_S <= self.dist_timeout_s <= MAX_DIST_TIMEOUT_S,
+            "train.dist_timeout_s", f"in [{MIN_DIST_TIMEOUT_S:g}, {MAX_DIST_TIMEOUT_S:g}] (seconds: 1 s to 7 days)", self.dist_timeout_s,
+        )  # fmt: skip
         _check(0 <= self.seed < 2**63, "train.seed", "in [0, 2**63)", self.seed)
         _check(_is_device(self.device), "train.device", "'cpu', or 'cuda'/'cuda:N' where torch sees that GPU", self.device)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", ">= 0 (0: only the final checkpoint)", self.checkpoint_every)

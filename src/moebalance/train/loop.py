@@ -523,8 +523,8 @@ class _Run:
                 checksums = {"world_size": ctx.world_size, "checksums": sums, "identical": len(set(sums)) == 1}
                 write_json(self.out / "bias_checksums.json", checksums)
         if ctx.is_main:
-            if cfg.train.checkpoint_every:
-                self.ckpts.save(cfg.train.max_steps, final_state)
+            # Only here: a periodic copy of the same state would be a byte-identical duplicate (58 MB
+            # at the default size); resume and extension read checkpoint.pt as the newest state.
             save_checkpoint(self.out / "checkpoint.pt", final_state)
 
 

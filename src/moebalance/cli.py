@@ -398,7 +398,7 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
                 _check_verify(args)
             elif args.command in ("plot", "replay"):  # every run file read and checked here: a damaged one is exit 2
                 from moebalance.lab.replay import replay_inputs
-                from moebalance.lab.reporting import plot_inputs
+                from moebalance.lab.reporting import find_run_dirs, plot_inputs
 
                 args.ranks_tuple = _ranks(args.ranks) if args.command == "replay" else None
                 if args.command == "replay":

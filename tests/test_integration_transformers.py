@@ -595,6 +595,78 @@ def test_every_load_based_rule_reaches_the_handle(rule):
         apply_loss_free_balancing(_model("qwen3_moe"), update="quantile").step()
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_counts_each_token_once(reentrant):
+    # reentrant: the first forward runs without grad, the recomputation in the backward is counted;
+    # non-reentrant: the first forward is counted, the recomputation is not
+    model = _model("mixtral")
+    handle = apply_loss_free_balancing(model)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    ids = _tokens(batch=2, seq=12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 6:] = 0
+    model(input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
+    assert handle.pending_loads().sum(-1).tolist() == [18 * 2] * 2  # 18 real tokens x K, padding out
+
+
+def test_a_deep_copy_has_its_own_padding_mask():
+    model = _model("mixtral")
+    handle = apply_loss_free_balancing(model)
+    twin = copy.deepcopy(model)
+    twin_handle = apply_loss_free_balancing(twin)
+    assert twin_handle is not handle
+    twin.train()
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 6:] = 0
+    twin(input_ids=_tokens(batch=2, seq=12), attention_mask=mask)
+    assert twin_handle.pending_loads().sum(-1).tolist() == [18 * 2] * 2
+    assert handle.pending_loads().sum() == 0
+
+
+def test_torch_compile_trains_a_patched_model():
+    model = _model("mixtral")
+    handle = apply_loss_free_balancing(model)
+    model.train()
+    compiled = torch.compile(model, backend="aot_eager")
+    ids = _tokens(batch=2, seq=12)
+    compiled(input_ids=ids, labels=ids).loss.backward()  # the gates are divided in place downstream
+    assert handle.pending_loads().sum(-1).tolist() == [24 * 2] * 2
+
+
+def test_own_bias_keeps_float32_through_a_bf16_reload(tmp_path):
+    from moebalance.integrations.transformers.tiny import tiny_config_for
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config_for("minimax_m2"))  # bias not kept fp32
+    handle = apply_loss_free_balancing(model)
+    with torch.no_grad():
+        for b in handle.bias_tensors():
+            b += 0.123456789
+    model.save_pretrained(tmp_path)
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert torch.equal(apply_loss_free_balancing(again).biases(), handle.biases())
+
+
+def test_attaching_the_optimizer_again_with_its_scaler_uses_the_scaler():
+    model = _model("mixtral")
+    handle = apply_loss_free_balancing(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    scaler = torch.amp.GradScaler("cpu")
+    first = handle.attach(opt)
+    hook = handle.attach(opt, scaler=scaler)
+    assert hook is not first and hook.scaler is scaler and not first.attached
+
+
+def test_bad_model_and_probe_inputs_name_the_argument():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        apply_loss_free_balancing(None)
+    with pytest.raises(TypeError, match="probe_inputs must be a dict"):
+        apply_loss_free_balancing(_model("mixtral"), probe_inputs=_tokens())
+    handle = apply_loss_free_balancing(_model("mixtral"))
+    with pytest.raises(TypeError, match="batches must be an iterable"):
+        handle.validation_loads(None)
+
+
 def test_padding_is_not_counted():
     model = _model("qwen3_moe")
     handle = apply_loss_free_balancing(model)

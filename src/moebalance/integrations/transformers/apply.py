@@ -67,9 +67,17 @@ def _existing_handle(model: nn.Module, settings: dict, load_biases_from) -> Loss
     return handle
 
 
-def _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss) -> None:
+def _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss, model=None,
+                probe_inputs=None) -> None:
     """The argument checks of :func:`apply_loss_free_balancing` that :class:`LossFreeBalancer` does
     not make (it checks ``update_rate``, ``update`` and ``center``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module (a transformers model), got {type(model).__name__}")
+    if probe_inputs is not None and not (isinstance(probe_inputs, dict) and all(isinstance(k, str) for k in probe_inputs)):
+        raise TypeError(
+            f"probe_inputs must be a dict of the model's keyword inputs (e.g. {{'input_ids': ids}}), "
+            f"got {type(probe_inputs).__name__}"
+        )
     if load_biases_from is not None and not isinstance(load_biases_from, (str, Path)):
         raise TypeError(
             f"load_biases_from must be a folder path (str or Path), 'auto' or None, got {type(load_biases_from).__name__}"
@@ -86,15 +94,29 @@ def _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disab
 
 
 def _load_initial_biases(handle: LossFreeBalancing, load_biases_from) -> None:
-    if load_biases_from == "auto":
+    """Read the biases of the folder the model came from (``"auto"``) or of ``load_biases_from``.
+
+    A model's own bias was loaded by ``from_pretrained`` already, but in the dtype it was loaded
+    in (a family that does not keep it float32 rounds it to bf16 under ``dtype=torch.bfloat16``),
+    so the float32 values of the files are read again; a folder whose bias tensors do not match
+    the routers one to one (a checkpoint with extra MTP layers) keeps what ``from_pretrained`` loaded.
+    """
+    own = all(r._moebalance_slot.own for r in handle.routers)
+    auto = load_biases_from == "auto"
+    if auto:
         src = getattr(handle.model, "name_or_path", "") or ""
-        native = all(r._moebalance_slot.own for r in handle.routers)
-        # DeepSeek-V3's bias is a native weight: from_pretrained already loaded it.
-        load_biases_from = src if src and Path(src).is_dir() and not native else None
-    if load_biases_from is not None:
+        load_biases_from = src if src and Path(src).is_dir() else None
+    if load_biases_from is None:
+        return
+    try:
         n = read_biases(handle, load_biases_from)
-        if n:
-            log.info("loaded the expert biases of %d routers from %s", n, load_biases_from)
+    except ValueError as exc:
+        if not (auto and own):
+            raise
+        log.info("kept the biases from_pretrained loaded: %s", exc)
+        return
+    if n:
+        log.info("loaded the expert biases of %d routers from %s", n, load_biases_from)
 
 
 def _new_handle(model: nn.Module, found, handle: LossFreeBalancing, load_biases_from) -> LossFreeBalancing:
@@ -167,12 +189,12 @@ def apply_loss_free_balancing(
             bias (the message names the router class and why); a bad ``update_rate`` / ``update`` /
             ``center`` / ``dist_timeout_s`` / ``all_reduce`` / ``disable_aux_loss`` / ``mode``; or a
             second call with other settings or an explicit ``load_biases_from``.
-        TypeError: ``load_biases_from`` is not a path, ``"auto"`` or ``None``.
+        TypeError: ``model``, ``probe_inputs`` or ``load_biases_from`` of the wrong type.
         FileNotFoundError: ``load_biases_from`` names no folder of safetensors files.
         RuntimeError: the probe forward failed, or the probe found the routing changed or a router
             not following its bias (the message names the router class).
     """
-    _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss)
+    _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss, model, probe_inputs)
     balancer = LossFreeBalancer(update_rate, update, center=center)
     check_mode(mode, freeze_after_steps)
     settings = dict(update_rate=float(update_rate), update=update, center=center, all_reduce=all_reduce,

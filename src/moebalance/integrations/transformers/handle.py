@@ -422,6 +422,8 @@ class LossFreeBalancing:
         """
         if isinstance(batches, torch.Tensor):
             raise TypeError(f"batches must be an iterable of batches, got one tensor of shape {tuple(batches.shape)}; pass [tensor]")
+        if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes, dict)):
+            raise TypeError(f"batches must be an iterable of batches ([B, S] id tensors or dicts), got {type(batches).__name__}")
         was_training = self.model.training
         self.model.eval()
         device = next(self.model.parameters()).device
@@ -509,10 +511,10 @@ class LossFreeBalancing:
         hook = OptimizerHook(optimizer, lambda: self.step(), discard=self.discard_step, scaler=scaler)
         self.announce()
         if self.optimizer_hook is not None and self.optimizer_hook.attached:
-            if self.optimizer_hook.optimizer is hook.optimizer:
+            if self.optimizer_hook.optimizer is hook.optimizer and (scaler is None or scaler is self.optimizer_hook.scaler):
                 hook.detach()
                 return self.optimizer_hook
-            self.optimizer_hook.detach()
+            self.optimizer_hook.detach()  # another optimizer, or now with its GradScaler
         self.optimizer_hook = hook
         return hook
 

@@ -10,6 +10,7 @@ router is put back as it was and the error names the router class and the reason
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -62,8 +63,9 @@ def _patch_one(r: Router, modules: dict[str, nn.Module], mask: TokenMask, model:
         slot = add_slot(r.name, r.module, r.num_experts, device)
     init_counters(r.module, r.num_experts, device, mask)
     steer_forward(r.module, r.num_experts, r.top_k, None if slot.own else slot.name)
-    keep_fp32(slot.holder, [slot.name], lambda m=r.module, f=model: _device(m, f))
-    keep_fp32(r.module, list(COUNTERS), lambda m=r.module, f=model: _device(m, f))
+    device_of = functools.partial(_device, r.module, model)  # a partial, not a lambda: the model pickles
+    keep_fp32(slot.holder, [slot.name], device_of)
+    keep_fp32(r.module, list(COUNTERS), device_of)
     r.module._moebalance_slot = slot
     return slot
 

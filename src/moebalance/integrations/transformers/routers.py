@@ -24,15 +24,54 @@ from moebalance.routing import _in_backward_recompute, count_tokens_per_expert, 
 @dataclass
 class TokenMask:
     """The ``[T]`` bool padding mask of the forward in progress (``None`` outside one, or when the
-    model was called without an ``attention_mask``). One per model, shared by its routers."""
+    model was called without an ``attention_mask``). One per model, shared by its routers.
+
+    Its :meth:`before` and :meth:`after` are the model's forward hooks: bound methods, so that a
+    ``copy.deepcopy`` of the model gives the copy's hooks and routers one new mask between them,
+    and the model can be pickled.
+
+    Attributes:
+        mask_T: the mask of the forward in progress.
+        last_mask_T: the mask of the last forward, kept after it for a reentrant
+            activation-checkpoint recomputation (which runs in the backward, outside the forward).
+        reentrant: the model recomputes with reentrant activation checkpointing (then the first
+            forward runs without grad and the recomputation is the one counted).
+    """
 
     mask_T: torch.Tensor | None = None
+    last_mask_T: torch.Tensor | None = None
+    reentrant: bool = False
 
-    def for_tokens(self, num_tokens: int) -> torch.Tensor | None:
+    def for_tokens(self, num_tokens: int, recompute: bool = False) -> torch.Tensor | None:
         """The mask when it covers exactly ``num_tokens`` tokens, else ``None`` (count all)."""
-        if self.mask_T is None or self.mask_T.numel() != num_tokens:
+        mask = self.last_mask_T if recompute else self.mask_T
+        if mask is None or mask.numel() != num_tokens:
             return None
-        return self.mask_T
+        return mask
+
+    def before(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
+            mask = args[1]
+        ok = isinstance(mask, torch.Tensor) and mask.dim() == 2
+        self.mask_T = self.last_mask_T = mask.reshape(-1).to(torch.bool) if ok else None
+        self.reentrant = reentrant_checkpointing(module)
+
+    def after(self, module, args, output) -> None:
+        self.mask_T = None
+
+
+def reentrant_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model runs its layers under reentrant activation checkpointing
+    (``gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})``):
+    a layer's ``_gradient_checkpointing_func`` is a ``partial`` with ``use_reentrant=True``."""
+    if not getattr(model, "is_gradient_checkpointing", False):
+        return False
+    for m in model.modules():
+        func = m.__dict__.get("_gradient_checkpointing_func")
+        if func is not None and getattr(m, "gradient_checkpointing", False):
+            return bool(getattr(func, "keywords", {}).get("use_reentrant", False))
+    return False
 
 
 def install_mask_hooks(model: nn.Module, state: TokenMask) -> list:
@@ -45,24 +84,16 @@ def install_mask_hooks(model: nn.Module, state: TokenMask) -> list:
     is what transformers 5.x attends to (its mask preparation casts every 2-D mask to bool). A 4-D
     mask is not a padding mask and is ignored (all tokens count).
     """
-
-    def before(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > 1 and isinstance(args[1], torch.Tensor):
-            mask = args[1]
-        ok = isinstance(mask, torch.Tensor) and mask.dim() == 2
-        state.mask_T = mask.reshape(-1).to(torch.bool) if ok else None
-
-    def after(module, args, output):
-        state.mask_T = None
-
     modules = [model]
     base = getattr(model, "base_model", None)
     if isinstance(base, nn.Module) and base is not model:
         modules.append(base)
     hooks = []
     for module in modules:
-        hooks += [module.register_forward_pre_hook(before, with_kwargs=True), module.register_forward_hook(after)]
+        hooks += [
+            module.register_forward_pre_hook(state.before, with_kwargs=True),
+            module.register_forward_hook(state.after),
+        ]
     return hooks
 
 
@@ -83,16 +114,20 @@ def count(router: nn.Module, index_TK: torch.Tensor, finite_T: torch.Tensor | No
 
     Training forwards with grad enabled go to ``moebalance_load_counts``: a forward under
     ``torch.no_grad()`` in training mode (RL rollouts, ``generate()``) is not a training step's
-    load, as in Megatron-Core; activation-checkpoint recomputation is not counted twice. Eval-mode
-    forwards go to ``moebalance_eval_counts`` (MaxVio_global at evaluation).
+    load, as in Megatron-Core. Activation checkpointing counts each token once: the first forward
+    under non-reentrant checkpointing (its recomputation is skipped), the recomputation under
+    reentrant checkpointing (its first forward runs without grad). Eval-mode forwards go to
+    ``moebalance_eval_counts`` (MaxVio_global at evaluation).
     """
+    state: TokenMask = router._moebalance_mask
+    recompute = _in_backward_recompute()
     if router.training and not torch.is_grad_enabled():
         return
-    if _in_backward_recompute():
+    if recompute and not (router.training and state.reentrant):
         return
     with torch.no_grad():
         index_TK = index_TK.reshape(-1, index_TK.shape[-1])
-        mask = router._moebalance_mask.for_tokens(index_TK.shape[0])
+        mask = state.for_tokens(index_TK.shape[0], recompute)
         if finite_T is not None:
             finite_T = finite_T.reshape(-1).to(index_TK.device)
             mask = finite_T if mask is None else mask.to(index_TK.device) & finite_T

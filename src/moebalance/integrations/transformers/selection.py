@@ -120,10 +120,8 @@ def floor_underflowed(values: torch.Tensor, dim: int) -> torch.Tensor:
     """
     if not values.is_floating_point():
         return values
-    dead = (values == 0).all(dim=dim, keepdim=True)
-    if not bool(dead.any()):
-        return values
-    return torch.where(dead, torch.full_like(values, torch.finfo(values.dtype).tiny), values)
+    dead = (values == 0).all(dim=dim, keepdim=True)  # no data-dependent branch: torch.compile traces it whole
+    return torch.where(dead, torch.finfo(values.dtype).tiny, values)
 
 
 def steer_forward(module: nn.Module, num_experts: int, top_k: int, added_bias: str | None) -> None:

@@ -143,14 +143,19 @@ def test_plot_refuses_to_overwrite_plots_of_other_runs(run_dir, tmp_path, capsys
 
 
 def test_plot_says_when_it_leaves_a_run_out(run_dir, tmp_path, caplog):
+    from moebalance.train.runfiles import RunFileError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text("")  # a run that wrote no record yet
+    with caplog.at_level("WARNING"):
+        plot_runs([run_dir, empty], tmp_path / "o")
+    assert "empty: its metrics.jsonl has no training record; left out of every figure" in caplog.text
     damaged = tmp_path / "damaged"
     damaged.mkdir()
-    (damaged / "metrics.jsonl").write_text("\x00garbage\n")  # every line damaged
-    with caplog.at_level("WARNING"):
-        plot_runs([run_dir, damaged], tmp_path / "o")
-    text = caplog.text
-    assert "damaged: its metrics.jsonl has no training record; left out of every figure" in text
-    assert "1 line(s) of metrics.jsonl are not JSON records; skipped" in text
+    (damaged / "metrics.jsonl").write_text("\x00garbage\n")  # a damaged line is refused, naming the file
+    with pytest.raises(RunFileError, match="damaged/metrics.jsonl.*line 1"):
+        plot_runs([run_dir, damaged], tmp_path / "o2")
 
 
 def test_a_run_too_short_for_the_bias_to_travel_is_said_beside_the_numbers():

@@ -10,8 +10,9 @@ Two checks, both on the whole model (eval mode, no grad, the probe batch of :mod
    uninitialised weights after ``to_empty`` compare too), and every router chose each expert
    exactly as often as before. For a router whose own bias moebalance adopted this is the bias
    the model ships with; for an added ``expert_bias`` it is zero.
-2. **The bias steers.** With a large bias on each router's least-chosen expert, every token of
-   every router chooses it. This catches a bias that is not the one the choice reads.
+2. **The bias steers.** With a bias that is large on each router's least-chosen expert and 0
+   elsewhere, every token of every router chooses it. This catches a bias that is not the one the
+   choice reads.
 
 Biases, load counters and module modes are restored afterwards, and the global RNG is untouched.
 """
@@ -135,8 +136,9 @@ def check_steers(model: nn.Module, inputs: dict, found: list[Router], biases: li
     targets = [int(r.reference_counts.argmin()) for r in found]
     try:
         with torch.no_grad():
-            for b, j in zip(biases, targets):
-                b[j] += STEER_BIAS
+            for b, j in zip(biases, targets):  # only the target's bias: whatever the current values are
+                b.zero_()
+                b[j] = STEER_BIAS
         _, counts = _probe_counts(model, inputs, routers)
     finally:
         with torch.no_grad():

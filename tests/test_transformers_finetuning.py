@@ -229,25 +229,29 @@ def _parameter_bias_model() -> nn.Module:
     return model
 
 
-def test_a_parameter_bias_is_never_handed_to_the_optimizer():
+def test_a_parameter_bias_is_never_updated_by_the_optimizer():
     model = _parameter_bias_model()
     handle = apply_loss_free_balancing(model, update_rate=0.01)
     found = handle.bias_parameters()
     assert len(found) == handle.num_layers and all(isinstance(b, nn.Parameter) for b in found)
     assert [b is t for b, t in zip(found, handle.bias_tensors())] == [True] * handle.num_layers
-    everything = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)  # holds the biases
-    with pytest.raises(ValueError, match="param group 0 holds the Loss-Free bias of 2 router"):
-        handle.attach(everything)
-    with pytest.raises(ValueError, match="must never update it"):
-        handle.callback().on_train_begin(None, transformers.TrainerState(), None, optimizer=everything)
-    assert handle.optimizer_hook is None
-    trainable = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
-    handle.attach(trainable)
+    assert not any(b.requires_grad for b in found)
+    # AdamW(model.parameters()) holds the biases, but they have no gradient: neither stepped nor decayed
+    everything = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    handle.attach(everything)
     model.train()
     x = _tokens(0)
     model(x, labels=x).loss.backward()
-    trainable.step()
-    assert handle.steps == 1 and handle.biases().abs().sum() > 0
+    before = handle.biases()
+    delta = handle.balancer.bias_delta(handle.pending_loads(), before)
+    everything.step()
+    torch.testing.assert_close(handle.biases(), before + delta, rtol=0, atol=0)  # Algorithm 1's update only
+    handle.detach()
+    found[0].requires_grad_(True)  # a bias the optimizer would update is refused
+    with pytest.raises(ValueError, match="param group 0 holds the Loss-Free bias of 1 router.*requires_grad=True"):
+        handle.attach(torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1))
+    with pytest.raises(ValueError, match="would update it"):
+        handle.callback().on_train_begin(None, transformers.TrainerState(), None, optimizer=everything)
 
 
 def test_buffer_biases_have_no_parameters_to_keep_out():

@@ -276,10 +276,10 @@ class LossFreeBalancing:
         return f"{head}: mode=update for the first {self._freeze_after_steps} optimizer steps then frozen, {rate}"
 
     def announce(self) -> None:
-        """Log :meth:`describe_mode` (INFO), the first time only."""
+        """Log :meth:`describe_mode` (a WARNING, so that it is shown by default), the first time only."""
         if not self._announced:
             self._announced = True
-            log.info("%s", self.describe_mode())
+            log.warning("%s", self.describe_mode())
 
     @property
     def num_layers(self) -> int:
@@ -301,24 +301,31 @@ class LossFreeBalancing:
         return [b for b in self.bias_tensors() if isinstance(b, torch.nn.Parameter)]
 
     def check_optimizer(self, optimizer) -> None:
-        """Refuse an optimizer that holds one of the biases (see :meth:`bias_parameters`);
-        called by :meth:`attach` and at the start of ``Trainer.train()``.
+        """Refuse an optimizer that would update one of the biases: one that holds a bias
+        ``Parameter`` (see :meth:`bias_parameters`) whose ``requires_grad`` was switched on.
+
+        moebalance adopts such a Parameter with ``requires_grad=False``, so it never has a
+        gradient, and torch optimizers skip parameters without one: ``AdamW(model.parameters())``
+        holds it but neither steps nor decays it, and is accepted. Called by :meth:`attach` and at
+        the start of ``Trainer.train()``.
 
         Args:
             optimizer: a torch optimizer or a wrapper of one (Accelerate's, Lightning's).
 
         Raises:
-            ValueError: a param group holds a bias tensor; the message names the group and router.
+            ValueError: a param group holds a bias that requires grad; the message names the group
+                and router.
             TypeError: ``optimizer`` holds no torch optimizer.
         """
-        biases = {id(b): name for name, b in zip(self.router_names, self.bias_tensors())}
+        slots = [r._moebalance_slot for r in self.routers]
+        biases = {id(getattr(s.holder, s.name)): name for name, s in zip(self.router_names, slots)}
         for i, group in enumerate(unwrap_optimizer(optimizer).param_groups):
-            held = [biases[id(p)] for p in group["params"] if id(p) in biases]
+            held = [biases[id(p)] for p in group["params"] if id(p) in biases and p.requires_grad]
             if held:
                 raise ValueError(
-                    f"optimizer param group {i} holds the Loss-Free bias of {len(held)} router(s) ({held[0]}, ...): "
-                    "the optimizer (and its weight decay) must never update it. Build the optimizer from "
-                    "[p for p in model.parameters() if p.requires_grad], or leave out handle.bias_parameters()"
+                    f"optimizer param group {i} holds the Loss-Free bias of {len(held)} router(s) ({held[0]}, ...) "
+                    "with requires_grad=True: the optimizer (and its weight decay) would update it. Set "
+                    "requires_grad=False on handle.bias_parameters() (as apply_loss_free_balancing left them)"
                 )
 
     def biases(self) -> torch.Tensor:

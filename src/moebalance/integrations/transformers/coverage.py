@@ -147,7 +147,7 @@ def table(rows: list[Row]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        reason = r.reason.replace("|", "\\|").replace("\n", " ")[:240]
+        reason = r.reason.replace("|", "\\|").replace("\n", " ")
         lines.append(
             f"| `{r.model_type}` | {r.status} | {r.model_class} | {r.router_class} | {r.routers or ''} "
             f"| {r.slot} | {reason} |"

@@ -281,6 +281,15 @@ class LossFreeBalancing:
             self._announced = True
             log.warning("%s", self.describe_mode())
 
+    def __repr__(self) -> str:
+        slots = {r._moebalance_slot.own for r in self.routers}
+        kind = "own bias" if slots == {True} else "added expert_bias" if slots == {False} else "own and added biases"
+        return (
+            f"LossFreeBalancing({type(self.model).__name__}: {self.num_layers} routers "
+            f"({type(self.routers[0]).__name__ if self.routers else '-'}), {kind}, rule={self.balancer.update!r}, "
+            f"u={self.balancer.update_rate:g}, mode={self.mode!r}, steps={self.steps})"
+        )
+
     @property
     def num_layers(self) -> int:
         return len(self.routers)

@@ -46,9 +46,9 @@ def _no_router_message(model: nn.Module) -> str:
         else "over the experts (its config names no number of experts or of experts per token)"
     )
     return (
-        f"no MoE router found in {type(model).__name__}: no module makes a top-K choice {what} in a probe "
-        "forward. moebalance steers routers that pick K experts per token with one top-K; hash routing "
-        "and expert-choice routing (experts pick tokens) cannot carry a Loss-Free bias"
+        f"no MoE router found in {type(model).__name__}: no module makes a torch.topk choice {what} in a probe "
+        "forward. moebalance steers routers that pick K experts per token with one top-K; a router that picks "
+        "them otherwise (a masked max, hash routing) or lets experts pick tokens cannot carry a Loss-Free bias"
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -29,8 +30,14 @@ log = logging.getLogger("moebalance.integrations.transformers")
 TESTED_TRANSFORMERS_VERSIONS = ("5.25.0",)
 
 
-def _device(module: nn.Module, fallback: nn.Module) -> torch.device:
+def _device(module: nn.Module, fallback) -> torch.device:
+    """The device of ``module``'s first parameter or buffer, else of ``fallback``'s (a module or a
+    weak reference to one)."""
+    if isinstance(fallback, weakref.ref):
+        fallback = fallback()
     for m in (module, fallback):
+        if m is None:
+            continue
         t = next(iter(m.parameters()), None)
         t = next(iter(m.buffers()), None) if t is None else t
         if t is not None:
@@ -63,7 +70,8 @@ def _patch_one(r: Router, modules: dict[str, nn.Module], mask: TokenMask, model:
         slot = add_slot(r.name, r.module, r.num_experts, device)
     init_counters(r.module, r.num_experts, device, mask)
     steer_forward(r.module, r.num_experts, r.top_k, None if slot.own else slot.name)
-    device_of = functools.partial(_device, r.module, model)  # a partial, not a lambda: the model pickles
+    # A weak reference: a deep copy of the router (PEFT modules_to_save) must not copy the model.
+    device_of = functools.partial(_device, r.module, weakref.ref(model))
     keep_fp32(slot.holder, [slot.name], device_of)
     keep_fp32(r.module, list(COUNTERS), device_of)
     r.module._moebalance_slot = slot

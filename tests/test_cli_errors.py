@@ -21,6 +21,7 @@ import torch
 from moebalance import cli
 from moebalance.train.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json, write_text
 from moebalance.train.config import apply_overrides, get_preset
+from cli_helpers import run_cli  # noqa: E402  (tests/)
 
 
 def latest_training_state(run_dir):
@@ -50,19 +51,6 @@ TINY = [
     "train.threads=1",
     "train.tensorboard=false",
 ]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``cli.main(argv)`` in this process: ``(status, stdout, stderr)`` (argparse's SystemExit included)."""
-    threads = torch.get_num_threads()
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        torch.set_num_threads(threads)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def error_lines(err: str) -> list[str]:

@@ -18,21 +18,10 @@ import torch
 from moebalance import cli
 from moebalance.train.config import apply_overrides, cuda_assumed, get_preset
 from moebalance.train.footprint import available_bytes, check_fits, describe, estimate
+from cli_helpers import run_cli  # noqa: E402  (tests/)
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = str(10**30)
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    threads = torch.get_num_threads()
-    try:
-        code = cli.main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    finally:
-        torch.set_num_threads(threads)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def one_error_line(err: str) -> str:

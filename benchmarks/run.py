@@ -66,7 +66,6 @@ from timing import Timer  # noqa: E402
 
 from moebalance.train.host import keep_freed_memory  # noqa: E402  (re-exported: the runner sets it for its process)
 
-
 # ---------------------------------------------------------------- command line
 
 

@@ -18,10 +18,17 @@ import numpy as np
 import pytest
 import torch
 
-from moebalance import cli
-from moebalance.train.checkpoint import CheckpointDir, atomic_write_bytes, load_checkpoint, save_checkpoint, write_json, write_text
-from moebalance.train.config import apply_overrides, get_preset
 from cli_helpers import run_cli  # noqa: E402  (tests/)
+from moebalance import cli
+from moebalance.train.checkpoint import (
+    CheckpointDir,
+    atomic_write_bytes,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_text,
+)
+from moebalance.train.config import apply_overrides, get_preset
 
 
 def latest_training_state(run_dir):

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
+from cli_helpers import run_cli  # noqa: E402  (tests/)
 from moebalance import cli
 from moebalance.train.config import apply_overrides, cuda_assumed, get_preset
 from moebalance.train.footprint import available_bytes, check_fits, describe, estimate
-from cli_helpers import run_cli  # noqa: E402  (tests/)
 
 ROOT = Path(__file__).resolve().parents[1]
 HUGE = str(10**30)

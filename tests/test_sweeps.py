@@ -5,9 +5,9 @@ import json
 import pytest
 
 from moebalance import cli
+from moebalance.balancing import STRATEGIES
 from moebalance.lab import sweeps
 from moebalance.lab.runs import RunFolderError
-from moebalance.balancing import STRATEGIES
 from moebalance.train.config import apply_overrides, get_preset
 
 

@@ -11,14 +11,14 @@ import statistics
 
 import torch
 import torch.nn.functional as F
+from pieces import DTYPES, fmt, model_flops_per_token, table
+from timing import Timer, fwd_bwd
 
 from moebalance.balancing import Balancing, LossFreeBalancer
 from moebalance.routing import TopKRouter
 from moebalance.rules import QuantileRule, make_rule
 from moebalance.train.config import ModelConfig
 from moebalance.train.model import MoETransformer
-from pieces import DTYPES, fmt, model_flops_per_token, table
-from timing import Timer, fwd_bwd
 
 
 def _strategy_steps(cfg: ModelConfig, x, y, device: torch.device, dtype: torch.dtype, timer: Timer):

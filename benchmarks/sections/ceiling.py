@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from pieces import DTYPES, DenseSwiGLU, cases, fmt, moe_layer, ours_fixed, table, uniform_routing
+from timing import Timer, fwd_bwd
 
 from moebalance.experts import expert_compute_plan
 from moebalance.metrics import max_violation
-from pieces import DTYPES, DenseSwiGLU, cases, fmt, moe_layer, ours_fixed, table, uniform_routing
-from timing import Timer, fwd_bwd
 
 
 def routed_case(args, device: torch.device, dtype: torch.dtype, E: int, K: int, routing: Callable[[], torch.Tensor]):

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pieces import cases, fmt, ours_fixed, skewed_routing, table, uniform_routing
+from timing import Timer, fwd_bwd
 
 from moebalance.experts import expert_compute_plan
 from moebalance.moe import MoELayer
-from pieces import cases, fmt, ours_fixed, skewed_routing, table, uniform_routing
 from sections.ceiling import routed_case, routed_row
-from timing import Timer, fwd_bwd
 
 
 def padded_bmm(layer: MoELayer, x_TD: torch.Tensor, idx_TK: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
-from moebalance.experts import expert_compute_plan
 from pieces import cases, fmt, moe_layer, ours_fixed, table, uniform_routing
 from timing import Timer, fwd_bwd
+
+from moebalance.experts import expert_compute_plan
 
 
 def _native_dtype(forward: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:

@@ -4,9 +4,8 @@ its backward, parameters excluded)."""
 
 from __future__ import annotations
 
-import torch
-
 import peers
+import torch
 from pieces import cases, fmt, table
 from timing import Timer, forward_memory
 

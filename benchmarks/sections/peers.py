@@ -5,9 +5,8 @@ The blocks themselves are built in ``benchmarks/peers.py``."""
 
 from __future__ import annotations
 
-import torch
-
 import peers
+import torch
 from pieces import cases, fmt, table
 from timing import Timer, fwd_bwd
 

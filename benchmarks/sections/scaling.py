@@ -4,7 +4,6 @@ uniform routing; the first of ``--dtypes`` and of ``--topk``."""
 from __future__ import annotations
 
 import torch
-
 from pieces import DTYPES, fmt, moe_layer, ours_fixed, table, uniform_routing
 from timing import Timer, fwd_bwd
 

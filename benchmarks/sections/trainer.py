@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pieces import fmt, model_flops_per_token, table
+from timing import Timer
 
 from moebalance.balancing import Balancing
 from moebalance.experts import SwiGLU
@@ -41,8 +43,6 @@ from moebalance.train.config import RunConfig, get_preset
 from moebalance.train.data import TokenData, sample_batch
 from moebalance.train.loop import _autocast, build_optimizer, lr_at, train
 from moebalance.train.model import MoETransformer
-from pieces import fmt, model_flops_per_token, table
-from timing import Timer
 
 
 def trainer_config(args) -> RunConfig:

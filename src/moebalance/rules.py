@@ -486,7 +486,6 @@ class QuantileRule(BiasRule):
                 summed / gathered over micro-batches and ranks; this call adds it to the window.
             bias_LE: current biases. top_k: ``K``.
         """
-        num_experts = bias_LE.shape[-1]
         if self.estimator == "pooled" and stats.shape[1] == 0:
             return torch.zeros_like(bias_LE), torch.zeros(bias_LE.shape[0], dtype=torch.bool)
         self.history.append(stats.detach().clone())

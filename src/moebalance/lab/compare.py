@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from moebalance.lab.replay import replay_markdown, replay_runs
+from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss, short_run_note
 from moebalance.lab.runs import RunFolderError, clear_refusal, damaged_run, folder_conflict, run_or_resume, run_state
 from moebalance.lab.seeds import ppl_noise_verdict, seed_markdown, seed_summary
-from moebalance.lab.reporting import maxvio_global_label, plot_loads, plot_maxvio_batch, plot_val_loss, short_run_note
 from moebalance.train.checkpoint import run_folder_problem, write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import prepare_data

@@ -36,7 +36,6 @@ from moebalance.lab.compare import (
     resumable,
 )
 from moebalance.lab.replay import replay_markdown
-from moebalance.lab.runs import run_or_resume
 from moebalance.lab.reporting import (
     maxvio_global_label,
     plot_loads,
@@ -45,6 +44,7 @@ from moebalance.lab.reporting import (
     plot_val_loss,
     short_run_note,
 )
+from moebalance.lab.runs import run_or_resume
 from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
 

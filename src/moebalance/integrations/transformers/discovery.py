@@ -173,8 +173,9 @@ def find_routers(model: nn.Module, inputs: dict) -> tuple[list[Router], list[str
 
     Returns:
         ``(routers, problems, output)``: the routers in module order (each with its ``[E]`` choice
-        counts of the probe in ``reference_counts``), one line per module that makes a choice
-        moebalance cannot steer (it chooses more than once per forward), and the model's output.
+        counts of the probe in ``reference_counts``), one line per problem (a module that makes a
+        different number of top-K choices in its forwards; the top-K calls seen when no router
+        was found), and the model's output.
 
     Raises:
         RuntimeError: the probe forward failed (the message says why and suggests ``probe_inputs``).

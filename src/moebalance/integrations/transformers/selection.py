@@ -66,7 +66,7 @@ class SelectionMode(TorchFunctionMode):
     """
 
     def __init__(self, num_experts: int, top_k: int, bias_E: torch.Tensor | None,
-                 on_select: Callable[[torch.Tensor], None]) -> None:
+                 on_select: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.bias_E, self.on_select = num_experts, top_k, bias_E, on_select
         self.calls = 0

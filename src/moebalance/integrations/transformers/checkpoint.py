@@ -265,21 +265,8 @@ def center_biases(handle) -> torch.Tensor:
 
 def bias_state_keys(handle) -> list[str]:
     """The state-dict names (in memory, before any renaming on save) of ``handle``'s bias tensors,
-    one per router, found by identity of storage among the model's buffers and parameters.
-
-    Raises:
-        ValueError: a bias is not a buffer or parameter of ``handle.model``.
-    """
-    named = {}
-    for name, tensor in [*handle.model.named_parameters(remove_duplicate=False), *handle.model.named_buffers(remove_duplicate=False)]:
-        named.setdefault((tensor.data_ptr(), tuple(tensor.shape)), name)
-    keys = []
-    for router_name, bias in zip(handle.router_names, handle.bias_tensors()):
-        key = named.get((bias.data_ptr(), tuple(bias.shape)))
-        if key is None:
-            raise ValueError(f"the bias of router {router_name!r} is not a buffer or parameter of the model")
-        keys.append(key)
-    return keys
+    one per router: where each router's bias slot lives (a ``[1, E]`` Parameter included)."""
+    return [r._moebalance_slot.key for r in handle.routers]
 
 
 def export_biases(handle, name: str = "e_score_correction_bias", *, center: bool = False) -> dict[str, torch.Tensor]:

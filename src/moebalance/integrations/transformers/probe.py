@@ -61,8 +61,10 @@ def first_difference(ref, got) -> str | None:
 
 
 def _probe_counts(model: nn.Module, inputs: dict, routers: list[nn.Module]) -> tuple[object, list[torch.Tensor]]:
-    """One eval-mode no-grad forward; returns its output and each router's ``[E]`` choice counts."""
+    """One eval-mode no-grad forward; returns its output and each router's ``[E]`` choice counts.
+    The routers' eval counters and every module's mode are as before afterwards."""
     modes = {m: m.training for m in model.modules()}
+    saved = [r.moebalance_eval_counts.clone() for r in routers]
     for r in routers:
         r.moebalance_eval_counts.zero_()
     try:
@@ -73,8 +75,8 @@ def _probe_counts(model: nn.Module, inputs: dict, routers: list[nn.Module]) -> t
     finally:
         for m, training in modes.items():
             m.training = training
-        for r in routers:
-            r.moebalance_eval_counts.zero_()
+        for r, counts in zip(routers, saved):
+            r.moebalance_eval_counts.copy_(counts)
 
 
 def constant_single_gates(outputs: list) -> bool:
@@ -95,17 +97,13 @@ def check_identical(model: nn.Module, inputs: dict, reference_output, found: lis
     Raises:
         RuntimeError: the outputs or a router's choices differ (the message names the router class).
     """
-    routers = [r.module for r in found]
-    saved = [r.moebalance_eval_counts.clone() for r in routers]
     outputs: list = []
     hooks = [r.module.register_forward_hook(lambda m, a, out: outputs.append(out)) for r in found if r.top_k == 1]
     try:
-        output, counts = _probe_counts(model, inputs, routers)
+        output, counts = _probe_counts(model, inputs, [r.module for r in found])
     finally:
         for h in hooks:
             h.remove()
-        for r, s in zip(routers, saved):
-            r.moebalance_eval_counts.copy_(s)
     if constant_single_gates(outputs):
         log.warning(
             "%s: top-1 routing with renormalised gates gives every token a gate of 1, so the routers get no "
@@ -131,19 +129,18 @@ def check_steers(model: nn.Module, inputs: dict, found: list[Router], biases: li
     Raises:
         RuntimeError: a router does not follow its bias (the message names the router class).
     """
-    routers = [r.module for r in found]
-    saved = [b.clone() for b in biases] + [r.moebalance_eval_counts.clone() for r in routers]
+    saved = [b.clone() for b in biases]
     targets = [int(r.reference_counts.argmin()) for r in found]
     try:
         with torch.no_grad():
             for b, j in zip(biases, targets):  # only the target's bias: whatever the current values are
                 b.zero_()
                 b[j] = STEER_BIAS
-        _, counts = _probe_counts(model, inputs, routers)
+        _, counts = _probe_counts(model, inputs, [r.module for r in found])
     finally:
         with torch.no_grad():
-            for t, s in zip(biases + [r.moebalance_eval_counts for r in routers], saved):
-                t.copy_(s)
+            for b, s in zip(biases, saved):
+                b.copy_(s)
     for r, got, j in zip(found, counts, targets):
         tokens = got.sum() / r.top_k
         if tokens == 0 or got[j] != tokens:

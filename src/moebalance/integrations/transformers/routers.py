@@ -128,11 +128,12 @@ def count(router: nn.Module, index_TK: torch.Tensor, finite_T: torch.Tensor | No
     with torch.no_grad():
         index_TK = index_TK.reshape(-1, index_TK.shape[-1])
         mask = state.for_tokens(index_TK.shape[0], recompute)
+        mask = None if mask is None else mask.to(index_TK.device)
         if finite_T is not None:
             finite_T = finite_T.reshape(-1).to(index_TK.device)
-            mask = finite_T if mask is None else mask.to(index_TK.device) & finite_T
+            mask = finite_T if mask is None else mask & finite_T
         num_experts = router.moebalance_load_counts.numel()
-        counts = count_tokens_per_expert(index_TK, num_experts, None if mask is None else mask.to(index_TK.device))
+        counts = count_tokens_per_expert(index_TK, num_experts, mask)
         name = "moebalance_load_counts" if router.training else "moebalance_eval_counts"
         counter = getattr(router, name)
         if counter.device != counts.device:  # moved without _apply (FSDP2)

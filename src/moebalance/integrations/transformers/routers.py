@@ -12,6 +12,7 @@ persistent buffer (it is saved, and it is identical on every rank anyway).
 from __future__ import annotations
 
 import types
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,13 +35,22 @@ class TokenMask:
         mask_T: the mask of the forward in progress.
         last_mask_T: the mask of the last forward, kept after it for a reentrant
             activation-checkpoint recomputation (which runs in the backward, outside the forward).
-        reentrant: the model recomputes with reentrant activation checkpointing (then the first
-            forward runs without grad and the recomputation is the one counted).
+        model_ref: weak reference to the module whose forward set the mask (for :meth:`reentrant`).
     """
 
     mask_T: torch.Tensor | None = None
     last_mask_T: torch.Tensor | None = None
-    reentrant: bool = False
+    model_ref: weakref.ref | None = None
+    _reentrant: bool | None = None
+
+    def reentrant(self) -> bool:
+        """Whether the model recomputes with reentrant activation checkpointing (then the first
+        forward runs without grad and the recomputation is the one counted). Read from the model
+        only when a recomputation asks, once per forward: never on the forward's hot path."""
+        if self._reentrant is None:
+            model = self.model_ref() if self.model_ref is not None else None
+            self._reentrant = model is not None and reentrant_checkpointing(model)
+        return self._reentrant
 
     def for_tokens(self, num_tokens: int, recompute: bool = False) -> torch.Tensor | None:
         """The mask when it covers exactly ``num_tokens`` tokens, else ``None`` (count all)."""
@@ -55,7 +65,7 @@ class TokenMask:
             mask = args[1]
         ok = isinstance(mask, torch.Tensor) and mask.dim() == 2
         self.mask_T = self.last_mask_T = mask.reshape(-1).to(torch.bool) if ok else None
-        self.reentrant = reentrant_checkpointing(module)
+        self.model_ref, self._reentrant = weakref.ref(module), None
 
     def after(self, module, args, output) -> None:
         self.mask_T = None
@@ -123,7 +133,7 @@ def count(router: nn.Module, index_TK: torch.Tensor, finite_T: torch.Tensor | No
     recompute = _in_backward_recompute()
     if router.training and not torch.is_grad_enabled():
         return
-    if recompute and not (router.training and state.reentrant):
+    if recompute and not (router.training and state.reentrant()):
         return
     with torch.no_grad():
         index_TK = index_TK.reshape(-1, index_TK.shape[-1])

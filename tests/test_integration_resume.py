@@ -1,6 +1,7 @@
 """Trainer checkpoints carry the Loss-Free biases and a resumed train gets them back (Mixtral, whose
 MoE weights transformers 5.25 does not restore, and a LoRA adapter included)."""
 
+import functools
 import logging
 
 import pytest
@@ -9,6 +10,7 @@ from safetensors import safe_open
 
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import TokenWindows  # noqa: E402  (tests/)
 from moebalance.integrations.transformers import apply_loss_free_balancing, tiny_moe_config  # noqa: E402
 from moebalance.integrations.transformers.resume import BIAS_FILE  # noqa: E402
 
@@ -18,15 +20,7 @@ VOCAB = 128
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, n: int = 16, seq: int = 16):
-        self.x = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(3))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.x[i]}
+_Windows = functools.partial(TokenWindows, 16, seq=16, vocab=VOCAB)
 
 
 def _model(family: str, lora: bool):

@@ -1,6 +1,7 @@
 """Loss-Free Balancing on Hugging Face transformers MoE models (tiny random configs, offline)."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import TokenWindows  # noqa: E402  (tests/)
 from moebalance.integrations.transformers import (  # noqa: E402
     TINY_FAMILIES,
     apply_loss_free_balancing,
@@ -228,15 +230,7 @@ def _skewed_model(seed: int = 0, skew: float = 0.4) -> nn.Module:
     return model
 
 
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int = 32):
-        self.x = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(3))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.x[i]}
+_Windows = functools.partial(TokenWindows, seq=32, vocab=VOCAB)
 
 
 def _trainer(model, out_dir, steps: int, accum: int = 1, **kw):

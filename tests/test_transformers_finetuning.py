@@ -2,6 +2,7 @@
 freeze), steps skipped for inf/NaN gradients (GradScaler, fused and not; Trainer overflow), and a
 bias that is an nn.Parameter kept out of the optimizer. Tiny random configs, offline."""
 
+import functools
 import logging
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from hf_helpers import TokenWindows  # noqa: E402  (tests/)
 from moebalance.integrations.transformers import apply_loss_free_balancing, tiny_moe_config  # noqa: E402
 from moebalance.integrations.transformers.handle import LossFreeBalancing  # noqa: E402
 
@@ -164,15 +166,7 @@ def test_optimizer_hook_never_updates_on_a_grad_scaler_skip(fused):
     assert handle.last_loads.sum(-1).tolist() == [2 * 16 * 2] * handle.num_layers  # one step's tokens only
 
 
-class _Windows(torch.utils.data.Dataset):
-    def __init__(self, n: int, seq: int = 16):
-        self.x = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(3))
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.x[i], "labels": self.x[i]}
+_Windows = functools.partial(TokenWindows, seq=16, vocab=VOCAB)
 
 
 class _Record(transformers.TrainerCallback):

@@ -255,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_sweep.add_argument("grid", choices=GRIDS, help="built-in grid (see docs/balancing.md)")
     _add_common(p_sweep, "runs/sweep/GRID")
     p_sweep.add_argument("--overwrite", action="store_true", help="replace run folders that hold another config")
+    p_sweep.add_argument(
+        "--tokens-per-step", default=None, metavar="T,T,...",
+        help="batch-size grid: comma-separated tokens per step (default 256,512,1024,2048,4096,8192,20480)",
+    )  # fmt: skip
+    p_sweep.add_argument("--seeds", type=int, default=1, help="batch-size grid: seeds at the base size, 1 to 10 (default 1)")
     p_leak = add("leakage", "future-token leakage of expert choice, Loss-Free and a current-batch bias")
     _add_common(p_leak, "runs/leakage")
     p_leak.add_argument(
@@ -295,6 +300,16 @@ def _ranks(text: str) -> tuple[int, ...]:
     if any(not 1 <= r <= MAX_RANKS for r in ranks):
         raise UsageError(f"--ranks: each must be in [1, {MAX_RANKS}], got {text!r}")
     return ranks
+
+
+def _sizes(text: str | None) -> tuple[int, ...] | None:
+    """``--tokens-per-step`` as integers (their range: :func:`moebalance.lab.batch_size.check_tokens_per_step`)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise UsageError(f"--tokens-per-step must be comma-separated integers, got {text!r}") from None
 
 
 def _check_out(args: argparse.Namespace, out: str) -> None:
@@ -348,7 +363,10 @@ def _check_replaced(args: argparse.Namespace, cfg: RunConfig) -> None:
     from moebalance.lab.compare import COMPARE_RUNS, replaced_overrides
     from moebalance.lab.sweeps import grid_runs
 
-    runs = grid_runs(args.grid, cfg) if args.command == "sweep" else {n: COMPARE_RUNS[n] for n in args.run_names}
+    if args.command == "sweep":
+        runs = grid_runs(args.grid, cfg, args.sizes, args.seeds)
+    else:
+        runs = {n: COMPARE_RUNS[n] for n in args.run_names}
     replaced = replaced_overrides(cfg, runs, override_keys(args.overrides))
     if replaced:
         what = f"sweep {args.grid}" if args.command == "sweep" else "compare"
@@ -416,6 +434,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
 
                     check_seeds(cfg, args.seeds)
                     args.run_names = check_runs(n.strip() for n in args.runs.split(","))
+                if args.command == "sweep":
+                    args.sizes = _sizes(args.tokens_per_step)
                 if args.command in ("compare", "sweep"):
                     _check_replaced(args, cfg)
                 if not getattr(args, "print_config", False):
@@ -482,7 +502,10 @@ def _cmd_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.lab.sweeps import sweep
 
     with _folder_conflict_is_usage():
-        report = sweep(args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite)
+        report = sweep(
+            args.grid, cfg, args.out_dir, progress=not args.no_progress, overwrite=args.overwrite,
+            sizes=args.sizes, seeds=args.seeds,
+        )  # fmt: skip
     for name, r in report["runs"].items():
         print(f"{name:24s} val_ppl {r['val_ppl']:.2f}  MaxVio_global {r['maxvio_global']:.3f}" + ("  (read back)" if r["resumed"] else ""))
     if report.get("short_run_note"):

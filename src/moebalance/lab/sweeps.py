@@ -27,6 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from moebalance.lab.batch_size import batch_size_runs
 from moebalance.lab.compare import (
     REPORT_FIELDS,
     RUN_PLOTS_MARKDOWN,
@@ -50,15 +51,22 @@ from moebalance.train.config import RunConfig, apply_overrides
 
 __all__ = ["GRIDS", "grid_runs", "render_sweep_markdown", "sweep"]
 
-GRIDS = ("alpha", "update-rate", "variants", "strategies")
+GRIDS = ("alpha", "update-rate", "variants", "strategies", "batch-size")
 
 
-def grid_runs(grid: str, base: RunConfig) -> dict[str, list[str]]:
+def grid_runs(grid: str, base: RunConfig, sizes=None, seeds: int = 1) -> dict[str, list[str]]:
     """The runs of a built-in grid: run name -> overrides applied to ``base``.
 
+    ``sizes`` and ``seeds`` are the ``batch-size`` grid's (tokens per step, seeds at the base
+    size: :func:`moebalance.lab.batch_size.batch_size_runs`); the other grids refuse them.
+
     Raises:
-        ValueError: unknown grid.
+        ValueError: unknown grid; ``sizes`` or ``seeds`` given to another grid, or out of range.
     """
+    if grid == "batch-size":
+        return batch_size_runs(base, sizes, seeds)
+    if sizes is not None or seeds != 1:
+        raise ValueError(f"--tokens-per-step and --seeds belong to the batch-size grid, not {grid!r}")
     lf = ["balance.strategy=loss_free"]
     if grid == "alpha":
         runs = {f"aux_alpha_{a}": ["balance.strategy=aux_loss", f"balance.aux_loss_coeff={a}"] for a in ("0", "1e-4", "1e-3", "1e-2")}
@@ -103,6 +111,8 @@ def sweep(
     progress: bool = True,
     command: str | None = None,
     overwrite: bool = False,
+    sizes=None,
+    seeds: int = 1,
 ) -> dict[str, Any]:
     """Run (or read back, or resume) every run of ``grid`` and write the sweep report.
 
@@ -113,6 +123,7 @@ def sweep(
         progress: show progress bars.
         command: command line recorded in the report.
         overwrite: replace run folders that hold another config instead of refusing.
+        sizes, seeds: the ``batch-size`` grid's tokens per step and seeds (see :func:`grid_runs`).
 
     Returns:
         the ``sweep.json`` content: ``{"grid", "command", "config", "data", "corpus_fingerprint",
@@ -122,7 +133,7 @@ def sweep(
     Raises:
         RunFolderError: a run folder holds another config and ``overwrite`` is false.
     """
-    runs = grid_runs(grid, base)
+    runs = grid_runs(grid, base, sizes, seeds)
     out = Path(out_dir)
     data, base = prepare_base(base)
     base = resumable(base)

@@ -34,11 +34,10 @@ import numpy as np
 import torch
 
 from moebalance.balancing import LossFreeBalancer, find_routers, pop_expert_loads
+from moebalance.lab.floor import bias_only_updates, load_frozen
 from moebalance.train.checkpoint import folder_problem, load_checkpoint, write_json
 from moebalance.train.config import RunConfig
-from moebalance.train.data import prepare_data, sample_batch
-from moebalance.train.loop import evaluate
-from moebalance.train.model import MoETransformer
+from moebalance.train.data import sample_batch
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -94,19 +93,6 @@ def stored_args(path: Path) -> dict | None:
     return stored.get("args") if isinstance(stored, dict) else None
 
 
-def load_frozen(run_dir: Path, state: dict | None = None):
-    """The run's model with every weight frozen, its config and its data (``state``: the run's
-    checkpoint, already loaded; else read from ``run_dir``)."""
-    state = load_checkpoint(run_dir / "checkpoint.pt") if state is None else state
-    cfg = RunConfig.from_dict(state["config"])
-    data = prepare_data(cfg.data)
-    cfg.model.vocab_size = data.vocab_size
-    model = MoETransformer(cfg.model, cfg.balance)
-    model.load_state_dict(state["model"])
-    model.requires_grad_(False)
-    return model, cfg, data
-
-
 def probe_stats(rel: np.ndarray, val_loads: list) -> dict:
     """Per-layer statistics of ``rel`` ``[batches, L, E]`` (per-batch load / mean load)."""
     mean, median = rel.mean(0), np.median(rel, 0)
@@ -149,40 +135,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: argparse.Namespace, state: dict) -> int:
-    """The bias-only updates, the probe and the result file of :func:`main`."""
+    """The bias-only updates (:func:`moebalance.lab.floor.bias_only_updates`), the probe and the
+    result file of :func:`main`."""
     torch.set_num_threads(1)
     model, cfg, data = load_frozen(a.run_dir, state)
-    routers = find_routers(model)
     balancer = LossFreeBalancer(a.rate, a.update)
-    balancer.prepare(model)  # the quantile rule records the routers' scores
-    gen = torch.Generator().manual_seed(a.seed)
-
-    def forward() -> None:
-        model.train()  # the routers count loads in training mode with grad enabled only
-        x, _ = sample_batch(data.train, a.batch_size, cfg.train.seq_len, gen)
-        model(x)  # no parameter requires grad (load_frozen), so no graph is built
-
-    def batch_loads() -> torch.Tensor:
-        forward()
-        return pop_expert_loads(routers)
-
-    def score(step: int) -> dict:
-        ev = evaluate(model, data, cfg, max_tokens=0)
-        rec = {"step": step, "maxvio_global": ev["maxvio_global"], "per_layer": ev["maxvio_global_per_layer"]}
-        print(json.dumps(rec), flush=True)
-        return rec | {"loads": ev["loads"]}
-
-    curve = [score(0)]
-    for step in range(1, a.steps + 1):
-        forward()
-        balancer.step(model)  # the rule's own update from this batch (loads, or scores for quantile)
-        if step % a.eval_every == 0 or step == a.steps:
-            curve.append(score(step))
+    score_at = {0, a.steps} | set(range(a.eval_every, a.steps + 1, a.eval_every))
+    show = lambda rec: print(json.dumps({k: rec[k] for k in ("step", "maxvio_global", "per_layer")}), flush=True)  # noqa: E731
+    gen = torch.Generator().manual_seed(a.seed)  # the probe's batches follow the updates'
+    curve = bias_only_updates(model, data, cfg, balancer, a.batch_size, a.steps, score_at, eval_tokens=0, on_score=show, generator=gen)
+    routers = find_routers(model)
     for router in routers:  # the probe below reads loads only
         router.score_recorder = None
     rel = []
     for _ in range(a.probe_batches):
-        loads = batch_loads()
+        model.train()  # the routers count loads in training mode only
+        x, _ = sample_batch(data.train, a.batch_size, cfg.train.seq_len, gen)
+        model(x)
+        loads = pop_expert_loads(routers)
         rel.append((loads / loads.mean(-1, keepdim=True)).numpy())
     stats = probe_stats(np.stack(rel), curve[-1]["loads"])
     result = {

@@ -129,7 +129,7 @@ def test_bias_floor_ctrl_c_is_one_line_status_130_and_writes_nothing(smoke_run, 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "evaluate", interrupted)
+    monkeypatch.setattr(module, "bias_only_updates", interrupted)
     out = tmp_path / "floor.json"
     assert module.main([str(smoke_run), "--steps", "2", "--out", str(out)]) == 130
     err = capsys.readouterr().err

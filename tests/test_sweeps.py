@@ -12,7 +12,7 @@ from moebalance.train.config import apply_overrides, get_preset
 
 
 @pytest.mark.parametrize("preset", ["smoke", "default"])
-@pytest.mark.parametrize("grid", sweeps.GRIDS)
+@pytest.mark.parametrize("grid", [g for g in sweeps.GRIDS if g != "batch-size"])  # its own: tests/test_batch_size.py
 def test_every_grid_run_is_a_valid_config(grid, preset):
     base = get_preset(preset)
     for name, overrides in sweeps.grid_runs(grid, base).items():
@@ -42,7 +42,7 @@ TINY = [
 @pytest.mark.slow
 def test_sweep_writes_reports_and_resumes(tmp_path, monkeypatch):
     two_runs = {"aux_alpha_1e-3": ["balance.strategy=aux_loss"], "loss_free": ["balance.strategy=loss_free"]}
-    monkeypatch.setattr(sweeps, "grid_runs", lambda grid, base: two_runs)
+    monkeypatch.setattr(sweeps, "grid_runs", lambda grid, base, *study: two_runs)
     base = apply_overrides(get_preset("smoke"), TINY)
     first = sweeps.sweep("alpha", base, tmp_path, progress=False, command="test")
     for name in ("sweep.json", "sweep.md", "tradeoff.png", "maxvio_batch.png", "val_loss.png", "expert_load.png"):

@@ -364,7 +364,11 @@ def _check_replaced(args: argparse.Namespace, cfg: RunConfig) -> None:
     from moebalance.lab.sweeps import grid_runs
 
     if args.command == "sweep":
+        from moebalance.lab.batch_size import DERIVED_KEYS
+
         runs = grid_runs(args.grid, cfg, args.sizes, args.seeds)
+        if args.grid == "batch-size":  # the user's value of these is the base run's, scaled per run
+            runs = {n: [o for o in ov if o.split("=", 1)[0] not in DERIVED_KEYS] for n, ov in runs.items()}
     else:
         runs = {n: COMPARE_RUNS[n] for n in args.run_names}
     replaced = replaced_overrides(cfg, runs, override_keys(args.overrides))

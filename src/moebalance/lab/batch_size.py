@@ -15,9 +15,24 @@ Run names: ``METHOD_tT`` (``sign_t1024``); with ``seeds > 1`` the base size also
 
 from __future__ import annotations
 
-from moebalance.train.config import RunConfig
+import time
+from pathlib import Path
+from typing import Any
 
-__all__ = ["DEFAULT_TOKENS_PER_STEP", "STUDY_METHODS", "base_tokens_per_step", "batch_size_runs", "check_tokens_per_step"]
+import numpy as np
+from tqdm.auto import tqdm
+
+from moebalance.lab.floor import floor_of
+from moebalance.lab.reporting import load_metrics, plot_against_size
+from moebalance.train.checkpoint import write_json, write_text
+from moebalance.train.config import RunConfig, apply_overrides
+from moebalance.train.runfiles import read_json_object
+
+__all__ = [
+    "BIAS_METHODS", "DEFAULT_TOKENS_PER_STEP", "DERIVED_KEYS", "STUDY_METHODS", "base_tokens_per_step", "batch_size_runs",
+    "check_tokens_per_step", "noise_floor", "parse_run_name", "recovery_tokens", "render_study_markdown",
+    "run_fields", "seed_rows", "study_floors", "study_report",
+]  # fmt: skip
 
 #: Tokens per step of the study: from 256 (2 sequences of 128) to 20,480 (160 sequences), each a
 #: divisor of the default run's 614,400 tokens (600 steps of 8 x 128).
@@ -43,6 +58,10 @@ STUDY_METHODS = {
     "global_aux_loss": ["balance.strategy=global_aux_loss", "balance.aux_loss_coeff=1e-3"],
     "deepseek_v3": ["balance.strategy=deepseek_v3", "balance.bias_update=sign", "balance.bias_update_rate=1e-3", "balance.seq_aux_coeff=1e-4"],
 }
+
+#: The keys each run derives from the base config's value (scaled to its size, or the next seeds):
+#: the user's value sets the base run, so it is not "replaced" (``compare.replaced_overrides``).
+DERIVED_KEYS = ("train.batch_size", "train.max_steps", "train.warmup_steps", "train.eval_every", "train.log_every", "train.seed")
 
 #: The most extra seeds the study trains at the base size (``--seeds``).
 MAX_STUDY_SEEDS = 10
@@ -125,3 +144,283 @@ def batch_size_runs(base: RunConfig, sizes=None, seeds: int = 1) -> dict[str, li
             for seed in range(base.train.seed + 1, base.train.seed + seeds):
                 runs[f"{method}_t{base_size}_seed{seed}"] = overrides + _size_overrides(base, base_size) + [f"train.seed={seed}"]
     return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# The study's report: tables and plots against tokens per step, the noise floor, the frozen floor.
+
+#: MaxVio_batch at or below which a run has recovered from the early routing collapse: no expert
+#: above twice its fair share (mean over layers), on a moving average over :data:`RECOVERY_WINDOW`
+#: tokens.
+RECOVERY_THRESHOLD = 1.0
+RECOVERY_WINDOW = 20480
+
+#: Bias updates of each frozen-weight floor, and the validation tokens of each of its scores.
+FLOOR_UPDATES = 300
+FLOOR_EVAL_TOKENS = 131072
+
+
+def parse_run_name(name: str) -> tuple[str, int, int | None]:
+    """``(method, tokens per step, seed or None)`` of a study run name (``sign_t1024``,
+    ``sign_t1024_seed1235``).
+
+    Raises:
+        ValueError: not a study run name.
+    """
+    head, _, seed = name.partition("_seed")
+    method, _, size = head.rpartition("_t")
+    if method not in STUDY_METHODS or not size.isdigit() or (seed and not seed.isdigit()):
+        raise ValueError(f"{name!r} is not a batch-size study run (METHOD_tT or METHOD_tT_seedS)")
+    return method, int(size), int(seed) if seed else None
+
+
+def recovery_tokens(maxvio_batch: list[float], size: int) -> int | None:
+    """Tokens trained until MaxVio_batch, averaged over the last :data:`RECOVERY_WINDOW` tokens,
+    first falls to :data:`RECOVERY_THRESHOLD` after its peak; ``None`` if it never does.
+
+    Args:
+        maxvio_batch: the run's MaxVio_batch at steps 1, 2, ... (one value per step).
+        size: tokens per step.
+    """
+    if not maxvio_batch:
+        return None
+    window = max(1, RECOVERY_WINDOW // size)
+    smooth = [sum(maxvio_batch[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(maxvio_batch))]
+    peak = max(range(len(smooth)), key=smooth.__getitem__)
+    for i in range(peak, len(smooth)):
+        if smooth[i] <= RECOVERY_THRESHOLD:
+            return (i + 1) * size
+    return None
+
+
+def noise_floor(size: int, num_experts: int, top_k: int, n_layers: int, draws: int = 64, seed: int = 0) -> float:
+    """Expected MaxVio_batch (mean over layers) of routing that is balanced in expectation: each of
+    ``size`` tokens picks ``top_k`` distinct experts uniformly at random, independently per layer.
+
+    No rule that sees only a batch can do better on average: a batch's loads scatter around their
+    mean by ``sqrt(T K / E)`` even when every expert's expected load is equal (MaxVio, arXiv
+    2408.15664 §4.1, eq. 5). Monte Carlo over ``draws`` batches per layer (numpy, fixed seed).
+    """
+    rng = np.random.default_rng(seed)
+    vios = []
+    for _ in range(draws * n_layers):
+        choice = np.argsort(rng.random((size, num_experts)), axis=1)[:, :top_k]
+        loads = np.bincount(choice.ravel(), minlength=num_experts)
+        vios.append(loads.max() / loads.mean() - 1)
+    return float(np.mean(vios))
+
+
+#: The methods with a bias rule of their own (a frozen-weight floor); ``deepseek_v3``'s rule is ``sign``.
+BIAS_METHODS = tuple(m for m, o in STUDY_METHODS.items() if "balance.strategy=loss_free" in o)
+
+
+def run_fields(record: dict[str, Any], run_dir: Path, size: int) -> dict[str, Any]:
+    """What the study reads from a finished run besides ``record`` (``compare``'s fields): the mean
+    MaxVio_batch over the last quarter of the steps, the tokens to recover from the early collapse
+    (:func:`recovery_tokens`) and the training time in seconds (tokens / tokens per second)."""
+    train, _ = load_metrics(run_dir)
+    vio = [r["maxvio_batch"] for r in train]
+    tail = vio[len(vio) * 3 // 4 :] or vio
+    return {
+        "maxvio_batch_end": float(np.mean(tail)) if tail else float("nan"),
+        "recovery_tokens": recovery_tokens(vio, size),
+        "train_s": record["tokens"] / record["tokens_per_s"] if record["tokens_per_s"] else float("nan"),
+    }
+
+
+def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, data, progress: bool = True) -> dict[str, Any]:
+    """The frozen-weight floor (:func:`moebalance.lab.floor.floor_of`) of every rule of
+    :data:`BIAS_METHODS` at every size, on the weights of the base size's ``sign`` run (the same
+    weights for every rule), :data:`FLOOR_UPDATES` updates each. Kept in ``out/floor.json`` entry by
+    entry: an interrupted study continues where it stopped; a file made with other settings or
+    other weights is recomputed.
+
+    Returns:
+        ``{"weights": run name, "updates", "eval_tokens", "entries": {METHOD_tT: {"floor", "curve", "time_s"}}}``;
+        no entries when the base size's ``sign`` run is not in ``run_dirs``.
+    """
+    weights = f"sign_t{base_tokens_per_step(base)}"
+    key = {"weights": weights, "updates": FLOOR_UPDATES, "eval_tokens": FLOOR_EVAL_TOKENS}
+    if weights not in run_dirs:
+        return key | {"entries": {}}
+    key["weights_summary"] = read_json_object(run_dirs[weights] / "summary.json").get("val_loss")
+    path = out / "floor.json"
+    try:
+        cached = read_json_object(path) if path.exists() else {}
+    except ValueError:  # damaged: recomputed
+        cached = {}
+    entries = cached.get("entries", {}) if all(cached.get(k) == v for k, v in key.items()) else {}
+    todo = [(m, t) for m in BIAS_METHODS for t in sizes if f"{m}_t{t}" not in entries]
+    for method, size in tqdm(todo, desc="frozen-weight floors", disable=not progress or not todo):
+        balance = apply_overrides(base, STUDY_METHODS[method]).balance
+        start = time.perf_counter()
+        res = floor_of(run_dirs[weights], balance, size // base.train.seq_len, FLOOR_UPDATES, FLOOR_EVAL_TOKENS, data)
+        entries[f"{method}_t{size}"] = res | {"time_s": time.perf_counter() - start}
+        write_json(path, key | {"entries": entries})
+    return key | {"entries": entries}
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "not reached"
+    if isinstance(value, float) and not np.isfinite(value):
+        return "–"
+    return {"vio": f"{value:.3f}", "ppl": f"{value:.2f}", "tokens": f"{value / 1000:.0f}k"}[kind]
+
+
+def _size_table(rows: dict[str, dict], sizes, field: str, kind: str, methods) -> list[str]:
+    """A markdown table: one row per method, one column per size, the base seed's ``field``."""
+    lines = ["| method | " + " | ".join(f"T = {t}" for t in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for method in methods:
+        cells = [_fmt(rows[f"{method}_t{t}"][field], kind) if f"{method}_t{t}" in rows else "–" for t in sizes]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seed_rows(rows: dict[str, dict], size: int) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """Per method, the mean, standard deviation (``ddof=1``; 0 for one seed) and count over the
+    seeds at ``size`` of MaxVio_global, the end MaxVio_batch and validation perplexity."""
+    out: dict[str, dict[str, tuple[float, float, int]]] = {}
+    for method in STUDY_METHODS:
+        runs = [r for r in rows.values() if r["method"] == method and r["size"] == size]
+        if not runs:
+            continue
+        out[method] = {}
+        for field in ("maxvio_global", "maxvio_batch_end", "val_ppl"):
+            v = np.array([r[field] for r in runs], dtype=np.float64)
+            out[method][field] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
+    return out
+
+
+def _seed_table(seeds: dict[str, dict[str, tuple[float, float, int]]]) -> list[str]:
+    lines = ["| method | seeds | MaxVio_global | MaxVio_batch (last quarter) | val ppl |", "|---|---|---|---|---|"]
+    for method, f in seeds.items():
+        g, b, p = f["maxvio_global"], f["maxvio_batch_end"], f["val_ppl"]
+        lines.append(f"| {method} | {g[2]} | {g[0]:.3f} ± {g[1]:.3f} | {b[0]:.3f} ± {b[1]:.3f} | {p[0]:.2f} ± {p[1]:.2f} |")
+    return lines
+
+
+def render_study_markdown(report: dict[str, Any]) -> str:
+    """The study's ``study.md``: setting and command, one table per measure (methods x tokens per
+    step), the seed spread at the base size, the plots."""
+    cfg, sizes, rows = report["config"], report["sizes"], report["rows"]
+    m, t = cfg["model"], cfg["train"]
+    base = report["base_tokens_per_step"]
+    floors = report["floors"]
+    lines = [
+        "# Balance against tokens per step (`moebalance sweep batch-size`)",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Model: {m['n_layers']} layers, d_model {m['d_model']}, {m['num_experts']} experts (top-{m['top_k']}), "
+        f"vocabulary {m['vocab_size']}. Every run trains {report['total_tokens']:,} tokens: T tokens per step for "
+        f"{report['total_tokens']:,} / T steps, learning rate {t['lr']:g} at every T, warm-up, evaluation and logging "
+        f"at the same token counts. Seed {t['seed']}; at T = {base} also {report['seeds'] - 1} more seed(s).",
+        f"Data: {report['data']['source']} (fingerprint `{report['corpus_fingerprint']}`). "
+        f"Time: {report['train_s'] / 60:.1f} min of training over {len(rows)} runs, "
+        f"{report['floor_s'] / 60:.1f} min of frozen-weight floors (one process each, `train.threads` = {t['threads']}).",
+        "",
+        "## MaxVio_global at the end of training (validation split)",
+        "",
+        *_size_table(rows, sizes, "maxvio_global", "vio", STUDY_METHODS),
+        "",
+        "## MaxVio_batch, mean over the last quarter of the steps",
+        "",
+        *_size_table(rows, sizes, "maxvio_batch_end", "vio", STUDY_METHODS),
+        "| uniform random routing | " + " | ".join(f"{report['noise_floor'][str(s)]:.3f}" for s in sizes) + " |",
+        "",
+        f"## Tokens until MaxVio_batch first falls to {RECOVERY_THRESHOLD:g} after the early collapse "
+        f"(moving average over {RECOVERY_WINDOW:,} tokens)",
+        "",
+        *_size_table(rows, sizes, "recovery_tokens", "tokens", STUDY_METHODS),
+        "",
+        "## Validation perplexity",
+        "",
+        *_size_table(rows, sizes, "val_ppl", "ppl", STUDY_METHODS),
+        "",
+        f"## Floor with frozen weights: MaxVio_global after {floors['updates']} bias-only updates of T tokens",
+        "",
+        f"Weights of `{floors['weights']}`, for every rule; mean of the scores after 1/2, 3/4 and all of the "
+        f"updates, each on the first {floors['eval_tokens']:,} validation tokens.",
+        "",
+        *_size_table({k: {"floor": v["floor"]} for k, v in floors["entries"].items()}, sizes, "floor", "vio", BIAS_METHODS),
+        "",
+        f"## Seeds at T = {base}",
+        "",
+        *_seed_table(report["seed_spread"]),
+        "",
+        "![MaxVio_global against tokens per step](maxvio_global_vs_tokens.png)",
+        "",
+        "![MaxVio_batch against tokens per step](maxvio_batch_vs_tokens.png)",
+        "",
+        "![frozen-weight floor against tokens per step](floor_vs_tokens.png)",
+        "",
+        "![validation perplexity against tokens per step](ppl_vs_tokens.png)",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _plots(out: Path, report: dict[str, Any]) -> None:
+    """The study's four figures (metric against tokens per step, one line per method)."""
+    rows, floors = report["rows"], report["floors"]["entries"]
+
+    def series(field: str, methods, table=rows) -> dict[str, dict[int, float]]:
+        return {m: {t: table[f"{m}_t{t}"][field] for t in report["sizes"] if f"{m}_t{t}" in table} for m in methods}
+
+    noise = {int(k): v for k, v in report["noise_floor"].items()}
+    plot_against_size(series("maxvio_global", STUDY_METHODS), out / "maxvio_global_vs_tokens.png", "MaxVio_global (validation)", "Balance at the end of training, same tokens in total")
+    plot_against_size(series("maxvio_batch_end", STUDY_METHODS), out / "maxvio_batch_vs_tokens.png", "MaxVio_batch (last quarter of the steps)", "Balance of each step's batch", reference=noise)
+    plot_against_size(series("floor", BIAS_METHODS, floors), out / "floor_vs_tokens.png", "MaxVio_global (validation)", "Floor of each rule with frozen weights")
+    plot_against_size(series("val_ppl", STUDY_METHODS), out / "ppl_vs_tokens.png", "validation perplexity", "Quality, same tokens in total", log_y=False)
+
+
+def study_report(
+    out: Path,
+    records: dict[str, dict[str, Any]],
+    run_dirs: dict[str, Path],
+    base: RunConfig,
+    data,
+    context: dict[str, Any],
+    sizes,
+    seeds: int,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure and write the study: ``sweep.json``, ``sweep.md`` (:func:`render_study_markdown`),
+    ``floor.json`` (:func:`study_floors`) and four plots in ``out``.
+
+    Args:
+        records: run name -> ``compare``'s fields of each finished run (``sweep``'s records).
+        run_dirs: run name -> run folder. context: the report's shared fields
+            (:func:`~moebalance.lab.compare.report_context`).
+
+    Returns:
+        the ``sweep.json`` content: ``context`` plus ``grid``, ``sizes``, ``rows`` (per run:
+        method, size, seed, ``val_ppl``, ``maxvio_global``, ``maxvio_batch_end``,
+        ``recovery_tokens``, ``train_s``), ``floors``, ``noise_floor``, ``seed_spread``, ``runs``.
+    """
+    rows = {}
+    for name, rec in records.items():
+        method, size, seed = parse_run_name(name)
+        rows[name] = {"method": method, "size": size, "seed": seed or base.train.seed}
+        rows[name] |= {k: rec[k] for k in ("val_ppl", "maxvio_global", "tokens", "tokens_per_s")} | run_fields(rec, run_dirs[name], size)
+    sizes = sorted({r["size"] for r in rows.values()} if sizes is None else sizes)
+    floors = study_floors(out, run_dirs, base, sizes, data, progress)
+    m, base_size = base.model, base_tokens_per_step(base)
+    report = context | {
+        "grid": "batch-size",
+        "sizes": sizes,
+        "seeds": seeds,
+        "base_tokens_per_step": base_size,
+        "total_tokens": base.train.max_steps * base_size,
+        "noise_floor": {str(s): noise_floor(s, m.num_experts, m.top_k, m.n_layers - m.first_dense_layers) for s in sizes},
+        "rows": rows,
+        "floors": floors,
+        "train_s": sum(r["train_s"] for r in rows.values()),
+        "floor_s": sum(e["time_s"] for e in floors["entries"].values()),
+        "seed_spread": seed_rows(rows, base_size),
+        "runs": records,
+    }
+    _plots(out, report)
+    write_json(out / "sweep.json", report)
+    write_text(out / "sweep.md", render_study_markdown(report))
+    return report

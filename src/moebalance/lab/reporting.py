@@ -37,6 +37,7 @@ __all__ = [
     "maxvio_global_label",
     "plot_tradeoff",
     "plot_val_loss",
+    "plot_against_size",
     "run_colours",
     "short_run_note",
 ]
@@ -175,6 +176,38 @@ def maxvio_global_label(val_split: str | None) -> str:
     if val_split == "given":
         return "MaxVio_global (on the given val.bin)"
     return "MaxVio_global"
+
+
+def plot_against_size(
+    series: dict[str, dict[int, float]], path: str | Path, ylabel: str, title: str, log_y: bool = True,
+    reference: dict[int, float] | None = None,
+) -> None:
+    """One line per method of a metric against tokens per step (log x), for the batch-size study.
+
+    Args:
+        series: method -> {tokens per step: value}; a missing size or a ``None`` value is a gap.
+        path: PNG to write.
+        reference: drawn dashed in grey, labelled "uniform random routing" (the noise floor).
+    """
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = run_colours(series)
+    for name, values in series.items():
+        pts = sorted((t, v) for t, v in values.items() if v is not None)
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name, color=colours[name])
+    if reference:
+        pts = sorted(reference.items())
+        ax.plot([t for t, _ in pts], [v for _, v in pts], "--", color="grey", label="uniform random routing")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per step")
+    ax.set_ylabel(ylabel)
+    if log_y:
+        _plain_log_axis(ax)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
 
 
 def plot_tradeoff(

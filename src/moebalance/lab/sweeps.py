@@ -27,7 +27,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from moebalance.lab.batch_size import batch_size_runs
+from moebalance.lab.batch_size import batch_size_runs, study_report
 from moebalance.lab.compare import (
     REPORT_FIELDS,
     RUN_PLOTS_MARKDOWN,
@@ -155,6 +155,9 @@ def sweep(
             "score_func": cfg.model.score_func,
             "resumed": resumed,
         }
+    if grid == "batch-size":  # its own tables and plots against tokens per step
+        context = report_context(data, base, run_dirs, command)
+        return study_report(out, records, run_dirs, base, data, context, sizes, seeds, progress)
     plot_tradeoff(
         {n: (r["maxvio_global"], r["val_ppl"]) for n, r in records.items()},
         out / "tradeoff.png",

@@ -58,7 +58,8 @@ EXIT_CODES = {
     EXIT_INPUT: "the work failed on its data or files: data that cannot be trained on, a checkpoint "
     "that does not fit, a file that cannot be read or written; a folder it created is removed",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); complete files are kept, and `train --resume` continues "
-    "from the newest checkpoint (`compare` and `sweep`: run the same command again)",
+    "from the newest checkpoint (`train --overwrite`: the earlier run is put back; `compare` and `sweep`: run the "
+    "same command again)",
 }
 
 DEFAULT_OUT = {"train": "runs/train", "compare": "runs/compare", "leakage": "runs/leakage", "plot": "runs/plots"}

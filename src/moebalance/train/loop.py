@@ -16,6 +16,8 @@ Output directory:
                     ``train(..., resume=True)`` extends a finished run from it
     summary.json    the final numbers (see :func:`train`)
     bias_checksums.json  distributed runs only: SHA-256 of every rank's final biases
+    .replaced-run/  ``train(..., overwrite=True)`` only, while it runs: the run it replaces, put
+                    back if this one fails, removed once it finishes (:func:`train`)
 
 The loop is :class:`_Run`, phase by phase: set-up (``__init__``, ``_build_model``), one optimizer
 step (``_forward_backward``, then ``_update`` or ``_skip``), logging (``_log_step``), evaluation

@@ -719,7 +719,10 @@ def _interrupted_hint(args: argparse.Namespace | None, notes: list[str]) -> str:
     """What an interruption's message says to do next, after ``notes`` (what the work said about
     its folder, e.g. that an earlier run was put back)."""
     out = getattr(args, "out_dir", None)
-    if getattr(args, "replacing", False):  # train --overwrite: the earlier run is back, never a --resume of the new one
+    replacing = getattr(args, "replacing", None)  # set by _cmd_train; before it, the folder decides
+    if replacing is None:
+        replacing = getattr(args, "command", None) == "train" and getattr(args, "overwrite", False) and out and _held(out)
+    if replacing:  # train --overwrite: the earlier run is back (or untouched), never a --resume of the new one
         notes = notes or [f"the run in {out!r} was not changed"]
         hint = "the same command with --overwrite starts over"
     elif getattr(args, "command", None) == "train" and out and (Path(out) / "config.json").exists():

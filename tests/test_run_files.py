@@ -25,6 +25,7 @@ from moebalance import cli
 from moebalance.lab.compare import check_run_folders
 from moebalance.lab.runs import RunFolderError
 from moebalance.train import runfiles
+from moebalance.train.checkpoint import STASH, put_back, stash_run
 from moebalance.train.config import RunConfig
 from moebalance.train.runfiles import RunFileError
 from run_damage import DAMAGES, GARBAGE, checksums, damage, make_finished_run
@@ -245,6 +246,141 @@ def test_compare_refuses_a_damaged_run_it_would_read_back(finished, tmp_path, na
     assert checksums(run) == before
 
 
+# --- --overwrite puts the finished run back when the new one fails --------------------------------
+
+SMOKE = ["--preset", "smoke", "train.max_steps=2", "train.threads=1", "--no-progress"]
+#: train.lr=1e30 makes the gradient norm NaN at step 2; with stop, the run ends with exit 3.
+DIVERGES = ["train.on_nonfinite=stop", "train.lr=1e30"]
+
+
+def _raise_in_training(monkeypatch, exc_of_step) -> None:
+    """Make the loop raise ``exc_of_step(step)`` right after it logged step 1 (metrics, tb and a
+    periodic checkpoint of the new run are then on disk); ``None``: no exception at that step."""
+    from moebalance.train import loop
+
+    log_step = loop._Run._log_step
+
+    def failing(self, step, *args):
+        rec = log_step(self, step, *args)
+        exc = exc_of_step(step)
+        if exc is not None:
+            raise exc
+        return rec
+
+    monkeypatch.setattr(loop._Run, "_log_step", failing)
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(28, "No space left on device", "checkpoint.pt")
+
+
+def _sigterm() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler raises Terminated at the next bytecode
+
+
+FAILURES = {
+    "diverged": (DIVERGES, None, 3, "train.on_nonfinite=stop"),
+    "disk_full": ([], lambda mp: mp.setattr("moebalance.train.loop.save_checkpoint", _no_space), 4, "No space left"),
+    "ctrl_c": ([], lambda mp: _raise_in_training(mp, lambda s: KeyboardInterrupt() if s == 1 else None), 130, "interrupted"),
+    "sigterm": ([], lambda mp: _raise_in_training(mp, lambda s: _sigterm() if s == 1 else None), 130, "terminated (SIGTERM)"),
+    "bug": ([], lambda mp: _raise_in_training(mp, lambda s: RuntimeError("boom") if s == 1 else None), 1, "boom"),
+}
+
+
+@pytest.mark.parametrize("failure", sorted(FAILURES))
+def test_overwrite_that_fails_while_training_puts_the_finished_run_back(finished, tmp_path, capsys, monkeypatch, failure):
+    """Issue 22: the old run was removed before training; a divergence, a full disk, Ctrl-C,
+    SIGTERM or a bug then lost it. Now the new run's files go, the old run is back byte for byte
+    (the user's own files untouched), the exit status is the failure's, and the line says so."""
+    extra, patch, status, needle = FAILURES[failure]
+    run = copy_run(finished, tmp_path)
+    (run / "tb" / "mine.txt").write_text("the user's")
+    before = checksums(run)
+    if patch is not None:
+        patch(monkeypatch)
+    code, err = run_cli(["train", *SMOKE, "train.checkpoint_every=1", "--out", run, "--overwrite", *extra], capsys)
+    assert code == status, err
+    assert needle in err and f"the earlier run in {str(run)!r} was put back as it was" in err, err
+    assert checksums(run) == before
+    if status == 130:  # never a --resume of the new run, which is gone
+        assert "--resume" not in err and "the same command with --overwrite starts over" in err, err
+
+
+def test_a_completed_overwrite_leaves_no_stash(finished, tmp_path, capsys):
+    run = copy_run(finished, tmp_path)
+    code, err = run_cli(["train", *SMOKE, "train.max_steps=3", "--out", run, "--overwrite"], capsys)
+    assert code == 0, err
+    assert not os.path.lexists(run / STASH)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3
+
+
+def _killed_overwrite(finished: Path, where: Path, monkeypatch, capsys) -> Path:
+    """A run folder as an ``--overwrite`` killed with SIGKILL leaves it: the new run's files up to
+    its checkpoint of step 2 (of 4) beside the finished run in ``.replaced-run`` (put_back never runs)."""
+    from moebalance.train import loop
+
+    run = copy_run(finished, where)
+    with monkeypatch.context() as mp:
+        mp.setattr(loop, "put_back", lambda run_dir: "killed: nothing put back")
+        _raise_in_training(mp, lambda s: KeyboardInterrupt() if s == 2 else None)
+        argv = ["train", *SMOKE, "train.max_steps=4", "train.checkpoint_every=2", "--out", run, "--overwrite"]
+        code, err = run_cli(argv, capsys)
+    assert code == 130 and (run / "checkpoints" / "step_00000002.pt").is_file() and (run / STASH / "summary.json").is_file(), err
+    assert checksums(run / STASH) == checksums(finished)
+    return run
+
+
+def test_after_a_killed_overwrite_resume_continues_the_new_run(finished, tmp_path, capsys, monkeypatch):
+    run = _killed_overwrite(finished, tmp_path, monkeypatch, capsys)
+    code, err = run_cli(["train", *SMOKE, "--out", run], capsys)  # plain --out: refused, the stash named
+    assert code == 2 and "already holds a run" in err and f"{str(run / STASH)!r} holds the earlier run" in err, err
+    code, err = run_cli(["train", "--resume", run, "train.max_steps=4", "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    assert not os.path.lexists(run / STASH)  # the run that replaced it completed
+
+
+def test_after_a_killed_overwrite_another_overwrite_keeps_the_finished_stash(finished, tmp_path, capsys, monkeypatch):
+    """The stash holds the last finished run: a second --overwrite that fails puts that one back
+    (not the unfinished run beside it); one that completes removes it."""
+    run = _killed_overwrite(finished, tmp_path, monkeypatch, capsys)
+    code, err = run_cli(["train", *SMOKE, "--out", run, "--overwrite", *DIVERGES], capsys)
+    assert code == 3 and "was put back as it was" in err, err
+    assert checksums(run) == checksums(finished)
+    run = _killed_overwrite(finished, tmp_path / "again", monkeypatch, capsys)
+    code, err = run_cli(["train", *SMOKE, "--out", run, "--overwrite"], capsys)
+    assert code == 0, err
+    assert not os.path.lexists(run / STASH) and json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
+def test_stash_and_put_back_keep_the_layout_and_the_users_files(finished, tmp_path):
+    """stash_run moves exactly what clear_run_folder would remove (a symlinked ``checkpoints`` as
+    the link, a killed write's temporary file), config.json last; an incomplete stash (a kill
+    during the moves) is completed; put_back restores every byte; readers skip the stash."""
+    from moebalance.lab.reporting import find_run_dirs
+
+    run = copy_run(finished, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "step_00000001.pt").write_bytes(b"x")
+    (run / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    (run / ".summary.json.a1b2c3d4.tmp").write_text("half")
+    (run / "tb" / "mine.txt").write_text("the user's")
+    (run / "notes.txt").write_text("the user's")
+    before = checksums(run)
+    (run / STASH).mkdir()  # a kill after the first move
+    os.rename(run / "metrics.jsonl", run / STASH / "metrics.jsonl")
+    assert stash_run(run) is True
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if STASH not in p.parts) == ["notes.txt", "tb", "tb/mine.txt"]
+    assert (run / STASH / "checkpoints").is_symlink() and (run / STASH / ".summary.json.a1b2c3d4.tmp").is_file()
+    with pytest.raises(FileNotFoundError, match="holds no metrics.jsonl"):
+        find_run_dirs([run])  # the stash is not a run inside it
+    (run / "metrics.jsonl").write_text("")  # a new run's partial files
+    (run / "config.json").write_text((run / STASH / "config.json").read_text())
+    assert put_back(run) == f"the earlier run in {str(run)!r} was put back as it was"
+    assert checksums(run) == before and (elsewhere / "step_00000001.pt").is_file()
+
+
 # --- the property ------------------------------------------------------------------------------
 
 #: Damages that leave a finished run resumable (none of those of DAMAGES: each is refused by
@@ -258,13 +394,15 @@ def failing_commands(draw) -> tuple[list[str], list[str], set[int]]:
     the folder holding it (named ``loss_free``, as in a compare folder), ``{inputs}`` the bad inputs'."""
     # One damage per file (the name's first word): a second one could repair the first.
     damages = draw(st.lists(st.sampled_from(sorted(DAMAGES)), max_size=3, unique_by=lambda name: name.split("_")[0]))
-    kind = draw(st.sampled_from(["resume", "overwrite", "out", "plot", "replay", "leakage", "compare"]))
+    kind = draw(st.sampled_from(["resume", "overwrite", "diverge", "out", "plot", "replay", "leakage", "compare"]))
     bad_data = draw(st.sampled_from([["--data", "{inputs}/empty.txt"], ["--data", "{inputs}/garbage.txt"], ["data.cache_dir={inputs}/afile"]]))
     smoke = ["--preset", "smoke", "train.max_steps=2", "train.threads=1", "--no-progress"]
     if kind == "resume":
         refused = any("resume" in DAMAGES[d][1] for d in damages)
         poison = [] if refused else [draw(st.sampled_from(RESUME_POISON))]
         return ["train", "--resume", "{run}", "train.max_steps=4", "train.threads=1", *poison], damages, {2}
+    if kind == "diverge":  # an --overwrite that fails while training (2: a damage it refuses first)
+        return ["train", *smoke, "--out", "{run}", "--overwrite", *DIVERGES], damages, {2, 3}
     if kind in ("overwrite", "out"):
         return ["train", *smoke, "--out", "{run}", *(["--overwrite"] if kind == "overwrite" else []), *bad_data], damages, {2, 4}
     if kind == "plot":

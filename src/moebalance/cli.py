@@ -11,10 +11,12 @@ An unknown key or a value out of range is an error that names the field.
 (``DIR/checkpoints/step_*.pt`` or the final ``DIR/checkpoint.pt``: a finished run is extended by
 raising ``train.max_steps``), with the config saved in ``DIR/config.json``; only the keys of
 :data:`moebalance.train.resume.RESUMABLE_KEYS` may be overridden. ``train --out DIR`` refuses a
-``DIR`` that already holds a run (its ``config.json``) unless ``--overwrite`` is given, which
-removes what that run wrote (:func:`moebalance.train.checkpoint.clear_run_folder`; other files
-stay) and starts over. A ``config.json`` that is not a moebalance run's, or a folder a run cannot
-be cleared into, is refused with or without ``--overwrite``: nothing is removed.
+``DIR`` that already holds a run (its ``config.json``, or the ``DIR/.replaced-run`` an
+interrupted ``--overwrite`` left) unless ``--overwrite`` is given, which moves what that run wrote
+aside (:func:`moebalance.train.checkpoint.stash_run`; other files stay), starts over, removes the
+old run once the new one completes and puts it back if the new one fails. A ``config.json`` that is
+not a moebalance run's, or a folder a run cannot be cleared into, is refused with or without
+``--overwrite``: nothing is removed.
 
 Failures: :func:`main` turns every expected failure into one line on stderr and an exit code of
 :data:`EXIT_CODES` in one place (:func:`_fail`); it never shows a Python traceback (set
@@ -56,7 +58,8 @@ EXIT_CODES = {
     EXIT_INPUT: "the work failed on its data or files: data that cannot be trained on, a checkpoint "
     "that does not fit, a file that cannot be read or written; a folder it created is removed",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C or SIGTERM); complete files are kept, and `train --resume` continues "
-    "from the newest checkpoint (`compare` and `sweep`: run the same command again)",
+    "from the newest checkpoint (`train --overwrite`: the earlier run is put back; `compare` and `sweep`: run the "
+    "same command again)",
 }
 
 DEFAULT_OUT = {"train": "runs/train", "compare": "runs/compare", "leakage": "runs/leakage", "plot": "runs/plots"}
@@ -77,7 +80,7 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
             raise UsageError(f"--{flag} cannot be combined with --resume: the run's config and folder are {run_dir}")
     config_path = run_dir / "config.json"
     if not os.path.lexists(config_path):  # one that is there but not a file: named below
-        raise UsageError(f"--resume {run_dir}: no config.json there (not a moebalance run folder)")
+        raise UsageError(f"--resume {run_dir}: no config.json there (not a moebalance run folder){_stash_hint(run_dir)}")
     bad = [k for k in override_keys(args.overrides) if k not in RESUMABLE_KEYS]
     if bad:
         raise UsageError(f"--resume: {bad} cannot change on resume; allowed: {sorted(RESUMABLE_KEYS)}")
@@ -240,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_train.add_argument(
         "--overwrite",
         action="store_true",
-        help="start over in an --out folder that already holds a run (removes what that run wrote first)",
+        help="start over in an --out folder that already holds a run (what that run wrote is moved aside, "
+        "removed once the new run completes, put back if it fails)",
     )
     p_cmp = add("compare", "Loss-Free vs auxiliary loss on the same model, data and seed")
     _add_common(p_cmp, "runs/compare")
@@ -330,15 +334,35 @@ def _check_train_out(args: argparse.Namespace) -> None:
     problem = foreign_config_problem(args.out_dir)
     if problem is not None:
         raise UsageError(f"--out {args.out_dir!r}: {problem}; not touched, even with --overwrite (choose another --out)")
-    held = (Path(args.out_dir) / "config.json").is_file()
-    if held and not args.overwrite:
+    if _held(args.out_dir) and not args.overwrite:
         raise UsageError(
             f"--out {args.out_dir!r} already holds a run (config.json); not overwritten: continue it with "
             f"`moebalance train --resume {args.out_dir}`, start it over with --overwrite, or choose another --out"
+            + _stash_hint(args.out_dir)
         )
     problem = run_folder_problem(args.out_dir)  # its config.json was checked just above
     if problem is not None:
         raise UsageError(f"--out {args.out_dir!r}: {problem}; nothing removed (choose another --out)")
+
+
+def _held(out: str | Path) -> bool:
+    """Whether ``out`` holds a run: its ``config.json``, or a run an ``--overwrite`` moved aside."""
+    from moebalance.train.checkpoint import STASH
+
+    return (Path(out) / "config.json").is_file() or os.path.lexists(Path(out) / STASH)
+
+
+def _stash_hint(out: str | Path) -> str:
+    """What the message of a refused ``train`` says about ``out/.replaced-run`` (empty when there is none)."""
+    from moebalance.train.checkpoint import STASH
+
+    stash = Path(out) / STASH
+    if not os.path.lexists(stash):
+        return ""
+    return (
+        f"; {str(stash)!r} holds the earlier run that an interrupted --overwrite moved aside (kept by another "
+        "--overwrite and put back if it fails, removed when the run beside it finishes)"
+    )
 
 
 def _check_plot_out(args: argparse.Namespace) -> None:
@@ -461,8 +485,8 @@ def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:
 def _cmd_train(args: argparse.Namespace, cfg: RunConfig) -> int:
     from moebalance.train.loop import train
 
-    # --overwrite: train() removes the old run only when data and model are ready (rank 0 alone).
-    overwrite = args.overwrite and (Path(args.out_dir) / "config.json").is_file()
+    # --overwrite: train() moves the old run aside only when data and model are ready (rank 0 alone).
+    overwrite = args.replacing = args.overwrite and _held(args.out_dir)
     result = train(cfg, args.out_dir, progress=not args.no_progress, resume=bool(args.resume), overwrite=overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "final_loads"}, indent=2))
@@ -612,7 +636,7 @@ def _output_folder(out: str | None) -> Iterator[None]:
         raise
 
 
-def _message(exc: BaseException) -> str:
+def _message(exc: BaseException | str) -> str:
     from moebalance.train.checkpoint import describe_os_error
 
     text = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
@@ -628,8 +652,10 @@ def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace | None, exc:
         sub.print_usage(sys.stderr)
         print(f"{sub.prog}: error: {_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    notes = [str(n) for n in getattr(exc, "__notes__", ())]  # e.g. train(overwrite=True): the earlier run put back
     if isinstance(exc, KeyboardInterrupt):
-        code, kind, text = EXIT_INTERRUPTED, "interrupted", _interrupted_hint(args)
+        code, kind, text = EXIT_INTERRUPTED, "interrupted", _interrupted_hint(args, notes)
+        notes = []
         if isinstance(exc, Terminated):
             text = f"terminated (SIGTERM); {text}"
     elif isinstance(exc, FloatingPointError):  # guards.NonFiniteError with train.on_nonfinite=stop
@@ -641,7 +667,7 @@ def _fail(parser: argparse.ArgumentParser, args: argparse.Namespace | None, exc:
             raise exc
         code, kind = EXIT_BUG, "internal error"
         text = f"{type(exc).__name__}: {_message(exc)} (a bug in moebalance; MOEBALANCE_TRACEBACK=1 shows the traceback)"
-    print(f"{sub.prog}: {kind}: {text}", file=sys.stderr)
+    print(f"{sub.prog}: {kind}: {'; '.join([text, *map(_message, notes)])}", file=sys.stderr)
     return code
 
 
@@ -693,15 +719,26 @@ def _sigterm_stops() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _interrupted_hint(args: argparse.Namespace | None) -> str:
+def _interrupted_hint(args: argparse.Namespace | None, notes: list[str]) -> str:
+    """What an interruption's message says to do next, after ``notes`` (what the work said about
+    its folder, e.g. that an earlier run was put back)."""
     out = getattr(args, "out_dir", None)
-    if getattr(args, "command", None) == "train" and out and (Path(out) / "config.json").exists():
+    replacing = getattr(args, "replacing", None)  # set by _cmd_train; before it, the folder decides
+    if replacing is None:
+        replacing = getattr(args, "command", None) == "train" and getattr(args, "overwrite", False) and out and _held(out)
+    if replacing:  # train --overwrite: the earlier run is back (or untouched), never a --resume of the new one
+        notes = notes or [f"the run in {out!r} was not changed"]
+        hint = "the same command with --overwrite starts over"
+    elif getattr(args, "command", None) == "train" and out and (Path(out) / "config.json").exists():
         if any((Path(out) / "checkpoints").glob("step_*.pt")) or (Path(out) / "checkpoint.pt").exists():
-            return f"continue with: moebalance train --resume {out}"
-        return "no checkpoint was written yet (train.checkpoint_every=N writes one every N steps)"
-    if getattr(args, "command", None) in ("compare", "sweep"):
-        return "run the same command again to continue: finished runs are kept, unfinished ones resume from their last checkpoint"
-    return "stopped by Ctrl-C"
+            hint = f"continue with: moebalance train --resume {out}"
+        else:
+            hint = "no checkpoint was written yet (train.checkpoint_every=N writes one every N steps)"
+    elif getattr(args, "command", None) in ("compare", "sweep"):
+        hint = "run the same command again to continue: finished runs are kept, unfinished ones resume from their last checkpoint"
+    else:
+        hint = "stopped by Ctrl-C"
+    return "; ".join([*map(_message, notes), hint])
 
 
 def _launch(args: argparse.Namespace, cfg: RunConfig, argv: list[str] | None) -> int:

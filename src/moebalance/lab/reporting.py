@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moebalance.train.checkpoint import atomic_write_bytes, write_json
+from moebalance.train.checkpoint import STASH, atomic_write_bytes, write_json
 from moebalance.train.config import RunConfig
 from moebalance.train.logs import draw_load_heatmap, pyplot, relative_load
 from moebalance.train.runfiles import read_metrics
@@ -272,7 +272,8 @@ def short_run_note(configs: dict[str, RunConfig]) -> str | None:
 
 def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
     """Runs named by ``paths``: a folder with a ``metrics.jsonl`` is one run; a folder without one
-    (a ``compare`` output) contributes its sub-folders that have one. Runs are named by their folder
+    (a ``compare`` output) contributes its sub-folders that have one (never the hidden
+    ``.replaced-run`` of an interrupted ``--overwrite``). Runs are named by their folder
     name, prefixed by the parent's name where two would clash.
 
     Raises:
@@ -285,7 +286,7 @@ def find_run_dirs(paths: list[str | Path]) -> dict[str, Path]:
         if os.path.lexists(p / "metrics.jsonl"):  # whatever it is: the reader names it if it cannot serve
             found.append(p)
             continue
-        subs = sorted(d for d in p.iterdir() if os.path.lexists(d / "metrics.jsonl"))
+        subs = sorted(d for d in p.iterdir() if d.name != STASH and os.path.lexists(d / "metrics.jsonl"))
         if not subs:
             raise FileNotFoundError(f"{str(p)!r} holds no metrics.jsonl (neither a run nor a compare folder)")
         found.extend(subs)

@@ -13,8 +13,9 @@ folder depends on what is already there:
   again from step 0, the only thing lost being that unfinished attempt;
 * a ``config.json`` of another config, or a finished run that differs in a key of
   :data:`RECORD_KEYS` (its length or what it recorded): :class:`RunFolderError`, naming the keys,
-  unless ``overwrite`` (then what the old run wrote is removed,
-  :func:`~moebalance.train.checkpoint.clear_run_folder`, and the run trained from step 0; a
+  unless ``overwrite`` (then what the old run wrote is moved aside,
+  :func:`~moebalance.train.checkpoint.stash_run`, the run trained from step 0, and the old run
+  removed once it finishes or put back if it fails; a
   ``config.json`` that is not a moebalance run's is never cleared, :func:`clear_refusal`). A finished run
   is never retrained or overwritten without ``overwrite``, and a report never shows a run read back
   under a config that would have recorded it differently.
@@ -158,7 +159,7 @@ def run_or_resume(
         refusal = clear_refusal(run_dir)
         if refusal is not None:
             raise refusal
-        state = "overwritten"  # train() clears the folder once it is ready to write (clear_run_folder)
+        state = "overwritten"  # train() moves the old run aside once it is ready to write (stash_run)
     if state == "resume":
         log.info("%s: continuing from its last checkpoint", run_dir)
     overwritten = state == "overwritten"

@@ -21,6 +21,7 @@ finds the newest one that verifies, falling back past truncated or corrupt ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,10 +29,12 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import struct
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +48,18 @@ __all__ = [
     "CheckpointDir",
     "RUN_FILES",
     "RUN_FOLDERS",
+    "STASH",
     "atomic_write_bytes",
     "clear_run_folder",
+    "drop_stash",
     "folder_problem",
     "foreign_config_problem",
     "run_folder_problem",
     "load_checkpoint",
+    "put_back",
     "save_checkpoint",
     "short_reason",
+    "stash_run",
     "write_json",
     "write_text",
 ]
@@ -244,12 +251,138 @@ def clear_run_folder(run_dir: str | Path) -> None:
     files, folders, problem = _plan(folder, clearing=True)
     if problem is not None:
         raise ValueError(f"{problem}; nothing removed")
-    config = folder / "config.json"
-    for path in sorted(files, key=lambda p: p == config):
+    _remove(folder, files, folders)
+
+
+def _remove(folder: Path, files: list[Path], folders: list[Path]) -> None:
+    """Unlink ``files`` (``folder/config.json`` last), then remove each of ``folders`` that is empty."""
+    for path in sorted(files, key=lambda p: p == folder / "config.json"):
         path.unlink(missing_ok=True)
     for path in folders:
         if not any(path.iterdir()):
             path.rmdir()
+
+
+#: The hidden folder inside a run folder where ``--overwrite`` keeps the run it replaces (same
+#: layout: ``config.json``, ``checkpoints/step_*.pt``, ...) until the new run completes
+#: (:func:`stash_run`, :func:`put_back`, :func:`drop_stash`). No reader of run folders looks in it.
+STASH = ".replaced-run"
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block is done: a Ctrl-C cannot leave a run half moved."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _move(folder: Path, files: list[Path], folders: list[Path], to: Path, config_last: bool) -> None:
+    """Rename ``files`` and create ``folders`` (paths under ``folder``) at the same relative paths
+    under ``to``; ``folder/config.json`` moves last (``config_last``) or first."""
+    config = folder / "config.json"
+    for path in folders:
+        (to / path.relative_to(folder)).mkdir(parents=True, exist_ok=True)
+    for path in sorted(files, key=lambda p: (p == config) == config_last):
+        target = to / path.relative_to(folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, target)
+
+
+def _stashed(stash: Path) -> tuple[list[Path], list[Path]]:
+    """``(files, folders)`` in ``stash``, folders parents first (a symbolic link counts as a file)."""
+    files, folders = [], []
+    for parent, dirs, names in os.walk(stash):
+        for name in dirs + names:
+            path = Path(parent) / name
+            (folders if path.is_dir() and not path.is_symlink() else files).append(path)
+    return files, folders
+
+
+def _unstash(folder: Path) -> None:
+    """Move everything in ``folder/STASH`` back into ``folder`` (``config.json`` first: a stash that
+    holds one is complete) and remove the stash's emptied folders."""
+    stash = folder / STASH
+    files, folders = _stashed(stash)
+    _move(stash, files, folders, folder, config_last=False)
+    for path in [*reversed(folders), stash]:
+        with contextlib.suppress(OSError):  # emptied; anything else in it stays
+            path.rmdir()
+
+
+def stash_run(run_dir: str | Path) -> bool:
+    """Move what the run in ``run_dir`` wrote (what :func:`clear_run_folder` would remove) into
+    ``run_dir/.replaced-run`` (:data:`STASH`), by renames in the same layout, ``config.json`` last: a
+    stash that holds a ``config.json`` is complete. SIGINT and SIGTERM wait until the moves are done.
+
+    A complete stash already there (an ``--overwrite`` killed with SIGKILL) holds the run that one
+    replaced, and is kept: the unfinished run beside it is removed instead. A run beside it that
+    finished (its ``summary.json``) is the newer finished run: it replaces the stash. An incomplete
+    stash (a kill during the moves) is completed.
+
+    Returns:
+        whether the stash now holds a run for :func:`put_back`.
+
+    Raises:
+        ValueError: :func:`run_folder_problem` names a problem; nothing is moved.
+        OSError: an entry cannot be moved (the message names it); what was moved is moved back.
+    """
+    folder = Path(run_dir)
+    stash = folder / STASH
+    files, folders, problem = _plan(folder, clearing=True)
+    if problem is not None:
+        raise ValueError(f"{problem}; nothing moved")
+    with _signals_held():
+        if (stash / "config.json").is_file():
+            if not (folder / "summary.json").is_file():
+                log.warning("%s holds the run an interrupted --overwrite replaced: kept; the unfinished run beside it removed", stash)
+                _remove(folder, files, folders)
+                return True
+            shutil.rmtree(stash)
+        if not files and not stash.is_dir():
+            return False
+        try:
+            _move(folder, files, folders, stash, config_last=True)
+        except BaseException:
+            _unstash(folder)
+            raise
+        _remove(folder, [], folders)
+    return True
+
+
+def put_back(run_dir: str | Path) -> str:
+    """Undo :func:`stash_run` after the new run failed: remove what the new run wrote (the entries
+    :func:`clear_run_folder` would remove), move the stash's entries back, ``config.json`` first,
+    and remove the stash. SIGINT and SIGTERM wait until it is done.
+
+    Returns:
+        the sentence for the error message: the earlier run was put back, or why not and where
+        its files are (never raises for the folder).
+    """
+    folder = Path(run_dir)
+    try:
+        with _signals_held():
+            files, folders, problem = _run_entries(folder)
+            if problem is not None:
+                raise ValueError(problem)
+            _remove(folder, files, folders)
+            _unstash(folder)
+    except (OSError, ValueError) as exc:
+        reason = describe_os_error(exc) if isinstance(exc, OSError) else str(exc)
+        return f"the earlier run could not be put back ({reason}); its files are in {str(folder / STASH)!r}"
+    return f"the earlier run in {str(folder)!r} was put back as it was"
+
+
+def drop_stash(run_dir: str | Path) -> None:
+    """Remove ``run_dir/.replaced-run`` once the run that replaced it completed; a failure is logged, never raised."""
+    stash = Path(run_dir) / STASH
+    if os.path.lexists(stash):
+        try:
+            shutil.rmtree(stash)
+        except OSError as exc:
+            log.warning("the replaced run in %s could not be removed (%s); remove it by hand", stash, describe_os_error(exc))
 
 
 def describe_os_error(exc: OSError) -> str:

@@ -16,6 +16,8 @@ Output directory:
                     ``train(..., resume=True)`` extends a finished run from it
     summary.json    the final numbers (see :func:`train`)
     bias_checksums.json  distributed runs only: SHA-256 of every rank's final biases
+    .replaced-run/  ``train(..., overwrite=True)`` only, while it runs: the run it replaces, put
+                    back if this one fails, removed once it finishes (:func:`train`)
 
 The loop is :class:`_Run`, phase by phase: set-up (``__init__``, ``_build_model``), one optimizer
 step (``_forward_backward``, then ``_update`` or ``_skip``), logging (``_log_step``), evaluation
@@ -33,6 +35,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +47,16 @@ from moebalance import parallel
 from moebalance.balancing import Balancing
 from moebalance.metrics import max_violation
 from moebalance.rules import RateSchedule
-from moebalance.train.checkpoint import CheckpointDir, clear_run_folder, save_checkpoint, write_json, write_text
+from moebalance.train.checkpoint import (
+    STASH,
+    CheckpointDir,
+    drop_stash,
+    put_back,
+    save_checkpoint,
+    stash_run,
+    write_json,
+    write_text,
+)
 from moebalance.train.config import RunConfig, tokens_per_step
 from moebalance.train.data import (
     TokenData,
@@ -237,14 +249,16 @@ class _StepOutcome:
 class _Run:
     """One training run, phase by phase: :meth:`__init__` sets up, :meth:`fit` loops over
     optimizer steps (:meth:`_forward_backward`, :meth:`_skip` or :meth:`_update`, :meth:`_log_step`,
-    :meth:`_evaluate`, :meth:`_checkpoint`), :meth:`finish` writes the final files.
+    :meth:`_evaluate`, :meth:`_checkpoint`), :meth:`finish` writes the final files. Nothing is
+    written before :meth:`start`.
 
     The running statistics (``skipped``, ``maxvio_history``, ``last_eval``, ``train_time``) live in
     ``self.stats``, the dict a checkpoint saves and a resume restores.
     """
 
-    def __init__(self, cfg: RunConfig, out: Path, data: TokenData | None, resume: bool, overwrite: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, out: Path, data: TokenData | None, resume: bool) -> None:
         self.out = out
+        self.completed = False  # set once the final files are written
         if resume:  # a damaged run file is found before anything is prepared or written
             check_resumable_folder(out)
         if cfg.train.threads:
@@ -273,16 +287,19 @@ class _Run:
             )
             self.balancing.load_state_dict(state.get("balancing", {}))  # the rule's momentum / window
             log.info("resumed from %s after step %d", ckpt_path, self.start_step)
-        # Written only now: a refused resume must leave the run's config.json as it was, and a
-        # run being overwritten is removed only once everything above (data, model, state) is ready.
-        if self.ctx.is_main:
-            if overwrite:
-                clear_run_folder(out)
-            write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
-        resume_step = self.start_step if resume else None
-        self.logger = RunLogger(out, cfg.train.tensorboard, resume_step, enabled=self.ctx.is_main)
+            if self.ctx.is_main and os.path.lexists(out / STASH):
+                log.warning("%s holds the run an interrupted --overwrite replaced; removed when this run finishes", out / STASH)
         t = cfg.train
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * self.ctx.world_size
+
+    def start(self, resume: bool) -> None:
+        """The run's first writes: ``config.json`` (rank 0) and the logs. Only now, so that a
+        refused resume leaves the run's config.json as it was and a run being overwritten is moved
+        aside only once everything (data, model, state) is ready."""
+        if self.ctx.is_main:
+            write_text(self.out / "config.json", json.dumps(self.cfg.to_dict(), indent=2, sort_keys=True))
+        resume_step = self.start_step if resume else None
+        self.logger = RunLogger(self.out, self.cfg.train.tensorboard, resume_step, enabled=self.ctx.is_main)
 
     def _build_model(self) -> None:
         """Model, DDP wrapper, optimizer, LR schedule, data generator and balancing, from the seed."""
@@ -506,6 +523,9 @@ class _Run:
         )
         if ctx.is_main:
             write_text(self.out / "summary.json", json.dumps(result.to_dict(), indent=2))
+        self.completed = True
+        if ctx.is_main:
+            drop_stash(self.out)  # the run an --overwrite replaced (or an interrupted one had)
         parallel.shutdown(ctx)
         return result
 
@@ -552,16 +572,22 @@ def train(
             ``out_dir/checkpoint.pt`` (bit-identical on CPU to a run that was never stopped; see
             :func:`moebalance.train.resume.latest_training_state`). The folder is checked first
             (:func:`moebalance.train.resume.check_resumable_folder`).
-        overwrite: ``out_dir`` holds a run to replace: what it wrote is removed
-            (:func:`~moebalance.train.checkpoint.clear_run_folder`) only after the data is
-            prepared and checked and the model built, right before the first file is written, so
-            a run that fails before that leaves the old one as it was.
+        overwrite: ``out_dir`` holds a run to replace. Only after the data is prepared and
+            checked and the model built, right before the first file is written, what it wrote is
+            moved aside into ``out_dir/.replaced-run``
+            (:func:`~moebalance.train.checkpoint.stash_run`; rank 0 alone); it is removed once the
+            new run has written its final files. A run that fails in any way (an exception,
+            ``KeyboardInterrupt``, SIGTERM) has what it wrote removed and the old run put back
+            (:func:`~moebalance.train.checkpoint.put_back`) before the error propagates, with a
+            note saying so (``exc.__notes__``). Only SIGKILL leaves the new run's files beside
+            the stash: a later ``resume`` continues the new run, a later ``overwrite`` keeps the stash.
 
     Raises:
         ValueError: bad data (see :func:`~moebalance.train.data.check_data`); on resume, a
             damaged run file or no usable checkpoint or one made with another config or other
             data; with ``overwrite``, a folder that cannot be cleared; ``resume`` and ``overwrite`` both set.
         FileNotFoundError: on resume, no checkpoint in ``out_dir``.
+        OSError: a file cannot be written, or (``overwrite``) the old run cannot be moved aside.
         NonFiniteError: a non-finite loss, router logit or gradient with ``train.on_nonfinite=stop``;
             every step skipped; or a non-finite final validation loss or perplexity.
     """
@@ -569,6 +595,23 @@ def train(
     out.mkdir(parents=True, exist_ok=True)
     if resume and overwrite:
         raise ValueError("train(): resume and overwrite exclude each other")
-    run = _Run(cfg, out, data, resume, overwrite)
-    run.fit(progress, desc)
-    return run.finish()
+    run = _Run(cfg, out, data, resume)
+    replacing = overwrite and run.ctx.is_main
+    try:
+        if replacing:
+            stash_run(out)
+        run.start(resume)
+        run.fit(progress, desc)
+        return run.finish()
+    except BaseException as exc:
+        if replacing and not run.completed and os.path.lexists(out / STASH):
+            _add_note(exc, put_back(out))
+        raise
+
+
+def _add_note(exc: BaseException, text: str) -> None:
+    """``exc.add_note(text)`` (Python 3.11+; ``__notes__`` by hand on 3.10): the CLI's one-line message shows it."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(text)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", []), text]

@@ -11,6 +11,9 @@ After the updates it measures, on ``--probe-batches`` more batches with the bias
 expert's per-batch relative load (load / mean load): its mean, median and skewness.
 
     python experiments/bias_floor.py RUN_DIR --update sign --rate 1e-3 --batch-size 8 --out floor.json
+    python experiments/bias_floor.py RUN_DIR --method quantile_pooled --eval-tokens 131072 --out qb.json
+
+``--method`` takes a rule with its settings in the batch-size study (``sweep batch-size``).
 
 Output (``--out``): JSON with the arguments, the MaxVio_global curve, and the probe statistics
 per layer. Used by docs/reproduction.md ("Where the floor comes from").
@@ -33,10 +36,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moebalance.balancing import LossFreeBalancer, find_routers, pop_expert_loads
+from moebalance.balancing import LossFreeBalancer, find_routers, pop_expert_loads, rule_from_config
+from moebalance.lab.batch_size import BIAS_METHODS, STUDY_METHODS
 from moebalance.lab.floor import bias_only_updates, load_frozen
 from moebalance.train.checkpoint import folder_problem, load_checkpoint, write_json
-from moebalance.train.config import RunConfig
+from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import sample_batch
 
 
@@ -46,6 +50,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--update", choices=("sign", "error", "smebu", "proportional", "quantile"), default="sign",
                    help="bias update rule (default sign; see moebalance.rules)")
     p.add_argument("--rate", type=float, default=1e-3, help="update rate u (default 1e-3)")
+    p.add_argument("--method", choices=BIAS_METHODS, default=None,
+                   help="a rule with its settings of the batch-size study (moebalance.lab.batch_size.STUDY_METHODS); "
+                        "replaces --update and --rate")
+    p.add_argument("--eval-tokens", type=int, default=0, help="validation tokens of each score (default 0: all)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per update (default 8)")
     p.add_argument("--steps", type=int, default=1200, help="bias updates (default 1200)")
     p.add_argument("--eval-every", type=int, default=200, help="updates between validation scores (default 200)")
@@ -54,15 +62,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an --out written with other arguments")
     a = p.parse_args(argv)
+    if a.eval_tokens < 0:
+        p.error(f"--eval-tokens must be >= 0 (0: all), got {a.eval_tokens}")
     for name in ("rate", "batch_size", "steps", "eval_every", "probe_batches"):
         if not getattr(a, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
     try:
-        LossFreeBalancer(a.rate, a.update)
+        balancer_of(a)
     except ValueError as exc:  # the biases are float32: inf, 1e39 and 1e-50 pass the check above
         p.error(f"--rate: {exc}")
     check_run_and_out(p, a)
     return a
+
+
+def balancer_of(a: argparse.Namespace) -> LossFreeBalancer:
+    """The balancer of the arguments: ``--method``'s rule and rate, else ``--update`` at ``--rate``
+    (raises ``ValueError`` for a rate the float32 bias cannot take)."""
+    if a.method is None:
+        return LossFreeBalancer(a.rate, a.update)
+    balance = apply_overrides(RunConfig(), STUDY_METHODS[a.method]).balance
+    return LossFreeBalancer(balance.bias_update_rate, rule_from_config(balance))
 
 
 def check_run_and_out(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
@@ -139,11 +158,11 @@ def run(a: argparse.Namespace, state: dict) -> int:
     result file of :func:`main`."""
     torch.set_num_threads(1)
     model, cfg, data = load_frozen(a.run_dir, state)
-    balancer = LossFreeBalancer(a.rate, a.update)
+    balancer = balancer_of(a)
     score_at = {0, a.steps} | set(range(a.eval_every, a.steps + 1, a.eval_every))
     show = lambda rec: print(json.dumps({k: rec[k] for k in ("step", "maxvio_global", "per_layer")}), flush=True)  # noqa: E731
     gen = torch.Generator().manual_seed(a.seed)  # the probe's batches follow the updates'
-    curve = bias_only_updates(model, data, cfg, balancer, a.batch_size, a.steps, score_at, eval_tokens=0, on_score=show, generator=gen)
+    curve = bias_only_updates(model, data, cfg, balancer, a.batch_size, a.steps, score_at, eval_tokens=a.eval_tokens, on_score=show, generator=gen)
     routers = find_routers(model)
     for router in routers:  # the probe below reads loads only
         router.score_recorder = None

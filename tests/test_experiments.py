@@ -40,6 +40,25 @@ def test_bias_floor_writes_curve_and_probe(smoke_run, tmp_path):
     assert res["probe"]["mean_abs_relative_error"] > 0
 
 
+def test_bias_floor_takes_a_study_method_and_a_validation_slice(smoke_run, tmp_path, monkeypatch):
+    module = _module()
+    seen = {}
+    real = module.bias_only_updates
+
+    def spy(model, data, cfg, balancer, *args, **kwargs):
+        seen["rule"], seen["eval_tokens"] = balancer.rule, kwargs["eval_tokens"]
+        return real(model, data, cfg, balancer, *args, **kwargs)
+
+    monkeypatch.setattr(module, "bias_only_updates", spy)
+    out = tmp_path / "qb.json"
+    argv = [str(smoke_run), "--method", "quantile_pooled", "--eval-tokens", "2048", "--steps", "4", "--eval-every", "2",
+            "--probe-batches", "2", "--out", str(out)]  # fmt: skip
+    assert module.main(argv) == 0
+    assert seen["eval_tokens"] == 2048
+    assert (seen["rule"].name, seen["rule"].estimator, seen["rule"].window, seen["rule"].ema) == ("quantile", "pooled", 8, 0.9)
+    assert json.loads(out.read_text())["args"]["method"] == "quantile_pooled"
+
+
 def test_bias_floor_moves_the_bias_and_only_the_bias(smoke_run, tmp_path):
     module = _module()
     model, _, _ = module.load_frozen(smoke_run)
@@ -52,7 +71,7 @@ def test_bias_floor_moves_the_bias_and_only_the_bias(smoke_run, tmp_path):
     assert curve[1]["per_layer"] != curve[0]["per_layer"]
 
 
-@pytest.mark.parametrize("bad", [["--rate", "0"], ["--steps", "-1"], ["--update", "median"]])
+@pytest.mark.parametrize("bad", [["--rate", "0"], ["--steps", "-1"], ["--update", "median"], ["--eval-tokens", "-1"], ["--method", "nope"]])
 def test_bias_floor_refuses_bad_arguments(smoke_run, tmp_path, bad, capsys):
     with pytest.raises(SystemExit) as exc:
         _module().main([str(smoke_run), "--out", str(tmp_path / "f.json"), *bad])

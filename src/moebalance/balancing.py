@@ -35,7 +35,7 @@ from moebalance.losses import (
     sequence_aux_loss,
 )
 from moebalance.routing import RouterOutput, TopKRouter, is_finite_number
-from moebalance.rules import RULES, BiasRule, make_rule
+from moebalance.rules import RULES, BiasRule, ScoreRecorder, make_rule
 
 UpdateMode = Literal["sign", "error", "smebu", "proportional", "quantile"]
 _F32 = torch.finfo(torch.float32)
@@ -287,17 +287,43 @@ class LossFreeBalancer:
         """The quantile rule's ``[L, E]`` delta from what the routers recorded this step."""
         if any(r.score_recorder is None for r in routers):
             raise ValueError("bias_update='quantile' needs the routers' scores: call prepare(model) before the first training forward (attach() does)")
-        tops = {r.top_k for r in routers}
+        reduce = self._reduce if self.all_reduce is not None else None
+        return self.score_delta([r.score_recorder for r in routers], bias_LE, rate_scale, reduce)
+
+    def score_delta(self, recorders: Sequence[ScoreRecorder], bias_LE: torch.Tensor, rate_scale: float = 1.0,
+                    reduce: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+        """A score-based rule's (``quantile``) ``[L, E]`` delta from one step's records, which it
+        pops: the path every router kind shares (:class:`TopKRouter` here, the routers of the
+        ``transformers`` integration in its handle).
+
+        Args:
+            recorders: one :class:`~moebalance.rules.ScoreRecorder` per layer, in layer order.
+            bias_LE: ``[L, E]`` current biases (the records' device).
+            rate_scale: the schedule's factor in ``[0, 1]``; 0 adds the step to the rule's window
+                and moves nothing.
+            reduce: in-place sum over data-parallel ranks of the ``[L, E+1]`` / ``[L, E*B+1]``
+                record; for the ``pooled`` estimator, not ``None`` means gather the scores over
+                ``torch.distributed``'s default group; ``None``: this rank's records only.
+
+        Raises:
+            ValueError: recorders of different ``top_k``, a rule that needs no scores, or
+                ``rate_scale`` outside ``[0, 1]``.
+        """
+        _check_rate_scale(rate_scale)
+        if not self.rule.needs_scores:
+            raise ValueError(f"bias_update={self.update!r} updates from loads, not scores: use bias_delta")
+        tops = {r.top_k for r in recorders}
         if len(tops) > 1:
             raise ValueError(f"routers have different top_k {sorted(tops)}; balance them one at a time (step(router))")
         num_experts, device = bias_LE.shape[1], bias_LE.device
-        records = [r.score_recorder.pop(num_experts, device) for r in routers]
+        records = [r.pop(num_experts, device) for r in recorders]
         if self.rule.estimator == "pooled":
-            stats = _gather_pooled(records, self.all_reduce is not None)
+            stats = _gather_pooled(records, reduce is not None)
         else:
             stats = torch.stack(records)
-            self._reduce(stats)
-        return self.rule.delta_from_stats(stats, bias_LE, routers[0].top_k, float(rate_scale))
+            if reduce is not None:
+                reduce(stats)
+        return self.rule.delta_from_stats(stats, bias_LE, recorders[0].top_k, float(rate_scale))
 
     def bias_delta(self, loads_LE: torch.Tensor, bias_LE: torch.Tensor | None = None, rate_scale: float = 1.0) -> torch.Tensor:
         """The change the rule makes to the biases for loads ``c`` (``[E]`` or ``[L, E]``).

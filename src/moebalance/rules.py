@@ -412,6 +412,10 @@ class ScoreRecorder:
             stat = torch.cat([hist, scores.new_full((1,), scores.shape[0])])
         self.stat = stat if self.stat is None else self.stat + stat
 
+    def clear(self) -> None:
+        """Forget what was recorded since the last :meth:`pop` (a skipped step, forwards before training)."""
+        self.stat, self.pooled = None, []
+
     def pop(self, num_experts: int, device: torch.device) -> torch.Tensor:
         """The step's record, cleared: ``[E+1]`` / ``[E*B+1]`` (zeros when nothing was recorded) or
         ``[N, E]`` pooled scores (``[0, E]`` when none)."""

@@ -5,8 +5,10 @@ Shape legend: T tokens, D hidden size, E routed experts, K experts per token, L 
 :func:`apply_loss_free_balancing` finds every MoE router of a model and makes an expert-wise
 float32 bias steer its top-K choice (eq. 3 of the paper) while the gate weights stay those of the
 model's own scoring. It returns a :class:`LossFreeBalancing` handle that updates the biases once
-per optimizer step (Algorithm 1, through :meth:`moebalance.LossFreeBalancer.bias_delta`) and
-reports the loads; :class:`LossFreeBalancingCallback` does that inside a ``Trainer``.
+per optimizer step (Algorithm 1 or another rule of :mod:`moebalance.rules`, through
+:meth:`moebalance.LossFreeBalancer.bias_delta`; Quantile Balancing from the routers' recorded
+scores through :meth:`~moebalance.LossFreeBalancer.score_delta`, :mod:`.scores`) and reports the
+loads; :class:`LossFreeBalancingCallback` does that inside a ``Trainer``.
 
 No router is re-implemented and no class name is listed. A router is what it does: the module
 whose forward makes one ``topk`` over the ``E`` expert scores of each token (:mod:`.discovery`

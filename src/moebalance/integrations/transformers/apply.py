@@ -11,10 +11,12 @@ from torch import nn
 
 from moebalance.balancing import LossFreeBalancer, UpdateMode
 from moebalance.integrations.transformers.checkpoint import read_biases, record_in_config
-from moebalance.integrations.transformers.handle import LossFreeBalancing, check_mode, timed_all_reduce
+from moebalance.integrations.transformers.handle import LossFreeBalancing, check_mode, rule_setting, timed_all_reduce
 from moebalance.integrations.transformers.patch import install, log
 from moebalance.integrations.transformers.routers import install_mask_hooks
+from moebalance.integrations.transformers.scores import check_aux_loss
 from moebalance.routing import is_finite_number
+from moebalance.rules import BiasRule
 
 
 def _disable_aux_loss(model: nn.Module) -> list[str]:
@@ -119,9 +121,10 @@ def _load_initial_biases(handle: LossFreeBalancing, load_biases_from) -> None:
         log.info("loaded the expert biases of %d routers from %s", n, load_biases_from)
 
 
-def _new_handle(model: nn.Module, found, handle: LossFreeBalancing, load_biases_from) -> LossFreeBalancing:
+def _new_handle(model: nn.Module, found, handle: LossFreeBalancing, load_biases_from, probe_inputs) -> LossFreeBalancing:
     """Wire a new handle to the model: padding-mask hooks, router back-references, initial
     biases, the record in ``model.config``."""
+    handle._probe_inputs = probe_inputs
     handle.hooks = install_mask_hooks(model, found[0][1]._moebalance_mask)
     for _, router in found:
         router._moebalance_handle = handle
@@ -130,12 +133,24 @@ def _new_handle(model: nn.Module, found, handle: LossFreeBalancing, load_biases_
     return handle
 
 
+def _patch(model: nn.Module, balancer: LossFreeBalancer, probe_inputs, disable_aux_loss: bool) -> list:
+    """``(name, module)`` of the routers :func:`~.patch.install` patched (with the quantile rule's
+    checks when it needs scores), the model's aux loss disabled when asked (refused beside the
+    quantile rule otherwise)."""
+    if balancer.rule.needs_scores and not disable_aux_loss:
+        check_aux_loss(model)
+    found = [(r.name, r.module) for r in install(model, probe_inputs, scores=balancer.rule.needs_scores)]
+    if disable_aux_loss and (changed := _disable_aux_loss(model)):
+        log.info("auxiliary load-balancing loss disabled: %s set to 0/False", ", ".join(changed))
+    return found
+
+
 def apply_loss_free_balancing(
     model: nn.Module,
     update_rate: float = 1e-3,
     disable_aux_loss: bool = True,
     *,
-    update: UpdateMode = "sign",
+    update: UpdateMode | BiasRule = "sign",
     center: bool = False,
     all_reduce: Callable[[torch.Tensor], None] | Literal["auto"] | None = "auto",
     load_biases_from: str | Path | Literal["auto"] | None = "auto",
@@ -163,15 +178,16 @@ def apply_loss_free_balancing(
 
     Args:
         model: a transformers model (``...ForCausalLM``, base model, or any module holding the routers).
-        update_rate: ``u > 0`` of Algorithm 1 (paper default 1e-3).
+        update_rate: ``u > 0`` of Algorithm 1 (paper default 1e-3; the quantile rule has none).
         disable_aux_loss: set the model's (and its config's) ``router_aux_loss_coef`` to 0 and
             ``output_router_logits`` to False: that loss recounts the top-K without the bias.
-        update: the bias rule: ``"sign"`` (Algorithm 1), ``"error"`` (the paper's ablation),
-            ``"smebu"`` or ``"proportional"`` (:mod:`moebalance.rules`); the ``"quantile"`` rule
-            needs the routers' scores and is refused by :meth:`LossFreeBalancing.step`.
+        update: the bias rule (:mod:`moebalance.rules`), by name with its default options:
+            ``"sign"`` (Algorithm 1), ``"error"``, ``"smebu"``, ``"proportional"``, ``"quantile"``
+            (Quantile Balancing, from the routers' scores: :mod:`.scores`); or as a rule object with
+            options, e.g. ``QuantileRule(estimator="histogram", ema=0.9, window=4)``.
         center: subtract each layer's mean bias after every update (see :class:`~moebalance.LossFreeBalancer`).
-        all_reduce: in-place sum of the ``[L, E]`` loads over data-parallel ranks; ``"auto"`` uses
-            ``torch.distributed`` when a process group with more than one rank is running.
+        all_reduce: in-place sum over data-parallel ranks of the ``[L, E]`` loads (and the quantile
+            rule's records); ``"auto"``: ``torch.distributed``, when a group of over one rank runs.
         load_biases_from: a ``save_pretrained`` folder to read the biases from; ``"auto"``: the
             folder the model was loaded from (``model.name_or_path``) when it is a local folder.
         dist_timeout_s: seconds the ``"auto"`` all-reduce waits for the other ranks before raising
@@ -187,8 +203,10 @@ def apply_loss_free_balancing(
     Raises:
         ValueError: a meta-device model; no router in ``model``, or a router that cannot carry the
             bias (the message names the router class and why); a bad ``update_rate`` / ``update`` /
-            ``center`` / ``dist_timeout_s`` / ``all_reduce`` / ``disable_aux_loss`` / ``mode``; or a
-            second call with other settings or an explicit ``load_biases_from``.
+            ``center`` / ``dist_timeout_s`` / ``all_reduce`` / ``disable_aux_loss`` / ``mode``; a
+            second call with other settings or an explicit ``load_biases_from``; for
+            ``"quantile"``, group-limited routing, an own bias not added to the scores, or
+            ``disable_aux_loss=False`` with the model's aux loss on (:func:`.scores.check_scores`).
         TypeError: ``model``, ``probe_inputs`` or ``load_biases_from`` of the wrong type.
         FileNotFoundError: ``load_biases_from`` names no folder of safetensors files.
         RuntimeError: the probe forward failed, or the probe found the routing changed or a router
@@ -197,16 +215,13 @@ def apply_loss_free_balancing(
     _check_args(update_rate, dist_timeout_s, load_biases_from, all_reduce, disable_aux_loss, model, probe_inputs)
     balancer = LossFreeBalancer(update_rate, update, center=center)
     check_mode(mode, freeze_after_steps)
-    settings = dict(update_rate=float(update_rate), update=update, center=center, all_reduce=all_reduce,
+    settings = dict(update_rate=float(update_rate), update=rule_setting(balancer), center=center, all_reduce=all_reduce,
                     dist_timeout_s=dist_timeout_s, mode=mode, freeze_after_steps=freeze_after_steps)
-    existing = _existing_handle(model, settings, load_biases_from)
-    if existing is not None:
+    if (existing := _existing_handle(model, settings, load_biases_from)) is not None:
         if disable_aux_loss:
             _disable_aux_loss(model)
         return existing
-    found = [(r.name, r.module) for r in install(model, probe_inputs)]
-    if disable_aux_loss and (changed := _disable_aux_loss(model)):
-        log.info("auxiliary load-balancing loss disabled: %s set to 0/False", ", ".join(changed))
+    found = _patch(model, balancer, probe_inputs, disable_aux_loss)
     reduce = timed_all_reduce(dist_timeout_s) if all_reduce == "auto" else all_reduce
-    return _new_handle(model, found, LossFreeBalancing(model, found, balancer, reduce, settings, mode,
-                                                       freeze_after_steps), load_biases_from)
+    handle = LossFreeBalancing(model, found, balancer, reduce, settings, mode, freeze_after_steps)
+    return _new_handle(model, found, handle, load_biases_from, probe_inputs)

@@ -135,6 +135,7 @@ def record_in_config(handle) -> None:
         "paper": "arXiv 2408.15664",
         "bias_update_rate": handle.balancer.update_rate,
         "bias_update": handle.balancer.update,
+        "bias_rule": repr(handle.balancer.rule),  # with its options (QuantileRule(estimator=..., ema=...))
         "bias_center": handle.balancer.center,
         "bias_name": name,
         "bias_keys": saved_keys(handle.model, [s.key for s in slots]),

@@ -40,6 +40,14 @@ def check_mode(mode, freeze_after_steps) -> None:
         )
 
 
+def rule_setting(balancer: LossFreeBalancer) -> str:
+    """The rule as :attr:`LossFreeBalancing.settings` records it: its name when it has its default
+    options (``"sign"``, ``"quantile"``), else its repr (``"QuantileRule(estimator='pooled', ...)"``)."""
+    from moebalance.rules import make_rule
+
+    return balancer.update if repr(balancer.rule) == repr(make_rule(balancer.update)) else repr(balancer.rule)
+
+
 def timed_all_reduce(timeout_s: float | None) -> Callable[[torch.Tensor], None]:
     """Sum ``[L, E]`` loads over data-parallel ranks when a process group of more than one rank
     is running (DDP, FSDP); a no-op otherwise.
@@ -219,14 +227,28 @@ class LossFreeBalancing:
 
     @balancer.setter
     def balancer(self, balancer: LossFreeBalancer) -> None:
+        from moebalance.integrations.transformers import scores
+
         if not isinstance(balancer, LossFreeBalancer):
             raise TypeError(f"balancer must be a moebalance.LossFreeBalancer, got {type(balancer).__name__}")
+        later = hasattr(self, "settings")  # not during __init__: apply checks and records itself
+        if later and balancer.rule.needs_scores:  # refused before anything changes
+            scores.check_aux_loss(self.model)
+            scores.check_scores(self.model, self.probe_inputs(), list(zip(self.router_names, self.routers)))
         self._balancer = balancer
-        if hasattr(self, "settings"):  # not during __init__: apply records the config itself
+        scores.set_recorders(self.routers, balancer.rule)
+        if later:
             from moebalance.integrations.transformers.checkpoint import record_in_config
 
-            self.settings.update(update_rate=balancer.update_rate, update=balancer.update, center=balancer.center)
+            self.settings.update(update_rate=balancer.update_rate, update=rule_setting(balancer), center=balancer.center)
             record_in_config(self)
+
+    def probe_inputs(self) -> dict:
+        """The probe inputs given to ``apply_loss_free_balancing`` (default: :func:`~.discovery.probe_batch`)."""
+        from moebalance.integrations.transformers.discovery import probe_batch
+
+        given = getattr(self, "_probe_inputs", None)
+        return given if given is not None else probe_batch(self.model)
 
     @property
     def mode(self) -> BiasMode:
@@ -271,6 +293,8 @@ class LossFreeBalancing:
             return f"{head}: mode=frozen (loads counted and logged, biases never moved)"
         b = self.balancer
         rate = f"update_rate={b.update_rate:g} ({b.update} rule{', centred' if b.center else ''})"
+        if b.rule.needs_scores:
+            rate = f"{b.rule!r} (no rate: the bias is set from the scores' quantiles)"
         if self._freeze_after_steps is None:
             return f"{head}: mode=update, {rate}, after every optimizer step"
         return f"{head}: mode=update for the first {self._freeze_after_steps} optimizer steps then frozen, {rate}"
@@ -346,9 +370,26 @@ class LossFreeBalancing:
         return torch.stack([r.moebalance_load_counts.detach().cpu() for r in self.routers])
 
     def reset_loads(self) -> None:
-        """Forget the loads counted since the last step."""
+        """Forget the loads counted (and the scores recorded, for the quantile rule) since the last step."""
         for r in self.routers:
             r.moebalance_load_counts.zero_()
+            recorder = r.__dict__.get("moebalance_score_recorder")
+            if recorder is not None:
+                recorder.clear()
+
+    def score_recorders(self) -> list:
+        """The routers' :class:`~moebalance.rules.ScoreRecorder` s (a score-based rule: quantile).
+
+        Raises:
+            ValueError: a router has none (its forward records no scores).
+        """
+        recorders = [r.__dict__.get("moebalance_score_recorder") for r in self.routers]
+        if any(rec is None for rec in recorders):
+            raise ValueError(
+                f"bias_update={self.balancer.update!r} needs the routers' scores, but a router records none: "
+                "assign the rule through handle.balancer (which sets the recorders up)"
+            )
+        return recorders
 
     def discard_step(self) -> None:
         """An optimizer step was skipped (inf/NaN gradients under a ``GradScaler``, a Trainer
@@ -374,22 +415,31 @@ class LossFreeBalancing:
         every rank applies the same update and the biases stay identical. A layer with no load
         (no training forward since the last step) is left unchanged. With ``mode="frozen"`` (or
         after ``freeze_after_steps``) the loads are still read, reduced and returned, and the
-        biases stay as they are.
+        biases stay as they are. The ``quantile`` rule sets the biases from the scores the
+        routers recorded since the previous call instead (every micro-batch of the step, reduced
+        over ranks as its estimator says: :meth:`moebalance.LossFreeBalancer.score_delta`); when
+        frozen, its window still takes the step.
 
         Returns:
             ``[L, E]`` float32 global loads used for the update.
         """
         self.announce()
         loads_LE = torch.stack([r.moebalance_load_counts for r in self.routers]).clone()
+        biases = self.bias_tensors()
+        delta_LE = None
+        if self.balancer.rule.needs_scores:  # every step, frozen too: the rule's window keeps up
+            current = torch.stack([b.detach().float() for b in biases])
+            rate = 1.0 if self.update_biases else 0.0
+            delta_LE = self.balancer.score_delta(self.score_recorders(), current, rate, self.all_reduce)
         self.reset_loads()
         if self.all_reduce is not None:
             self.all_reduce(loads_LE)
         if self._freeze_after_steps is not None and self.steps == self._freeze_after_steps:
             log.info("Loss-Free Balancing: biases frozen after %d optimizer steps (freeze_after_steps)", self.steps)
         if self.update_biases:
-            biases = self.bias_tensors()
-            current = torch.stack([b.to(loads_LE.device) for b in biases]) if self.balancer.center else None
-            delta_LE = self.balancer.bias_delta(loads_LE, current)
+            if delta_LE is None:
+                current = torch.stack([b.to(loads_LE.device) for b in biases]) if self.balancer.center else None
+                delta_LE = self.balancer.bias_delta(loads_LE, current)
             for bias, delta_E in zip(biases, delta_LE):
                 bias += delta_E.to(bias.device, bias.dtype)
         self.steps += 1

@@ -22,6 +22,7 @@ from moebalance.integrations.transformers.discovery import Router, expert_counts
 from moebalance.integrations.transformers.own_bias import BiasSlot, adopt, find_own_slot
 from moebalance.integrations.transformers.probe import check_identical, check_steers, tensors_of
 from moebalance.integrations.transformers.routers import COUNTERS, TokenMask, init_counters, keep_fp32
+from moebalance.integrations.transformers.scores import check_scores
 from moebalance.integrations.transformers.selection import steer_forward, unsteer_forward
 
 log = logging.getLogger("moebalance.integrations.transformers")
@@ -86,23 +87,24 @@ def uninstall(routers: list[nn.Module]) -> None:
         slot = m.__dict__.pop("_moebalance_slot", None)
         if slot is not None and not slot.own:
             slot.holder._buffers.pop(slot.name, None)
-        for name in (*COUNTERS, "_moebalance_mask", "_moebalance_choice"):
+        for name in (*COUNTERS, "_moebalance_mask", "_moebalance_choice", "moebalance_score_recorder"):
             m.__dict__.pop(name, None)
 
 
-def install(model: nn.Module, probe_inputs: dict | None = None) -> list[Router]:
+def install(model: nn.Module, probe_inputs: dict | None = None, scores: bool = False) -> list[Router]:
     """Find, patch and prove every router of ``model`` (see the module docstring).
 
     Args:
         model: a transformers model, or any module that ``probe_inputs`` can be fed to.
         probe_inputs: keyword inputs of the probe forward; default ``[2, 11]`` random token ids.
+        scores: also check that Quantile Balancing applies (:func:`.scores.check_scores`).
 
     Returns:
         The routers, in module order, each with ``module._moebalance_slot`` and its counters.
 
     Raises:
-        ValueError: the model is on the meta device, no router found, or a router cannot carry the
-            bias (named, with the reason).
+        ValueError: the model is on the meta device, no router found, a router cannot carry the
+            bias (named, with the reason), or (``scores``) Quantile Balancing does not apply.
         RuntimeError: the probe forward failed, or the probe found the routing changed or the
             bias not steering (the router class is named); nothing stays patched.
     """
@@ -132,6 +134,8 @@ def install(model: nn.Module, probe_inputs: dict | None = None) -> list[Router]:
                 check_steers(model, inputs, routers, [s.tensor() for s in slots])
             else:
                 log.info("the model's weights are not finite (not initialised?): the steering check is skipped")
+        if scores:
+            check_scores(model, inputs, [(r.name, r.module) for r in routers])
     except BaseException:
         uninstall(done)
         raise

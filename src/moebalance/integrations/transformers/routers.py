@@ -118,9 +118,15 @@ def init_counters(router: nn.Module, num_experts: int, device: torch.device, mas
     router._moebalance_mask = mask
 
 
-def count(router: nn.Module, index_TK: torch.Tensor, finite_T: torch.Tensor | None = None) -> None:
+def count(router: nn.Module, index_TK: torch.Tensor, finite_T: torch.Tensor | None = None,
+          scored: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Add one forward's ``[..., K]`` choice to the router's counters, padding excluded, and tokens
     whose scores were not finite (``finite_T`` False) excluded: they carry no load.
+
+    ``scored``: ``(s [..., E], b [E])``, the unbiased selection scores and the bias of the choice
+    (:class:`~.selection.SelectionMode`); a training forward that counts also hands the scores of
+    the tokens it counts (the same mask) to the router's ``moebalance_score_recorder``, when it has
+    one (a :class:`moebalance.rules.ScoreRecorder`, for Quantile Balancing).
 
     Training forwards with grad enabled go to ``moebalance_load_counts``: a forward under
     ``torch.no_grad()`` in training mode (RL rollouts, ``generate()``) is not a training step's
@@ -150,6 +156,10 @@ def count(router: nn.Module, index_TK: torch.Tensor, finite_T: torch.Tensor | No
             counter = counter.to(counts.device)
             setattr(router, name, counter)
         counter += counts.to(counter.dtype)
+        recorder = router.__dict__.get("moebalance_score_recorder")
+        if scored is not None and recorder is not None and router.training:
+            scores = scored[0].reshape(-1, scored[0].shape[-1])
+            recorder(scores, scored[1].to(scores.device), mask)
 
 
 def keep_fp32(holder: nn.Module, names: list[str], device_of: Callable[[], torch.device]) -> None:

@@ -14,7 +14,9 @@ intercepts exactly that call (``torch.topk`` or ``Tensor.topk`` on a tensor whos
   group scores each group by a top-K over all ``E`` experts first), the last one is the choice;
 * for routers without a selection bias of their own, chooses the top-K on ``scores + expert_bias``
   and returns the *unbiased* scores of the chosen experts as the values (eq. 3: the bias only
-  selects, the gate weights are computed by the model's own code from the unbiased scores).
+  selects, the gate weights are computed by the model's own code from the unbiased scores);
+* for a score-based bias rule (Quantile Balancing), keeps the unbiased selection scores ``s``
+  ``[T, E]`` and the bias ``b`` of the choice for the router's ``moebalance_score_recorder``.
 
 A router that has its own bias (``e_score_correction_bias``, ``expert_bias``) already adds it
 before this call; the mode then only records. Everything else in the forward runs unchanged,
@@ -60,23 +62,34 @@ class SelectionMode(TorchFunctionMode):
         bias_E: ``[E]`` float32 bias added to the scores for the choice only, or ``None`` (the
             router applies its own bias; only record).
         on_select: called on leaving the mode with the ``[..., K]`` indices of the last matching
-            top-K (expert dimension last) and the ``[...]`` mask of tokens whose scores were finite.
+            top-K (expert dimension last), the ``[...]`` mask of tokens whose scores were finite,
+            and ``(s [..., E], b [E])`` when ``own_bias_E`` or ``record_scores`` asks for the
+            scores (else ``None``).
+        record_scores: keep, for a score-based bias rule (Quantile Balancing), the unbiased
+            selection scores ``s`` (a float32 copy, expert dimension last) and the bias ``b`` whose
+            ``s + b`` the top-K was taken on: with ``bias_E``, ``s`` is the top-K input and
+            ``b = bias_E``; without, the top-K input is ``s + b`` for the router's own bias
+            ``own_bias_E`` (``b``), so ``s`` = input - ``b`` (to float32 rounding).
+        own_bias_E: the router's own ``[E]`` bias (only read when ``record_scores`` and no ``bias_E``).
 
     Source: the selection rule of arXiv 2408.15664 eq. 3; the interception itself is ours.
     """
 
     def __init__(self, num_experts: int, top_k: int, bias_E: torch.Tensor | None,
-                 on_select: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
+                 on_select: Callable[..., None], record_scores: bool = False,
+                 own_bias_E: torch.Tensor | None = None) -> None:
         super().__init__()
         self.num_experts, self.top_k, self.bias_E, self.on_select = num_experts, top_k, bias_E, on_select
+        self.record_scores, self.own_bias_E = record_scores, own_bias_E
         self.calls = 0
         self.last_index: torch.Tensor | None = None
         self.last_finite: torch.Tensor | None = None
+        self.last_scored: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __exit__(self, *exc):
         out = super().__exit__(*exc)
         if self.last_index is not None and exc[0] is None:
-            self.on_select(self.last_index, self.last_finite)
+            self.on_select(self.last_index, self.last_finite, self.last_scored)
         return out
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
@@ -89,18 +102,28 @@ class SelectionMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
     def _select(self, scores: torch.Tensor, dim: int, sorted_: bool):
+        shape = [1] * scores.dim()
+        shape[dim] = self.num_experts
         if self.bias_E is None:
             values, index = torch.topk(scores, self.top_k, dim=dim, sorted=sorted_)
         else:
-            shape = [1] * scores.dim()
-            shape[dim] = self.num_experts
             bias = self.bias_E.to(scores.device).view(shape)
             index = torch.topk(scores.detach() + bias, self.top_k, dim=dim, sorted=sorted_).indices
             values = scores.gather(dim, index)  # unbiased: the bias only selects (eq. 3)
             values = floor_underflowed(values, dim)
         self.last_index = index.movedim(dim, -1)
         self.last_finite = scored_tokens(scores, dim)
+        if self.record_scores:
+            self.last_scored = self._scores(scores.detach(), dim, shape)
         return torch.return_types.topk((values, index))
+
+    def _scores(self, x: torch.Tensor, dim: int, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(s [..., E] float32, b [E])`` of a top-K input ``x`` (see ``record_scores``); a copy,
+        so that the router's code after the top-K cannot change it."""
+        if self.bias_E is not None:
+            return x.to(torch.float32, copy=True).movedim(dim, -1), self.bias_E
+        bias = self.own_bias_E.detach().to(x.device, torch.float32)
+        return (x.float() - bias.view(shape)).movedim(dim, -1), bias
 
 
 def scored_tokens(scores: torch.Tensor, dim: int) -> torch.Tensor:
@@ -155,5 +178,7 @@ def unsteer_forward(module: nn.Module) -> None:
 def _steered_forward(self: nn.Module, *args, **kwargs):
     num_experts, top_k, added = self._moebalance_choice
     bias = None if added is None else getattr(self, added)
-    with SelectionMode(num_experts, top_k, bias, functools.partial(count, self)):
+    record = self.__dict__.get("moebalance_score_recorder") is not None  # a score-based rule (quantile)
+    own = self._moebalance_slot.tensor() if record and added is None else None
+    with SelectionMode(num_experts, top_k, bias, functools.partial(count, self), record, own):
         return self._moebalance_inner_forward(*args, **kwargs)

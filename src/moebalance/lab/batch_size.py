@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from moebalance.lab.floor import floor_of
-from moebalance.lab.reporting import load_metrics, plot_against_size
+from moebalance.lab.floor import floor_of, load_frozen, sampling_floor
+from moebalance.lab.reporting import load_metrics, plot_against_size, run_colours
 from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.runfiles import read_json_object
@@ -235,9 +235,13 @@ def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, d
     entry: an interrupted study continues where it stopped; a file made with other settings or
     other weights is recomputed.
 
+    Also the validation split's own floor on those weights (:func:`~moebalance.lab.floor.sampling_floor`):
+    ``"sampling": {"slice": ... on the floors' validation tokens, "split": ... on the whole split}``.
+
     Returns:
-        ``{"weights": run name, "updates", "eval_tokens", "entries": {METHOD_tT: {"floor", "curve", "time_s"}}}``;
-        no entries when the base size's ``sign`` run is not in ``run_dirs``.
+        ``{"weights": run name, "updates", "eval_tokens", "entries": {METHOD_tT: {"floor", "curve",
+        "time_s"}}, "sampling"}``; no entries and no ``sampling`` when the base size's ``sign`` run
+        is not in ``run_dirs``.
     """
     weights = f"sign_t{base_tokens_per_step(base)}"
     key = {"weights": weights, "updates": FLOOR_UPDATES, "eval_tokens": FLOOR_EVAL_TOKENS}
@@ -249,15 +253,21 @@ def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, d
         cached = read_json_object(path) if path.exists() else {}
     except ValueError:  # damaged: recomputed
         cached = {}
-    entries = cached.get("entries", {}) if all(cached.get(k) == v for k, v in key.items()) else {}
+    same = all(cached.get(k) == v for k, v in key.items())
+    entries = cached.get("entries", {}) if same else {}
+    sampling = cached.get("sampling") if same else None
+    if sampling is None:  # the validation split's own floor, on the weights' routing
+        model, cfg, _ = load_frozen(run_dirs[weights], data=data)
+        sampling = {"slice": sampling_floor(model, data, cfg, FLOOR_EVAL_TOKENS), "split": sampling_floor(model, data, cfg, 0)}
+        write_json(path, key | {"entries": entries, "sampling": sampling})
     todo = [(m, t) for m in BIAS_METHODS for t in sizes if f"{m}_t{t}" not in entries]
     for method, size in tqdm(todo, desc="frozen-weight floors", disable=not progress or not todo):
         balance = apply_overrides(base, STUDY_METHODS[method]).balance
         start = time.perf_counter()
         res = floor_of(run_dirs[weights], balance, size // base.train.seq_len, FLOOR_UPDATES, FLOOR_EVAL_TOKENS, data)
         entries[f"{method}_t{size}"] = res | {"time_s": time.perf_counter() - start}
-        write_json(path, key | {"entries": entries})
-    return key | {"entries": entries}
+        write_json(path, key | {"entries": entries, "sampling": sampling})
+    return key | {"entries": entries, "sampling": sampling}
 
 
 def _fmt(value: Any, kind: str) -> str:
@@ -300,6 +310,15 @@ def _seed_table(seeds: dict[str, dict[str, tuple[float, float, int]]]) -> list[s
     return lines
 
 
+def _sampling_row(floors: dict[str, Any], which: str, n_sizes: int) -> list[str]:
+    """The table row "perfect balance, as measured" (:func:`~moebalance.lab.floor.sampling_floor`), or none."""
+    sampling = floors.get("sampling")
+    if not sampling:
+        return []
+    f = sampling[which]
+    return ["| perfect balance, as measured | " + " | ".join([f"{f['floor']:.3f} ± {f['std']:.3f}"] * n_sizes) + " |"]
+
+
 def render_study_markdown(report: dict[str, Any]) -> str:
     """The study's ``study.md``: setting and command, one table per measure (methods x tokens per
     step), the seed spread at the base size, the plots."""
@@ -323,6 +342,7 @@ def render_study_markdown(report: dict[str, Any]) -> str:
         "## MaxVio_global at the end of training (validation split)",
         "",
         *_size_table(rows, sizes, "maxvio_global", "vio", STUDY_METHODS),
+        *_sampling_row(floors, "split", len(sizes)),
         "",
         "## MaxVio_batch, mean over the last quarter of the steps",
         "",
@@ -344,6 +364,11 @@ def render_study_markdown(report: dict[str, Any]) -> str:
         f"updates, each on the first {floors['eval_tokens']:,} validation tokens.",
         "",
         *_size_table({k: {"floor": v["floor"]} for k, v in floors["entries"].items()}, sizes, "floor", "vio", BIAS_METHODS),
+        *_sampling_row(floors, "slice", len(sizes)),
+        "",
+        "Perfect balance, as this validation set measures it: the MaxVio_global that routing balanced exactly "
+        "on the distribution the validation chunks are drawn from would show on them (mean ± std of a bootstrap "
+        "over the chunks, on the weights above; `moebalance.lab.floor.sampling_floor`).",
         "",
         f"## Seeds at T = {base}",
         "",
@@ -367,11 +392,18 @@ def _plots(out: Path, report: dict[str, Any]) -> None:
     def series(field: str, methods, table=rows) -> dict[str, dict[int, float]]:
         return {m: {t: table[f"{m}_t{t}"][field] for t in report["sizes"] if f"{m}_t{t}" in table} for m in methods}
 
-    noise = {int(k): v for k, v in report["noise_floor"].items()}
-    plot_against_size(series("maxvio_global", STUDY_METHODS), out / "maxvio_global_vs_tokens.png", "MaxVio_global (validation)", "Balance at the end of training, same tokens in total")
-    plot_against_size(series("maxvio_batch_end", STUDY_METHODS), out / "maxvio_batch_vs_tokens.png", "MaxVio_batch (last quarter of the steps)", "Balance of each step's batch", reference=noise)
-    plot_against_size(series("floor", BIAS_METHODS, floors), out / "floor_vs_tokens.png", "MaxVio_global (validation)", "Floor of each rule with frozen weights")
-    plot_against_size(series("val_ppl", STUDY_METHODS), out / "ppl_vs_tokens.png", "validation perplexity", "Quality, same tokens in total", log_y=False)
+    noise = ("uniform random routing", {int(k): v for k, v in report["noise_floor"].items()})
+    sampling = report["floors"].get("sampling")
+    measured = lambda which: ("perfect balance, as measured", dict.fromkeys(report["sizes"], sampling[which]["floor"])) if sampling else None  # noqa: E731
+    c = run_colours(STUDY_METHODS)
+    plot_against_size(series("maxvio_global", STUDY_METHODS), out / "maxvio_global_vs_tokens.png", "MaxVio_global (validation)",
+                      "Balance at the end of training, same tokens in total", reference=measured("split"), colours=c)
+    plot_against_size(series("maxvio_batch_end", STUDY_METHODS), out / "maxvio_batch_vs_tokens.png", "MaxVio_batch (last quarter of the steps)",
+                      "Balance of each step's batch", reference=noise, colours=c)
+    plot_against_size(series("floor", BIAS_METHODS, floors), out / "floor_vs_tokens.png", "MaxVio_global (validation slice)",
+                      "Floor of each rule with frozen weights", reference=measured("slice"), colours=c)
+    plot_against_size(series("val_ppl", STUDY_METHODS), out / "ppl_vs_tokens.png", "validation perplexity",
+                      "Quality, same tokens in total", log_y=False, colours=c)
 
 
 def study_report(

@@ -16,16 +16,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from moebalance.balancing import LossFreeBalancer, rule_from_config
 from moebalance.train.checkpoint import load_checkpoint
 from moebalance.train.config import BalanceConfig, RunConfig
-from moebalance.train.data import TokenData, prepare_data, sample_batch
+from moebalance.train.data import TokenData, batch_at, eval_window_offsets, prepare_data, sample_batch
 from moebalance.train.loop import evaluate
 from moebalance.train.model import MoETransformer
 
-__all__ = ["bias_only_updates", "floor_of", "load_frozen"]
+__all__ = ["bias_only_updates", "floor_of", "load_frozen", "sampling_floor", "window_loads"]
 
 
 def load_frozen(run_dir: str | Path, state: dict | None = None, data: TokenData | None = None):
@@ -137,3 +138,55 @@ def floor_of(
         "floor": sum(r["maxvio_global"] for r in curve) / len(curve),
         "curve": [{"step": r["step"], "maxvio_global": r["maxvio_global"]} for r in curve],
     }
+
+
+def window_loads(model: MoETransformer, data: TokenData, cfg: RunConfig, eval_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each validation window's expert loads: ``([W, L, E] float64 token counts, [W] int64
+    offsets)``, over the windows :func:`~moebalance.train.evaluate` reads with ``eval_tokens``
+    (0: the whole split), one forward per window, in evaluation mode."""
+    was_training = model.training
+    model.eval()
+    offsets = eval_window_offsets(data.val, cfg.train.seq_len, eval_tokens)
+    loads = []
+    with torch.no_grad():
+        for start in offsets:
+            x, _ = batch_at(data.val, start.view(1), cfg.train.seq_len)
+            out = model(x.to(cfg.train.device))
+            loads.append(torch.stack([r.tokens_per_expert for r in out.routing]).double().cpu().numpy())
+    model.train(was_training)
+    return np.stack(loads), offsets.numpy()
+
+
+def sampling_floor(
+    model: MoETransformer, data: TokenData, cfg: RunConfig, eval_tokens: int, draws: int = 500, seed: int = 0
+) -> dict[str, float]:
+    """The MaxVio_global a validation slice shows for routing that is *perfectly* balanced on the
+    distribution the slice is drawn from: the measurement's own floor.
+
+    MaxVio_global (arXiv 2408.15664 §4.1, eq. 5) of a finite validation set scatters around the
+    population's value: the held-out text is a sample of independently drawn chunks
+    (``data.val_chunk_tokens`` tokens each, the split's unit), and experts specialise, so one
+    chunk's loads are far from uniform. Null model: each expert's per-window loads shifted so that
+    its mean over the slice equals the mean of all experts (the chunk-to-chunk spread kept, the
+    imbalance removed); then a block bootstrap over chunks (``draws`` resamples with replacement,
+    numpy, fixed ``seed``) gives the MaxVio_global of that balanced routing on slices of this size.
+
+    Returns:
+        ``{"floor": mean, "std": standard deviation over the resamples, "measured": the slice's own
+        MaxVio_global, "chunks": chunks in the slice, "tokens": tokens in the slice}``.
+    """
+    loads, offsets = window_loads(model, data, cfg, eval_tokens)
+    unit = cfg.data.val_chunk_tokens if cfg.data.val_split == "chunks" else cfg.train.seq_len
+    _, chunk_of = np.unique(offsets // unit, return_inverse=True)
+    chunks = np.zeros((chunk_of.max() + 1, *loads.shape[1:]))
+    np.add.at(chunks, chunk_of, loads)
+    per_expert = chunks.mean(0, keepdims=True)
+    null = chunks - per_expert + per_expert.mean(-1, keepdims=True)
+
+    def maxvio(total_LE: np.ndarray) -> float:
+        return float((total_LE.max(-1) / total_LE.mean(-1) - 1).mean())
+
+    rng = np.random.default_rng(seed)
+    n = len(null)
+    vios = [maxvio(null[rng.integers(0, n, n)].sum(0)) for _ in range(draws)]
+    return {"floor": float(np.mean(vios)), "std": float(np.std(vios)), "measured": maxvio(chunks.sum(0)), "chunks": n, "tokens": int(len(offsets) * cfg.train.seq_len)}

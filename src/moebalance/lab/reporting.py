@@ -180,25 +180,32 @@ def maxvio_global_label(val_split: str | None) -> str:
 
 def plot_against_size(
     series: dict[str, dict[int, float]], path: str | Path, ylabel: str, title: str, log_y: bool = True,
-    reference: dict[int, float] | None = None,
+    reference: tuple[str, dict[int, float]] | None = None, colours: dict[str, str] | None = None,
 ) -> None:
     """One line per method of a metric against tokens per step (log x), for the batch-size study.
 
     Args:
         series: method -> {tokens per step: value}; a missing size or a ``None`` value is a gap.
         path: PNG to write.
-        reference: drawn dashed in grey, labelled "uniform random routing" (the noise floor).
+        reference: ``(label, {tokens per step: value})`` drawn dashed in grey (a floor).
+        colours: method -> colour (default :func:`run_colours` of ``series``), so that several
+            figures of one report give a method one colour.
     """
+    from matplotlib.ticker import NullLocator
+
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = run_colours(series)
+    colours = colours or run_colours(series)
     for name, values in series.items():
         pts = sorted((t, v) for t, v in values.items() if v is not None)
         ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name, color=colours[name])
     if reference:
-        pts = sorted(reference.items())
-        ax.plot([t for t, _ in pts], [v for _, v in pts], "--", color="grey", label="uniform random routing")
+        pts = sorted(reference[1].items())
+        ax.plot([t for t, _ in pts], [v for _, v in pts], "--", color="grey", label=reference[0])
     ax.set_xscale("log", base=2)
+    sizes = sorted({t for values in series.values() for t in values})
+    ax.set_xticks(sizes, [f"{t:,}" for t in sizes], rotation=30)
+    ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xlabel("tokens per step")
     ax.set_ylabel(ylabel)
     if log_y:

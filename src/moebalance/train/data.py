@@ -49,6 +49,7 @@ __all__ = [
     "chunk_runs",
     "chunk_split",
     "eval_batches",
+    "eval_window_offsets",
     "iter_rank_batches",
     "prepare_data",
     "sample_batch",
@@ -519,6 +520,22 @@ def sample_batch(
     return batch_at(data, offsets, seq_len)
 
 
+def eval_window_offsets(data: np.ndarray, seq_len: int, max_tokens: int = 0) -> torch.Tensor:
+    """``[W]`` int64 start offsets of the windows :func:`eval_batches` reads, in its order.
+
+    Raises:
+        ValueError: the split is shorter than one window.
+    """
+    n_windows = (len(data) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"the validation split has {len(data)} tokens, fewer than train.seq_len+1={seq_len + 1}")
+    window_ids = torch.arange(n_windows)
+    if max_tokens and max_tokens // seq_len < n_windows:
+        keep = max(1, max_tokens // seq_len)
+        window_ids = torch.linspace(0, n_windows - 1, keep).round().long().unique()
+    return window_ids * seq_len
+
+
 def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_tokens: int = 0):
     """Non-overlapping windows over the validation split, in order.
 
@@ -531,14 +548,7 @@ def eval_batches(data: np.ndarray, batch_size: int, seq_len: int, max_tokens: in
     Raises:
         ValueError: the split is shorter than one window.
     """
-    n_windows = (len(data) - 1) // seq_len
-    if n_windows < 1:
-        raise ValueError(f"the validation split has {len(data)} tokens, fewer than train.seq_len+1={seq_len + 1}")
-    window_ids = torch.arange(n_windows)
-    if max_tokens and max_tokens // seq_len < n_windows:
-        keep = max(1, max_tokens // seq_len)
-        window_ids = torch.linspace(0, n_windows - 1, keep).round().long().unique()
-    offsets = window_ids * seq_len
+    offsets = eval_window_offsets(data, seq_len, max_tokens)
     for start in range(0, len(offsets), batch_size):
         yield batch_at(data, offsets[start : start + batch_size], seq_len)
 

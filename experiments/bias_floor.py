@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from moebalance.balancing import LossFreeBalancer, find_routers, pop_expert_loads, rule_from_config
-from moebalance.lab.batch_size import BIAS_METHODS, STUDY_METHODS
+from moebalance.lab.batch_size import BIAS_METHODS, method_overrides
 from moebalance.lab.floor import bias_only_updates, load_frozen
 from moebalance.train.checkpoint import folder_problem, load_checkpoint, write_json
 from moebalance.train.config import RunConfig, apply_overrides
@@ -75,12 +75,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return a
 
 
-def balancer_of(a: argparse.Namespace) -> LossFreeBalancer:
-    """The balancer of the arguments: ``--method``'s rule and rate, else ``--update`` at ``--rate``
-    (raises ``ValueError`` for a rate the float32 bias cannot take)."""
+def balancer_of(a: argparse.Namespace, cfg: RunConfig | None = None) -> LossFreeBalancer:
+    """The balancer of the arguments: ``--method``'s rule and rate for the run's config ``cfg``
+    (default: the default config), else ``--update`` at ``--rate`` (raises ``ValueError`` for a
+    rate the float32 bias cannot take)."""
     if a.method is None:
         return LossFreeBalancer(a.rate, a.update)
-    balance = apply_overrides(RunConfig(), STUDY_METHODS[a.method]).balance
+    cfg = RunConfig() if cfg is None else cfg
+    balance = apply_overrides(cfg, method_overrides(a.method, cfg)).balance
     return LossFreeBalancer(balance.bias_update_rate, rule_from_config(balance))
 
 
@@ -158,7 +160,7 @@ def run(a: argparse.Namespace, state: dict) -> int:
     result file of :func:`main`."""
     torch.set_num_threads(1)
     model, cfg, data = load_frozen(a.run_dir, state)
-    balancer = balancer_of(a)
+    balancer = balancer_of(a, cfg)
     score_at = {0, a.steps} | set(range(a.eval_every, a.steps + 1, a.eval_every))
     show = lambda rec: print(json.dumps({k: rec[k] for k in ("step", "maxvio_global", "per_layer")}), flush=True)  # noqa: E731
     gen = torch.Generator().manual_seed(a.seed)  # the probe's batches follow the updates'

@@ -41,7 +41,23 @@ def test_extra_seeds_train_at_the_base_size_only():
     seeds = {n: c.train.seed for n, c in cfgs.items() if "_seed" in n}
     assert len(seeds) == 2 * len(bs.STUDY_METHODS)
     assert set(seeds.values()) == {1235, 1236} and all("_t1024_" in n for n in seeds)
-    assert not any("_seed" in n for n in _cfgs(RunConfig(), sizes=(256, 512), seeds=3))
+    with pytest.raises(ValueError, match="--seeds 3 trains its extra seeds at the base run's 1024 tokens per step"):
+        _cfgs(RunConfig(), sizes=(256, 512), seeds=3)
+    assert not any("_seed" in n for n in _cfgs(RunConfig(), sizes=(256, 512)))
+
+
+def test_proportional_steps_as_error_for_any_number_of_experts():
+    for experts in (8, 16, 64):
+        base = apply_overrides(RunConfig(), [f"model.num_experts={experts}"])
+        cfg = _cfgs(base, sizes=(1024,))["proportional_t1024"]
+        assert cfg.balance.bias_update_rate == pytest.approx(experts * 1e-3) and cfg.balance.target_load == ""
+
+
+def test_floors_use_the_base_size_or_the_nearest_one():
+    assert bs.floor_weights_size((256, 1024, 4096), 1024) == 1024
+    assert bs.floor_weights_size((256, 4096), 1024) == 256  # a tie on the log scale: the smaller
+    assert bs.floor_weights_size((2048, 20480), 1024) == 2048
+    assert bs.recovery_window(614400) == 20480 and bs.recovery_window(15360) == 512
 
 
 @pytest.mark.parametrize(

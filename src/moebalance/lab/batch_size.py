@@ -30,7 +30,9 @@ from moebalance.train.runfiles import read_json_object
 
 __all__ = [
     "BIAS_METHODS", "DEFAULT_TOKENS_PER_STEP", "DERIVED_KEYS", "STUDY_METHODS", "base_tokens_per_step", "batch_size_runs",
-    "check_tokens_per_step", "noise_floor", "parse_run_name", "recovery_tokens", "render_study_markdown",
+    "method_overrides",
+    "check_tokens_per_step", "floor_weights_size", "noise_floor", "parse_run_name", "recovery_tokens",
+    "recovery_window", "render_study_markdown",
     "run_fields", "seed_rows", "study_floors", "study_report",
 ]  # fmt: skip
 
@@ -42,7 +44,8 @@ _LF = ["balance.strategy=loss_free", "balance.bias_mode=additive", "balance.bias
 
 #: The methods of the study: name -> overrides. The bias rules at their usual settings: ``sign``
 #: (Algorithm 1, u = 1e-3), ``error`` (§5 ablation, same u), ``smebu`` (u = 1e-3, kappa 2, momentum
-#: 0.5), ``proportional`` (u = 1.6e-2 = E * 1e-3 for 16 experts, the step of ``error``),
+#: 0.5), ``proportional`` (uniform target, u = E * 1e-3: exactly the step of ``error``, set by
+#: :func:`method_overrides`),
 #: ``quantile`` (Megatron-LM's micro-batch estimator, ema 0.9) and ``quantile_pooled`` (the exact
 #: quantile over the last 8 steps' scores, ema 0.9); the auxiliary-loss baselines: ``aux_loss``
 #: (eq. 2, alpha 1e-3), ``global_aux_loss`` (Qiu et al., alpha 1e-3) and ``deepseek_v3`` (sign rule
@@ -51,7 +54,7 @@ STUDY_METHODS = {
     "sign": _LF + ["balance.bias_update=sign", "balance.bias_update_rate=1e-3"],
     "error": _LF + ["balance.bias_update=error", "balance.bias_update_rate=1e-3"],
     "smebu": _LF + ["balance.bias_update=smebu", "balance.bias_update_rate=1e-3"],
-    "proportional": _LF + ["balance.bias_update=proportional", "balance.bias_update_rate=1.6e-2"],
+    "proportional": _LF + ["balance.bias_update=proportional", "balance.target_load="],
     "quantile": _LF + ["balance.bias_update=quantile", "balance.qb_estimator=microbatch", "balance.qb_ema=0.9", "balance.qb_window=1"],
     "quantile_pooled": _LF + ["balance.bias_update=quantile", "balance.qb_estimator=pooled", "balance.qb_ema=0.9", "balance.qb_window=8"],
     "aux_loss": ["balance.strategy=aux_loss", "balance.aux_loss_coeff=1e-3"],
@@ -65,6 +68,20 @@ DERIVED_KEYS = ("train.batch_size", "train.max_steps", "train.warmup_steps", "tr
 
 #: The most extra seeds the study trains at the base size (``--seeds``).
 MAX_STUDY_SEEDS = 10
+
+
+def method_overrides(method: str, base: RunConfig) -> list[str]:
+    """The overrides of study method ``method`` on ``base``: :data:`STUDY_METHODS`'s, plus for
+    ``proportional`` the rate ``u = E * 1e-3`` (``E = base.model.num_experts``), at which its step
+    with a uniform target, ``u * (1/E - c_i / sum c)``, equals ``error``'s at ``1e-3``.
+
+    Raises:
+        KeyError: not a study method.
+    """
+    overrides = list(STUDY_METHODS[method])
+    if method == "proportional":
+        overrides.append(f"balance.bias_update_rate={base.model.num_experts * 1e-3!r}")
+    return overrides
 
 
 def base_tokens_per_step(base: RunConfig) -> int:
@@ -126,23 +143,29 @@ def batch_size_runs(base: RunConfig, sizes=None, seeds: int = 1) -> dict[str, li
         sizes: tokens per step (default :data:`DEFAULT_TOKENS_PER_STEP`), see
             :func:`check_tokens_per_step`.
         seeds: seeds at the base size, 1 to :data:`MAX_STUDY_SEEDS` (the extra ones:
-            ``train.seed + 1``, ...); a base size not in ``sizes`` trains no extra seed.
+            ``train.seed + 1``, ...).
 
     Raises:
-        ValueError: see :func:`check_tokens_per_step`; ``seeds`` out of range.
+        ValueError: see :func:`check_tokens_per_step`; ``seeds`` out of range, or more than one
+            seed with the base size not among ``sizes``.
     """
     sizes = check_tokens_per_step(base, DEFAULT_TOKENS_PER_STEP if sizes is None else sizes)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_STUDY_SEEDS:
         raise ValueError(f"--seeds must be an integer in [1, {MAX_STUDY_SEEDS}], got {seeds!r}")
-    runs: dict[str, list[str]] = {}
-    for method, overrides in STUDY_METHODS.items():
-        for size in sizes:
-            runs[f"{method}_t{size}"] = overrides + _size_overrides(base, size)
     base_size = base_tokens_per_step(base)
-    if base_size in sizes:
-        for method, overrides in STUDY_METHODS.items():
+    if seeds > 1 and base_size not in sizes:
+        raise ValueError(
+            f"--seeds {seeds} trains its extra seeds at the base run's {base_size} tokens per step "
+            f"(train.batch_size * train.grad_accum * train.seq_len), which --tokens-per-step leaves out: add it"
+        )
+    runs: dict[str, list[str]] = {}
+    for method in STUDY_METHODS:
+        for size in sizes:
+            runs[f"{method}_t{size}"] = method_overrides(method, base) + _size_overrides(base, size)
+    if seeds > 1:
+        for method in STUDY_METHODS:
             for seed in range(base.train.seed + 1, base.train.seed + seeds):
-                runs[f"{method}_t{base_size}_seed{seed}"] = overrides + _size_overrides(base, base_size) + [f"train.seed={seed}"]
+                runs[f"{method}_t{base_size}_seed{seed}"] = method_overrides(method, base) + _size_overrides(base, base_size) + [f"train.seed={seed}"]
     return runs
 
 
@@ -174,17 +197,24 @@ def parse_run_name(name: str) -> tuple[str, int, int | None]:
     return method, int(size), int(seed) if seed else None
 
 
-def recovery_tokens(maxvio_batch: list[float], size: int) -> int | None:
-    """Tokens trained until MaxVio_batch, averaged over the last :data:`RECOVERY_WINDOW` tokens,
-    first falls to :data:`RECOVERY_THRESHOLD` after its peak; ``None`` if it never does.
+def recovery_window(total_tokens: int) -> int:
+    """Tokens of the moving average of :func:`recovery_tokens`: :data:`RECOVERY_WINDOW`, or a
+    thirtieth of a shorter run's tokens (a window longer than the run would measure nothing)."""
+    return max(1, min(RECOVERY_WINDOW, total_tokens // 30))
+
+
+def recovery_tokens(maxvio_batch: list[float], size: int, window_tokens: int = RECOVERY_WINDOW) -> int | None:
+    """Tokens trained until MaxVio_batch, averaged over the last ``window_tokens`` tokens, first
+    falls to :data:`RECOVERY_THRESHOLD` after its peak; ``None`` if it never does.
 
     Args:
         maxvio_batch: the run's MaxVio_batch at steps 1, 2, ... (one value per step).
         size: tokens per step.
+        window_tokens: tokens of the moving average (:func:`recovery_window`).
     """
     if not maxvio_batch:
         return None
-    window = max(1, RECOVERY_WINDOW // size)
+    window = max(1, window_tokens // size)
     smooth = [sum(maxvio_batch[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(maxvio_batch))]
     peak = max(range(len(smooth)), key=smooth.__getitem__)
     for i in range(peak, len(smooth)):
@@ -214,7 +244,7 @@ def noise_floor(size: int, num_experts: int, top_k: int, n_layers: int, draws: i
 BIAS_METHODS = tuple(m for m, o in STUDY_METHODS.items() if "balance.strategy=loss_free" in o)
 
 
-def run_fields(record: dict[str, Any], run_dir: Path, size: int) -> dict[str, Any]:
+def run_fields(record: dict[str, Any], run_dir: Path, size: int, window_tokens: int = RECOVERY_WINDOW) -> dict[str, Any]:
     """What the study reads from a finished run besides ``record`` (``compare``'s fields): the mean
     MaxVio_batch over the last quarter of the steps, the tokens to recover from the early collapse
     (:func:`recovery_tokens`) and the training time in seconds (tokens / tokens per second)."""
@@ -223,15 +253,21 @@ def run_fields(record: dict[str, Any], run_dir: Path, size: int) -> dict[str, An
     tail = vio[len(vio) * 3 // 4 :] or vio
     return {
         "maxvio_batch_end": float(np.mean(tail)) if tail else float("nan"),
-        "recovery_tokens": recovery_tokens(vio, size),
+        "recovery_tokens": recovery_tokens(vio, size, window_tokens),
         "train_s": record["tokens"] / record["tokens_per_s"] if record["tokens_per_s"] else float("nan"),
     }
 
 
+def floor_weights_size(sizes, base_size: int) -> int:
+    """The tokens per step of the ``sign`` run whose weights every floor uses: the base size, or
+    the study's size nearest to it (on a log scale; the smaller on a tie)."""
+    return min(sizes, key=lambda t: (abs(np.log2(t / base_size)), t))
+
+
 def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, data, progress: bool = True) -> dict[str, Any]:
     """The frozen-weight floor (:func:`moebalance.lab.floor.floor_of`) of every rule of
-    :data:`BIAS_METHODS` at every size, on the weights of the base size's ``sign`` run (the same
-    weights for every rule), :data:`FLOOR_UPDATES` updates each. Kept in ``out/floor.json`` entry by
+    :data:`BIAS_METHODS` at every size, on the weights of the base size's ``sign`` run (or the
+    nearest size's: :func:`floor_weights_size`; the same weights for every rule), :data:`FLOOR_UPDATES` updates each. Kept in ``out/floor.json`` entry by
     entry: an interrupted study continues where it stopped; a file made with other settings or
     other weights is recomputed.
 
@@ -243,7 +279,7 @@ def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, d
         "time_s"}}, "sampling"}``; no entries and no ``sampling`` when the base size's ``sign`` run
         is not in ``run_dirs``.
     """
-    weights = f"sign_t{base_tokens_per_step(base)}"
+    weights = f"sign_t{floor_weights_size(sizes, base_tokens_per_step(base))}"
     key = {"weights": weights, "updates": FLOOR_UPDATES, "eval_tokens": FLOOR_EVAL_TOKENS}
     if weights not in run_dirs:
         return key | {"entries": {}}
@@ -262,7 +298,7 @@ def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, d
         write_json(path, key | {"entries": entries, "sampling": sampling})
     todo = [(m, t) for m in BIAS_METHODS for t in sizes if f"{m}_t{t}" not in entries]
     for method, size in tqdm(todo, desc="frozen-weight floors", disable=not progress or not todo):
-        balance = apply_overrides(base, STUDY_METHODS[method]).balance
+        balance = apply_overrides(base, method_overrides(method, base)).balance
         start = time.perf_counter()
         res = floor_of(run_dirs[weights], balance, size // base.train.seq_len, FLOOR_UPDATES, FLOOR_EVAL_TOKENS, data)
         entries[f"{method}_t{size}"] = res | {"time_s": time.perf_counter() - start}
@@ -310,6 +346,12 @@ def _seed_table(seeds: dict[str, dict[str, tuple[float, float, int]]]) -> list[s
     return lines
 
 
+def _slice_tokens(floors: dict[str, Any]) -> int:
+    """Validation tokens of each floor score: the slice actually read (a split may be shorter)."""
+    sampling = floors.get("sampling")
+    return sampling["slice"]["tokens"] if sampling else floors["eval_tokens"]
+
+
 def _sampling_row(floors: dict[str, Any], which: str, n_sizes: int) -> list[str]:
     """The table row "perfect balance, as measured" (:func:`~moebalance.lab.floor.sampling_floor`), or none."""
     sampling = floors.get("sampling")
@@ -350,7 +392,7 @@ def render_study_markdown(report: dict[str, Any]) -> str:
         "| uniform random routing | " + " | ".join(f"{report['noise_floor'][str(s)]:.3f}" for s in sizes) + " |",
         "",
         f"## Tokens until MaxVio_batch first falls to {RECOVERY_THRESHOLD:g} after the early collapse "
-        f"(moving average over {RECOVERY_WINDOW:,} tokens)",
+        f"(moving average over {report['recovery_window']:,} tokens)",
         "",
         *_size_table(rows, sizes, "recovery_tokens", "tokens", STUDY_METHODS),
         "",
@@ -361,7 +403,7 @@ def render_study_markdown(report: dict[str, Any]) -> str:
         f"## Floor with frozen weights: MaxVio_global after {floors['updates']} bias-only updates of T tokens",
         "",
         f"Weights of `{floors['weights']}`, for every rule; mean of the scores after 1/2, 3/4 and all of the "
-        f"updates, each on the first {floors['eval_tokens']:,} validation tokens.",
+        f"updates, each on the same {_slice_tokens(floors):,} validation tokens.",
         "",
         *_size_table({k: {"floor": v["floor"]} for k, v in floors["entries"].items()}, sizes, "floor", "vio", BIAS_METHODS),
         *_sampling_row(floors, "slice", len(sizes)),
@@ -431,10 +473,11 @@ def study_report(
         ``recovery_tokens``, ``train_s``), ``floors``, ``noise_floor``, ``seed_spread``, ``runs``.
     """
     rows = {}
+    window = recovery_window(base.train.max_steps * base_tokens_per_step(base))
     for name, rec in records.items():
         method, size, seed = parse_run_name(name)
         rows[name] = {"method": method, "size": size, "seed": seed or base.train.seed}
-        rows[name] |= {k: rec[k] for k in ("val_ppl", "maxvio_global", "tokens", "tokens_per_s")} | run_fields(rec, run_dirs[name], size)
+        rows[name] |= {k: rec[k] for k in ("val_ppl", "maxvio_global", "tokens", "tokens_per_s")} | run_fields(rec, run_dirs[name], size, window)
     sizes = sorted({r["size"] for r in rows.values()} if sizes is None else sizes)
     floors = study_floors(out, run_dirs, base, sizes, data, progress)
     m, base_size = base.model, base_tokens_per_step(base)
@@ -444,6 +487,7 @@ def study_report(
         "seeds": seeds,
         "base_tokens_per_step": base_size,
         "total_tokens": base.train.max_steps * base_size,
+        "recovery_window": window,
         "noise_floor": {str(s): noise_floor(s, m.num_experts, m.top_k, m.n_layers - m.first_dense_layers) for s in sizes},
         "rows": rows,
         "floors": floors,

@@ -196,9 +196,12 @@ def plot_against_size(
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colours = colours or run_colours(series)
+    markers = "osD^vP*Xh"  # a method's marker by its place in the colour order: overlaps stay visible
+    order = {name: i for i, name in enumerate(sorted(colours))}
     for name, values in series.items():
         pts = sorted((t, v) for t, v in values.items() if v is not None)
-        ax.plot([t for t, _ in pts], [v for _, v in pts], marker="o", label=name, color=colours[name])
+        marker = markers[order.get(name, 0) % len(markers)]
+        ax.plot([t for t, _ in pts], [v for _, v in pts], marker=marker, markerfacecolor="none", label=name, color=colours[name])
     if reference:
         pts = sorted(reference[1].items())
         ax.plot([t for t, _ in pts], [v for _, v in pts], "--", color="grey", label=reference[0])
@@ -212,7 +215,7 @@ def plot_against_size(
         _plain_log_axis(ax)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
     plt.close(fig)
 

@@ -186,3 +186,34 @@ def test_study_options_are_refused_by_the_cli_before_anything_runs(tmp_path, cap
     assert "batch-size grid" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
     assert get_preset("smoke").train.max_steps == 30  # nothing above changed the preset
+
+
+def test_each_size_is_checked_for_memory_and_sizes_are_plain_digits(tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert cli.main(["sweep", "batch-size", "--tokens-per-step", "1024,614400", "model.d_model=512", "--out", out]) == 2
+    assert "its run of 614400 tokens per step: this config needs at least" in capsys.readouterr().err
+    for odd in (" 512", "1_024", "\u0665\u0661\u0662", "512,"):
+        assert cli.main(["sweep", "batch-size", "--preset", "smoke", "--tokens-per-step", odd, "--out", out]) == 2
+        assert "digits 0-9 only" in capsys.readouterr().err
+    assert cli.main(["sweep", "batch-size", "--preset", "smoke", "--out", out]) == 2
+    assert "a size of the default list" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_warm_up_stays_none():
+    cfgs = _cfgs(apply_overrides(RunConfig(), ["train.warmup_steps=0"]), sizes=(256, 20480))
+    assert {c.train.warmup_steps for c in cfgs.values()} == {0}
+    cfgs = _cfgs(apply_overrides(RunConfig(), ["train.warmup_steps=600"]), sizes=(1024, 20480))
+    assert cfgs["sign_t1024"].train.warmup_steps == 600 and cfgs["sign_t20480"].train.warmup_steps == 30
+
+
+def test_a_damaged_floor_entry_is_measured_again():
+    good = {"floor": 0.1, "time_s": 1.0, "curve": [{"step": 2, "maxvio_global": 0.1}]}
+    assert bs._valid_entry(good)
+    for bad in ("x", [1], {}, good | {"floor": "abc"}, good | {"floor": float("nan")}, good | {"time_s": "abc"},
+                {k: v for k, v in good.items() if k != "time_s"}, good | {"curve": [{"maxvio_global": None}]}):  # fmt: skip
+        assert not bs._valid_entry(bad), bad
+    sampling = {w: {"floor": 0.05, "std": 0.02, "measured": 0.1, "chunks": 3, "tokens": 384} for w in ("slice", "split")}
+    assert bs._valid_sampling(sampling)
+    assert not bs._valid_sampling("x") and not bs._valid_sampling({"slice": sampling["slice"]})
+    assert not bs._valid_sampling(sampling | {"split": sampling["split"] | {"floor": "x"}})

@@ -310,10 +310,10 @@ def _sizes(text: str | None) -> tuple[int, ...] | None:
     """``--tokens-per-step`` as integers (their range: :func:`moebalance.lab.batch_size.check_tokens_per_step`)."""
     if text is None:
         return None
-    try:
-        return tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise UsageError(f"--tokens-per-step must be comma-separated integers, got {text!r}") from None
+    items = text.split(",")
+    if not all(t.isascii() and t.isdigit() for t in items):  # int() also takes " 512", "1_024" and other digits
+        raise UsageError(f"--tokens-per-step must be comma-separated integers (digits 0-9 only), got {text!r}")
+    return tuple(int(t) for t in items)
 
 
 def _check_out(args: argparse.Namespace, out: str) -> None:
@@ -426,6 +426,17 @@ def _check_memory(args: argparse.Namespace, cfg: RunConfig) -> None:
         if cfg.train.checkpoint_every or getattr(args, "resume", None):
             raise UsageError("train.checkpoint_every and --resume are not supported with train.expert_parallel yet")
     check_fits(cfg, world, local)
+    if getattr(args, "grid", None) == "batch-size":  # every run of the study, scaled to its size
+        from moebalance.lab.sweeps import grid_runs
+        from moebalance.train.config import apply_overrides
+
+        runs = grid_runs(args.grid, cfg, args.sizes, args.seeds)
+        largest = max((apply_overrides(cfg, o) for o in runs.values()), key=lambda c: c.train.batch_size)
+        try:
+            check_fits(largest, world, local)
+        except ValueError as exc:
+            t = largest.train
+            raise ValueError(f"its run of {t.batch_size * t.grad_accum * t.seq_len} tokens per step: {exc}") from None
 
 
 def _prepare(args: argparse.Namespace, extra: list[str]) -> RunConfig | None:

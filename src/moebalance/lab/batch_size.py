@@ -122,13 +122,13 @@ def _size_overrides(base: RunConfig, size: int) -> list[str]:
     base_size = base_tokens_per_step(base)
     steps = t.max_steps * base_size // size
 
-    def scaled(n: int) -> int:
-        return max(1, min(steps, round(n * base_size / size)))
+    def scaled(n: int) -> int:  # 0 (no warm-up) stays 0
+        return 0 if n == 0 else max(1, min(steps, round(n * base_size / size)))
 
     return [
         f"train.batch_size={size // (t.seq_len * t.grad_accum)}",
         f"train.max_steps={steps}",
-        f"train.warmup_steps={min(scaled(t.warmup_steps), steps - 1) if steps > 1 else 0}",
+        f"train.warmup_steps={scaled(t.warmup_steps)}",
         f"train.eval_every={scaled(t.eval_every)}",
         f"train.log_every={scaled(t.log_every)}",
     ]
@@ -149,7 +149,13 @@ def batch_size_runs(base: RunConfig, sizes=None, seeds: int = 1) -> dict[str, li
         ValueError: see :func:`check_tokens_per_step`; ``seeds`` out of range, or more than one
             seed with the base size not among ``sizes``.
     """
-    sizes = check_tokens_per_step(base, DEFAULT_TOKENS_PER_STEP if sizes is None else sizes)
+    if sizes is None:
+        try:
+            sizes = check_tokens_per_step(base, DEFAULT_TOKENS_PER_STEP)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (a size of the default list {','.join(map(str, DEFAULT_TOKENS_PER_STEP))}: give --tokens-per-step for this config)") from None
+    else:
+        sizes = check_tokens_per_step(base, sizes)
     if not isinstance(seeds, int) or isinstance(seeds, bool) or not 1 <= seeds <= MAX_STUDY_SEEDS:
         raise ValueError(f"--seeds must be an integer in [1, {MAX_STUDY_SEEDS}], got {seeds!r}")
     base_size = base_tokens_per_step(base)
@@ -258,6 +264,29 @@ def run_fields(record: dict[str, Any], run_dir: Path, size: int, window_tokens: 
     }
 
 
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and bool(np.isfinite(x))
+
+
+def _valid_entry(entry: Any) -> bool:
+    """A ``floor.json`` entry as :func:`study_floors` writes it; anything else is measured again."""
+    return (
+        isinstance(entry, dict)
+        and _finite(entry.get("floor"))
+        and _finite(entry.get("time_s"))
+        and isinstance(entry.get("curve"), list)
+        and all(isinstance(c, dict) and _finite(c.get("maxvio_global")) for c in entry["curve"])
+    )
+
+
+def _valid_sampling(sampling: Any) -> bool:
+    """``floor.json``'s ``sampling`` as :func:`study_floors` writes it; anything else is measured again."""
+    fields = ("floor", "std", "measured", "chunks", "tokens")
+    return isinstance(sampling, dict) and all(
+        isinstance(sampling.get(w), dict) and all(_finite(sampling[w].get(f)) for f in fields) for w in ("slice", "split")
+    )
+
+
 def floor_weights_size(sizes, base_size: int) -> int:
     """The tokens per step of the ``sign`` run whose weights every floor uses: the base size, or
     the study's size nearest to it (on a log scale; the smaller on a tie)."""
@@ -269,7 +298,8 @@ def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, d
     :data:`BIAS_METHODS` at every size, on the weights of the base size's ``sign`` run (or the
     nearest size's: :func:`floor_weights_size`; the same weights for every rule), :data:`FLOOR_UPDATES` updates each. Kept in ``out/floor.json`` entry by
     entry: an interrupted study continues where it stopped; a file made with other settings or
-    other weights is recomputed.
+    other weights, and an entry that is not what this function writes (damaged, wrong types,
+    non-finite), is measured again.
 
     Also the validation split's own floor on those weights (:func:`~moebalance.lab.floor.sampling_floor`):
     ``"sampling": {"slice": ... on the floors' validation tokens, "split": ... on the whole split}``.
@@ -290,8 +320,8 @@ def study_floors(out: Path, run_dirs: dict[str, Path], base: RunConfig, sizes, d
     except ValueError:  # damaged: recomputed
         cached = {}
     same = all(cached.get(k) == v for k, v in key.items())
-    entries = cached.get("entries", {}) if same else {}
-    sampling = cached.get("sampling") if same else None
+    entries = {k: e for k, e in cached.get("entries", {}).items() if _valid_entry(e)} if same and isinstance(cached.get("entries"), dict) else {}
+    sampling = cached.get("sampling") if same and _valid_sampling(cached.get("sampling")) else None
     if sampling is None:  # the validation split's own floor, on the weights' routing
         model, cfg, _ = load_frozen(run_dirs[weights], data=data)
         sampling = {"slice": sampling_floor(model, data, cfg, FLOOR_EVAL_TOKENS), "split": sampling_floor(model, data, cfg, 0)}

@@ -38,13 +38,19 @@ import torch
 
 from moebalance.balancing import LossFreeBalancer, find_routers, pop_expert_loads, rule_from_config
 from moebalance.lab.batch_size import BIAS_METHODS, method_overrides
-from moebalance.lab.floor import bias_only_updates, load_frozen
+from moebalance.lab.floor import CheckpointMismatch, bias_only_updates, load_frozen
 from moebalance.train.checkpoint import folder_problem, load_checkpoint, write_json
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.data import sample_batch
 
+#: Upper bounds of the size options (a larger one only hangs or runs out of memory).
+LIMITS = {"batch_size": 65536, "steps": 1_000_000, "eval_every": 1_000_000, "probe_batches": 1_000_000, "eval_tokens": 10**9}
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments, checked; exits with status 2 (``SystemExit``) naming a bad one, an option
+    out of its range (:data:`LIMITS`, ``--seed`` in ``[0, 2**63)``) or an ``--out`` that may not be
+    written."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a finished `moebalance train` run (holds checkpoint.pt)")
     p.add_argument("--update", choices=("sign", "error", "smebu", "proportional", "quantile"), default="sign",
@@ -62,11 +68,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an --out written with other arguments")
     a = p.parse_args(argv)
-    if a.eval_tokens < 0:
-        p.error(f"--eval-tokens must be >= 0 (0: all), got {a.eval_tokens}")
-    for name in ("rate", "batch_size", "steps", "eval_every", "probe_batches"):
-        if not getattr(a, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
+    if not 0 <= a.eval_tokens <= LIMITS["eval_tokens"]:
+        p.error(f"--eval-tokens must be in [0, {LIMITS['eval_tokens']}] (0: all), got {a.eval_tokens}")
+    if not 0 <= a.seed < 2**63:
+        p.error(f"--seed must be in [0, 2**63), got {a.seed}")
+    if not a.rate > 0:
+        p.error(f"--rate must be > 0, got {a.rate}")
+    for name in ("batch_size", "steps", "eval_every", "probe_batches"):
+        if not 1 <= getattr(a, name) <= LIMITS[name]:
+            p.error(f"--{name.replace('_', '-')} must be in [1, {LIMITS[name]}], got {getattr(a, name)}")
     try:
         balancer_of(a)
     except ValueError as exc:  # the biases are float32: inf, 1e39 and 1e-50 pass the check above
@@ -86,9 +96,10 @@ def balancer_of(a: argparse.Namespace, cfg: RunConfig | None = None) -> LossFree
     return LossFreeBalancer(balance.bias_update_rate, rule_from_config(balance))
 
 
-def check_run_and_out(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
-    """``p.error`` unless ``a.run_dir`` is a finished run and ``a.out`` a JSON file that may be
-    written (a new file, or one holding a result of the same arguments, or ``--overwrite``)."""
+def check_run_and_out(p: argparse.ArgumentParser, a: argparse.Namespace, needs: tuple[str, ...] = ("probe",)) -> None:
+    """``p.error`` (``SystemExit`` 2) unless ``a.run_dir`` is a finished run and ``a.out`` a JSON
+    file that may be written: a new file, or one holding a result of the same arguments (with the
+    keys ``needs``, which a re-run reads back), or ``--overwrite``."""
     if not (a.run_dir / "checkpoint.pt").is_file():
         p.error(f"{a.run_dir} holds no checkpoint.pt (a finished run of `moebalance train`)")
     if a.out.is_dir():
@@ -96,7 +107,7 @@ def check_run_and_out(p: argparse.ArgumentParser, a: argparse.Namespace) -> None
     problem = folder_problem(a.out.parent)
     if problem is not None:
         p.error(f"--out {str(a.out)!r}: {problem}")
-    if a.out.exists() and not a.overwrite and stored_args(a.out) != recorded_args(a):
+    if a.out.exists() and not a.overwrite and stored_args(a.out, needs) != recorded_args(a):
         p.error(f"--out {str(a.out)!r} holds another result (other arguments, or not one of ours); not overwritten (--overwrite replaces it)")
 
 
@@ -105,13 +116,16 @@ def recorded_args(a: argparse.Namespace) -> dict:
     return {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items() if k != "overwrite"}
 
 
-def stored_args(path: Path) -> dict | None:
-    """The ``args`` of an earlier result in ``path``, or ``None`` if it holds none."""
+def stored_args(path: Path, needs: tuple[str, ...] = ()) -> dict | None:
+    """The ``args`` of an earlier result in ``path``, or ``None`` if it holds none (unreadable, not
+    a JSON object, or without one of the keys ``needs``). Raises nothing."""
     try:
         stored = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return stored.get("args") if isinstance(stored, dict) else None
+    if not isinstance(stored, dict) or not all(k in stored for k in needs):
+        return None
+    return stored.get("args")
 
 
 def probe_stats(rel: np.ndarray, val_loads: list) -> dict:
@@ -147,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(a, state)
+    except CheckpointMismatch as exc:  # found on loading, before any work
+        print(f"{prog}: error: {a.run_dir}: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted: nothing written to {a.out}; run the same command again to start over", file=sys.stderr)
         return 130

@@ -61,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a = p.parse_args(argv)
     if a.eval_tokens < 0:
         p.error(f"--eval-tokens must be >= 0 (0: the whole split), got {a.eval_tokens}")
-    check_run_and_out(p, a)
+    check_run_and_out(p, a, needs=CONDITIONS)
     return a
 
 

@@ -27,30 +27,39 @@ from pathlib import Path
 import torch
 
 from moebalance.lab.floor import load_frozen, sampling_floor
-from moebalance.train.checkpoint import write_json
+from moebalance.train.checkpoint import folder_problem, write_json
+
+#: The largest ``--eval-tokens`` (a larger one only hangs or runs out of memory).
+MAX_EVAL_TOKENS = 10**9
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure and write the floor; return the exit status (see the module docstring)."""
+    """Measure and write the floor; return the exit status (see the module docstring). Bad
+    arguments, or an ``--out`` that may not be written, exit with status 2 (``SystemExit``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir", type=Path, help="a finished `moebalance train` run (holds checkpoint.pt)")
     p.add_argument("--eval-tokens", type=int, default=0, help="validation tokens (default 0: the whole split)")
     p.add_argument("--draws", type=int, default=500, help="bootstrap resamples, 10 to 100000 (default 500)")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if a.eval_tokens < 0 or not 10 <= a.draws <= 100000:
-        p.error(f"--eval-tokens must be >= 0 and --draws in [10, 100000], got {a.eval_tokens}, {a.draws}")
+    if not 0 <= a.eval_tokens <= MAX_EVAL_TOKENS:
+        p.error(f"--eval-tokens must be in [0, {MAX_EVAL_TOKENS}] (0: the whole split), got {a.eval_tokens}")
+    if not 10 <= a.draws <= 100000:
+        p.error(f"--draws must be in [10, 100000], got {a.draws}")
     if not (a.run_dir / "checkpoint.pt").is_file():
         p.error(f"{a.run_dir} holds no checkpoint.pt (a finished run of `moebalance train`)")
     if a.out.is_dir():
         p.error(f"--out {str(a.out)!r} is a folder; name the JSON file to write")
+    problem = folder_problem(a.out.parent)
+    if problem is not None:
+        p.error(f"--out {str(a.out)!r}: {problem}")
     args = {"run_dir": str(a.run_dir), "eval_tokens": a.eval_tokens, "draws": a.draws}
     if a.out.is_file():
         try:
             stored = json.loads(a.out.read_text())
         except (OSError, ValueError):
             stored = None
-        if not isinstance(stored, dict) or stored.get("args") != args:
+        if not isinstance(stored, dict) or stored.get("args") != args or "floor" not in stored:
             p.error(f"--out {str(a.out)!r} holds another result; not overwritten (remove it first)")
         print(json.dumps(stored["floor"]))
         return 0

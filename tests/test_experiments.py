@@ -156,6 +156,84 @@ def test_bias_floor_ctrl_c_is_one_line_status_130_and_writes_nothing(smoke_run, 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "option, value",
+    [("--batch-size", "100000000"), ("--steps", "1000001"), ("--eval-every", "1000001"), ("--probe-batches", "1000001"),
+     ("--eval-tokens", "1000000001"), ("--seed", "99999999999999999999999"), ("--seed", "-1")],
+)  # fmt: skip
+def test_bias_floor_bounds_the_sizes_and_the_seed_up_front(smoke_run, tmp_path, option, value, capsys, monkeypatch):
+    module = _module()
+    monkeypatch.setattr(module, "load_checkpoint", lambda *a, **k: pytest.fail("loaded before the arguments were checked"))
+    with pytest.raises(SystemExit) as exc:
+        module.main([str(smoke_run), option, value, "--out", str(tmp_path / "f.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and ("[" in err or "range" in err)
+
+
+def test_bias_floor_names_a_model_state_that_does_not_fit_its_config_in_one_line(smoke_run, tmp_path, capsys):
+    from moebalance.train.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(smoke_run / "checkpoint.pt")
+    state["model"].pop(next(iter(state["model"])))
+    (tmp_path / "run").mkdir()
+    save_checkpoint(tmp_path / "run" / "checkpoint.pt", state)
+    assert _module().main([str(tmp_path / "run"), "--steps", "2", "--out", str(tmp_path / "f.json")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "does not fit its config" in err
+    assert not (tmp_path / "f.json").exists()
+
+
+def test_bias_floor_takes_a_result_without_probe_for_another_result(smoke_run, tmp_path, capsys):
+    module = _module()
+    out = tmp_path / "floor.json"
+    argv = [str(smoke_run), "--steps", "2", "--eval-every", "2", "--probe-batches", "1", "--out", str(out)]
+    out.write_text(json.dumps({"args": module.recorded_args(module.parse_args(argv))}))
+    with pytest.raises(SystemExit) as exc:
+        module.main(argv)
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert module.main([*argv, "--overwrite"]) == 0
+    assert "probe" in json.loads(out.read_text())
+
+
+# -- experiments/sampling_floor.py: the validation split's own floor (docs/reproduction.md) -------
+
+SAMPLING = SCRIPT.parent / "sampling_floor.py"
+
+
+def _sampling():
+    spec = importlib.util.spec_from_file_location("sampling_floor", SAMPLING)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampling_floor_checks_out_below_a_file_before_the_work(smoke_run, capsys, monkeypatch):
+    module = _sampling()
+    monkeypatch.setattr(module, "load_frozen", lambda *a, **k: pytest.fail("worked before --out was checked"))
+    with pytest.raises(SystemExit) as exc:
+        module.main([str(smoke_run), "--out", str(smoke_run / "summary.json" / "x.json")])
+    assert exc.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_sampling_floor_takes_a_result_without_floor_for_another_result(smoke_run, tmp_path, capsys, monkeypatch):
+    module = _sampling()
+    monkeypatch.setattr(module, "load_frozen", lambda *a, **k: pytest.fail("recomputed over another result"))
+    out = tmp_path / "s.json"
+    out.write_text(json.dumps({"args": {"run_dir": str(smoke_run), "eval_tokens": 0, "draws": 500}}))
+    with pytest.raises(SystemExit) as exc:
+        module.main([str(smoke_run), "--out", str(out)])
+    assert exc.value.code == 2 and "another result" in capsys.readouterr().err
+
+
+def test_sampling_floor_bounds_eval_tokens(smoke_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _sampling().main([str(smoke_run), "--eval-tokens", "1000000001", "--out", str(tmp_path / "s.json")])
+    assert exc.value.code == 2 and "--eval-tokens" in capsys.readouterr().err
+
+
 # -- experiments/drop_bias.py: what dropping the trained bias costs (docs/transformers.md) --------
 
 DROP_BIAS = SCRIPT.parent / "drop_bias.py"

@@ -434,3 +434,24 @@ def test_resume_with_a_stateful_rule_is_bit_identical(tmp_path, monkeypatch, ext
     assert_same_run(ref, tmp_path / "run")
     state = load_checkpoint(ref / "checkpoint.pt")["balancing"]
     assert state.get("momentum") is not None or len(state.get("history", [])) == 3
+
+
+@pytest.mark.parametrize("estimator", ["microbatch", "histogram", "pooled"])
+@pytest.mark.parametrize("empty", ["masked", "nan"])
+def test_quantile_a_micro_batch_without_counted_tokens_records_nothing(estimator, empty):
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)) + 0.5
+    biases = []
+    for with_empty in (True, False):
+        torch.manual_seed(0)
+        router = TopKRouter(8, 8, 2).train()
+        balancer = LossFreeBalancer(U, QuantileRule(estimator), all_reduce=None)
+        balancer.prepare(router)
+        if with_empty and empty == "masked":
+            router(torch.randn(16, 8), mask=torch.zeros(16, dtype=torch.bool))
+        elif with_empty:
+            router(torch.full((16, 8), float("nan")))
+        router(x)
+        balancer.step(router)
+        biases.append(router.expert_bias.clone())
+    assert biases[0].abs().max() > 0
+    torch.testing.assert_close(biases[0], biases[1], atol=0, rtol=0)

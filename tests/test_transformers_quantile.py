@@ -220,3 +220,27 @@ def test_trainer_with_accumulation_updates_once_per_optimizer_step(tmp_path):
     assert handle.steps == 2 and recorded == [32] * 8  # 2 steps x 2 micro-batches x 2 routers, 32 tokens each
     biases = handle.biases()
     assert biases.abs().max() > 0 and biases.mean(-1).abs().max() < 1e-6  # moved, and centred
+
+
+@pytest.mark.parametrize("estimator", ["microbatch", "histogram", "pooled"])
+@pytest.mark.parametrize("empty", ["masked", "nan"])
+def test_a_micro_batch_without_counted_tokens_records_nothing(estimator, empty):
+    from moebalance.integrations.transformers.tiny import tiny_config_for
+
+    cfg = tiny_config_for("mixtral")
+    good = _batch(3)
+    good["input_ids"] = good["input_ids"] % cfg.vocab_size
+    biases = []
+    for with_empty in (True, False):
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).train()
+        handle = apply_loss_free_balancing(model, update=QuantileRule(estimator=estimator))
+        if with_empty and empty == "masked":
+            model(input_ids=good["input_ids"], attention_mask=torch.zeros_like(good["input_ids"]))
+        elif with_empty:
+            model(inputs_embeds=torch.full((2, 16, cfg.hidden_size), float("nan")))
+        model(**good, labels=good["input_ids"]).loss.backward()
+        handle.step()
+        biases.append(handle.biases().clone())
+    assert biases[0].abs().max() > 0
+    torch.testing.assert_close(biases[0], biases[1], atol=0, rtol=0)

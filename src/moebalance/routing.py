@@ -316,10 +316,11 @@ class TopKRouter(nn.Module):
             if self.route_scale != 1.0:
                 gates_TK = gates_TK * self.route_scale
         with torch.no_grad():
-            tokens_per_expert = count_tokens_per_expert(indices_TK, self.num_experts, _finite_tokens(scores_TE, flat_mask))
+            counted_T = _finite_tokens(scores_TE, flat_mask)
+            tokens_per_expert = count_tokens_per_expert(indices_TK, self.num_experts, counted_T)
         if self._count_load(tokens_per_expert) and self.score_recorder is not None:
-            with torch.no_grad():
-                self.score_recorder(scores_TE.detach(), self.expert_bias, flat_mask)
+            with torch.no_grad():  # the tokens the load counts: real, finite scores
+                self.score_recorder(scores_TE.detach(), self.expert_bias, counted_T)
         return RouterOutput(
             gates=gates_TK,
             indices=indices_TK,

@@ -396,10 +396,16 @@ class ScoreRecorder:
 
     @torch.no_grad()
     def __call__(self, scores_TE: torch.Tensor, bias_E: torch.Tensor, mask_T: torch.Tensor | None = None) -> None:
-        """Record one forward's ``[T, E]`` scores (masked tokens dropped) routed with bias ``[E]``."""
+        """Record one forward's ``[T, E]`` scores (masked tokens dropped) routed with bias ``[E]``.
+
+        A forward with no token left (all masked: padding, non-finite scores) records nothing: it
+        gives no estimate and does not count in the mean over micro-batches. Raises nothing for it.
+        """
         scores = scores_TE.detach().float()
         if mask_T is not None:
-            scores = scores[mask_T.reshape(-1)]
+            scores = scores[mask_T.reshape(-1).to(device=scores.device, dtype=torch.bool)]
+        if scores.shape[0] == 0:
+            return
         if self.estimator == "pooled":
             _capacity(scores.shape[0], self.top_k, scores.shape[1])
             self.pooled.append(scores.clone())

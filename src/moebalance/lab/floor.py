@@ -26,7 +26,11 @@ from moebalance.train.data import TokenData, batch_at, eval_window_offsets, prep
 from moebalance.train.loop import evaluate
 from moebalance.train.model import MoETransformer
 
-__all__ = ["bias_only_updates", "floor_of", "load_frozen", "sampling_floor", "window_loads"]
+__all__ = ["CheckpointMismatch", "bias_only_updates", "floor_of", "load_frozen", "sampling_floor", "window_loads"]
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose model state does not fit its own config (:func:`load_frozen`)."""
 
 
 def load_frozen(run_dir: str | Path, state: dict | None = None, data: TokenData | None = None):
@@ -42,14 +46,18 @@ def load_frozen(run_dir: str | Path, state: dict | None = None, data: TokenData 
         ``(model, cfg, data)``.
 
     Raises:
-        OSError, ValueError: the checkpoint cannot be read or does not fit its config.
+        OSError, ValueError: the checkpoint cannot be read or its data prepared.
+        CheckpointMismatch: (a ``ValueError``) the checkpoint's model state does not fit its config.
     """
     state = load_checkpoint(Path(run_dir) / "checkpoint.pt") if state is None else state
     cfg = RunConfig.from_dict(state["config"])
     data = prepare_data(cfg.data) if data is None else data
     cfg.model.vocab_size = data.vocab_size
     model = MoETransformer(cfg.model, cfg.balance)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # missing / unexpected keys, shapes; not a dict
+        raise CheckpointMismatch(f"checkpoint.pt: the model state does not fit its config: {exc}") from exc
     model.requires_grad_(False)
     return model, cfg, data
 

@@ -25,7 +25,7 @@ from moebalance import cli
 from moebalance.lab.compare import check_run_folders
 from moebalance.lab.runs import RunFolderError
 from moebalance.train import runfiles
-from moebalance.train.checkpoint import STASH, put_back, stash_run
+from moebalance.train.checkpoint import STASH, STASH_MARK, drop_stash, put_back, stash_run
 from moebalance.train.config import RunConfig
 from moebalance.train.runfiles import RunFileError
 from run_damage import DAMAGES, GARBAGE, checksums, damage, make_finished_run
@@ -326,7 +326,7 @@ def _killed_overwrite(finished: Path, where: Path, monkeypatch, capsys) -> Path:
         argv = ["train", *SMOKE, "train.max_steps=4", "train.checkpoint_every=2", "--out", run, "--overwrite"]
         code, err = run_cli(argv, capsys)
     assert code == 130 and (run / "checkpoints" / "step_00000002.pt").is_file() and (run / STASH / "summary.json").is_file(), err
-    assert checksums(run / STASH) == checksums(finished)
+    assert checksums(run / STASH) == {**checksums(finished), STASH_MARK: checksums(run / STASH)[STASH_MARK]}
     return run
 
 
@@ -368,7 +368,8 @@ def test_stash_and_put_back_keep_the_layout_and_the_users_files(finished, tmp_pa
     (run / "tb" / "mine.txt").write_text("the user's")
     (run / "notes.txt").write_text("the user's")
     before = checksums(run)
-    (run / STASH).mkdir()  # a kill after the first move
+    (run / STASH).mkdir()  # a kill after the first move (the mark comes before any move)
+    (run / STASH / STASH_MARK).write_text("")
     os.rename(run / "metrics.jsonl", run / STASH / "metrics.jsonl")
     assert stash_run(run) is True
     assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if STASH not in p.parts) == ["notes.txt", "tb", "tb/mine.txt"]
@@ -379,6 +380,69 @@ def test_stash_and_put_back_keep_the_layout_and_the_users_files(finished, tmp_pa
     (run / "config.json").write_text((run / STASH / "config.json").read_text())
     assert put_back(run) == f"the earlier run in {str(run)!r} was put back as it was"
     assert checksums(run) == before and (elsewhere / "step_00000001.pt").is_file()
+
+
+
+def _not_our_stash(kind: str, run: Path, other: Path) -> None:
+    """Put at ``run/.replaced-run`` what moebalance never made: a file, a symlink to another run, a user's folder."""
+    stash = run / STASH
+    if kind == "file":
+        stash.write_text("the user's")
+    elif kind == "symlink":
+        stash.symlink_to(other, target_is_directory=True)
+    else:
+        stash.mkdir()
+        (stash / "notes.txt").write_text("the user's")
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink", "folder"])
+def test_overwrite_refuses_a_replaced_run_that_is_not_our_stash(finished, tmp_path, capsys, kind):
+    """A ``.replaced-run`` moebalance did not make is refused (exit 2, the path named) before
+    anything moves or trains; put_back and drop_stash leave it and the run alone."""
+    run = copy_run(finished, tmp_path)
+    other = copy_run(finished, tmp_path / "other")
+    _not_our_stash(kind, run, other)
+    before, before_other = checksums(run), checksums(other)
+    for argv in (["train", *SMOKE, "--out", run, "--overwrite"], ["train", *SMOKE, "--out", run]):
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and f"{str(run / STASH)!r} is a" in err and "move it away" in err, err
+    with pytest.raises(ValueError, match="move it away"):
+        stash_run(run)
+    assert "could not be put back" in put_back(run)
+    drop_stash(run)
+    assert checksums(run) == before and checksums(other) == before_other
+    assert os.path.islink(run / STASH) == (kind == "symlink")
+
+
+def test_a_stash_that_fails_is_never_put_back(finished, tmp_path, capsys, monkeypatch):
+    """A move into the stash that fails: stash_run moves everything back and raises; train()'s
+    failure path then never calls put_back (the run stays as it was, no stash left)."""
+    from moebalance.train import checkpoint, loop
+
+    run = copy_run(finished, tmp_path)
+    before = checksums(run)
+    calls = []
+    rename = os.rename
+
+    def failing_rename(src, dst):
+        if Path(dst).parent.name == STASH and Path(src).name == "summary.json":
+            raise OSError(28, "No space left on device", str(src))
+        rename(src, dst)
+
+    monkeypatch.setattr(checkpoint.os, "rename", failing_rename)
+    monkeypatch.setattr(loop, "put_back", lambda run_dir: calls.append(run_dir) or "put back")
+    code, err = run_cli(["train", *SMOKE, "--out", run, "--overwrite"], capsys)
+    assert code == 4 and "No space left on device" in err and calls == [], err
+    assert checksums(run) == before and not os.path.lexists(run / STASH)
+
+    def stash_then_fail(run_dir):  # leaves a .replaced-run behind: its name alone never means "put back"
+        (Path(run_dir) / STASH).mkdir()
+        (Path(run_dir) / STASH / STASH_MARK).write_text("")
+        raise OSError(28, "No space left on device", str(run_dir))
+
+    monkeypatch.setattr(loop, "stash_run", stash_then_fail)
+    code, err = run_cli(["train", *SMOKE, "--out", run, "--overwrite"], capsys)
+    assert code == 4 and calls == [], err
 
 
 # --- the property ------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def _resume_config(args: argparse.Namespace) -> RunConfig:
     try:  # verified here, before any data is prepared; train() reads it again
         path, state = latest_training_state(run_dir)
     except (ValueError, OSError) as exc:
-        raise UsageError(f"--resume {run_dir}: {_message(exc)}") from exc
+        raise UsageError(f"--resume {run_dir}: {_message(exc)}{_stash_hint(run_dir)}") from exc
     if cfg.train.max_steps < state["step"]:
         raise UsageError(
             f"--resume: train.max_steps={cfg.train.max_steps} is below step {state['step']} of {path}; "
@@ -329,11 +329,14 @@ def _check_train_out(args: argparse.Namespace) -> None:
     silently train over a run's checkpoints and logs)."""
     if getattr(args, "resume", None):  # --overwrite with --resume: refused first thing in _prepare
         return
-    from moebalance.train.checkpoint import foreign_config_problem, run_folder_problem
+    from moebalance.train.checkpoint import foreign_config_problem, run_folder_problem, stash_problem
 
     problem = foreign_config_problem(args.out_dir)
     if problem is not None:
         raise UsageError(f"--out {args.out_dir!r}: {problem}; not touched, even with --overwrite (choose another --out)")
+    problem = stash_problem(args.out_dir)  # a user's file, folder or link where the stash goes
+    if problem is not None:
+        raise UsageError(f"--out {args.out_dir!r}: {problem}; nothing moved or removed")
     if _held(args.out_dir) and not args.overwrite:
         raise UsageError(
             f"--out {args.out_dir!r} already holds a run (config.json); not overwritten: continue it with "
@@ -354,11 +357,19 @@ def _held(out: str | Path) -> bool:
 
 def _stash_hint(out: str | Path) -> str:
     """What the message of a refused ``train`` says about ``out/.replaced-run`` (empty when there is none)."""
-    from moebalance.train.checkpoint import STASH
+    from moebalance.train.checkpoint import STASH, stash_problem
 
     stash = Path(out) / STASH
     if not os.path.lexists(stash):
         return ""
+    problem = stash_problem(out)
+    if problem is not None:
+        return f"; {problem}"
+    if not (stash / "config.json").is_file():
+        return (
+            f"; {str(stash)!r} holds part of the earlier run, moved aside by an --overwrite killed while moving it "
+            "(the rest is beside it): the same --overwrite command completes the stash and starts over"
+        )
     return (
         f"; {str(stash)!r} holds the earlier run that an interrupted --overwrite moved aside (kept by another "
         "--overwrite and put back if it fails, removed when the run beside it finishes)"

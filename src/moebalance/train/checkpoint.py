@@ -22,6 +22,7 @@ finds the newest one that verifies, falling back past truncated or corrupt ones.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -31,6 +32,7 @@ import pickle
 import re
 import shutil
 import signal
+import stat
 import struct
 import tempfile
 import warnings
@@ -49,6 +51,7 @@ __all__ = [
     "RUN_FILES",
     "RUN_FOLDERS",
     "STASH",
+    "STASH_MARK",
     "atomic_write_bytes",
     "clear_run_folder",
     "drop_stash",
@@ -59,6 +62,7 @@ __all__ = [
     "put_back",
     "save_checkpoint",
     "short_reason",
+    "stash_problem",
     "stash_run",
     "write_json",
     "write_text",
@@ -214,6 +218,8 @@ def _plan(folder: Path, clearing: bool) -> tuple[list[Path], list[Path], str | N
     """:func:`_run_entries` with the checks of :func:`run_folder_problem` (nothing to remove when
     there is a problem)."""
     problem = foreign_config_problem(folder) if clearing else None
+    if problem is None:
+        problem = stash_problem(folder)
     if problem is not None or not folder.is_dir():
         return [], [], problem
     try:
@@ -232,7 +238,8 @@ def run_folder_problem(run_dir: str | Path, clearing: bool = False) -> str | Non
     :func:`clear_run_folder`), or ``None``: a ``config.json`` that is not a run's
     (:func:`foreign_config_problem`; only when ``clearing``), a run's file name taken by a folder
     or a run's folder name by a file, an old run's file that cannot be removed, files with a run's
-    names (``summary.json``, ...) but no ``config.json`` (not a run: never overwritten). Checks only."""
+    names (``summary.json``, ...) but no ``config.json`` (not a run: never overwritten), a
+    ``.replaced-run`` that is not a stash moebalance made (:func:`stash_problem`). Checks only."""
     return _plan(Path(run_dir), clearing)[2]
 
 
@@ -268,6 +275,50 @@ def _remove(folder: Path, files: list[Path], folders: list[Path]) -> None:
 #: (:func:`stash_run`, :func:`put_back`, :func:`drop_stash`). No reader of run folders looks in it.
 STASH = ".replaced-run"
 
+#: The file :func:`stash_run` writes into a new stash before moving anything into it: a
+#: ``.replaced-run`` without it (a user's folder or file, a symbolic link) is never filled, moved or removed.
+STASH_MARK = ".moebalance-stash"
+
+
+def _ours(stash: Path) -> bool:
+    """Whether ``stash`` is a real folder (not a symbolic link) holding :data:`STASH_MARK` as a regular file."""
+    try:
+        return stat.S_ISDIR(os.lstat(stash).st_mode) and stat.S_ISREG(os.lstat(stash / STASH_MARK).st_mode)
+    except OSError:
+        return False
+
+
+def stash_problem(run_dir: str | Path) -> str | None:
+    """Why ``run_dir/.replaced-run`` cannot be used as the stash, or ``None`` (there is none, or
+    it is a folder :func:`stash_run` made): a file, a symbolic link (even to a folder), or a folder
+    without :data:`STASH_MARK`. Checks only; never raises."""
+    stash = Path(run_dir) / STASH
+    if not os.path.lexists(stash) or _ours(stash):
+        return None
+    what = "a symbolic link" if stash.is_symlink() else _what(stash)
+    if what == "a folder":
+        what = f"a folder moebalance did not make (no {STASH_MARK} in it)"
+    return f"{str(stash)!r} is {what}, where --overwrite keeps the run it replaces; move it away (it is never used or removed)"
+
+
+def _make_stash(folder: Path) -> None:
+    """Create ``folder/STASH`` with :data:`STASH_MARK` in it, atomically (made as a temporary
+    folder, renamed into place): a stash folder without its mark never exists.
+
+    Raises:
+        OSError: the folder cannot be created, or something appeared at its name meanwhile.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=STASH + ".", suffix=".tmp", dir=folder))
+    try:
+        tmp.chmod(0o777 & ~current_umask())  # as a plain mkdir makes it (mkdtemp: 0700)
+        (tmp / STASH_MARK).write_bytes(b"moebalance: the run an --overwrite replaced\n")
+        if os.path.lexists(folder / STASH):
+            raise FileExistsError(errno.EEXIST, "appeared while the stash was made", str(folder / STASH))
+        os.rename(tmp, folder / STASH)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
 
 @contextlib.contextmanager
 def _signals_held() -> Iterator[None]:
@@ -294,22 +345,31 @@ def _move(folder: Path, files: list[Path], folders: list[Path], to: Path, config
 def _stashed(stash: Path) -> tuple[list[Path], list[Path]]:
     """``(files, folders)`` in ``stash``, folders parents first (a symbolic link counts as a file)."""
     files, folders = [], []
-    for parent, dirs, names in os.walk(stash):
+    for parent, dirs, names in os.walk(stash):  # never into a symbolic link
         for name in dirs + names:
             path = Path(parent) / name
-            (folders if path.is_dir() and not path.is_symlink() else files).append(path)
+            if path != stash / STASH_MARK:
+                (folders if path.is_dir() and not path.is_symlink() else files).append(path)
     return files, folders
 
 
 def _unstash(folder: Path) -> None:
     """Move everything in ``folder/STASH`` back into ``folder`` (``config.json`` first: a stash that
-    holds one is complete) and remove the stash's emptied folders."""
+    holds one is complete) and remove the stash's emptied folders, and the stash with its mark once
+    nothing else is in it.
+
+    Raises:
+        OSError: an entry cannot be moved back (the mark stays: the stash is still ours).
+    """
     stash = folder / STASH
     files, folders = _stashed(stash)
     _move(stash, files, folders, folder, config_last=False)
-    for path in [*reversed(folders), stash]:
+    for path in reversed(folders):
         with contextlib.suppress(OSError):  # emptied; anything else in it stays
             path.rmdir()
+    if not any(p.name != STASH_MARK for p in stash.iterdir()):
+        (stash / STASH_MARK).unlink()
+        stash.rmdir()
 
 
 def stash_run(run_dir: str | Path) -> bool:
@@ -320,13 +380,15 @@ def stash_run(run_dir: str | Path) -> bool:
     A complete stash already there (an ``--overwrite`` killed with SIGKILL) holds the run that one
     replaced, and is kept: the unfinished run beside it is removed instead. A run beside it that
     finished (its ``summary.json``) is the newer finished run: it replaces the stash. An incomplete
-    stash (a kill during the moves) is completed.
+    stash (a kill during the moves) is completed. A new stash is made with its mark
+    (:data:`STASH_MARK`) before anything moves; a ``.replaced-run`` without it is refused.
 
     Returns:
-        whether the stash now holds a run for :func:`put_back`.
+        whether the stash now holds a run for :func:`put_back` (only then may it be called).
 
     Raises:
-        ValueError: :func:`run_folder_problem` names a problem; nothing is moved.
+        ValueError: :func:`run_folder_problem` names a problem (also a ``.replaced-run`` that is
+            not ours, :func:`stash_problem`); nothing is moved.
         OSError: an entry cannot be moved (the message names it); what was moved is moved back.
     """
     folder = Path(run_dir)
@@ -341,8 +403,10 @@ def stash_run(run_dir: str | Path) -> bool:
                 _remove(folder, files, folders)
                 return True
             shutil.rmtree(stash)
-        if not files and not stash.is_dir():
+        if not files and not _ours(stash):
             return False
+        if not _ours(stash):
+            _make_stash(folder)
         try:
             _move(folder, files, folders, stash, config_last=True)
         except BaseException:
@@ -357,11 +421,17 @@ def put_back(run_dir: str | Path) -> str:
     :func:`clear_run_folder` would remove), move the stash's entries back, ``config.json`` first,
     and remove the stash. SIGINT and SIGTERM wait until it is done.
 
+    Only a stash :func:`stash_run` made (:func:`stash_problem`) is put back; otherwise nothing
+    is removed or moved.
+
     Returns:
         the sentence for the error message: the earlier run was put back, or why not and where
         its files are (never raises for the folder).
     """
     folder = Path(run_dir)
+    if not _ours(folder / STASH):
+        reason = stash_problem(folder) or f"{str(folder / STASH)!r} is not there"
+        return f"the earlier run could not be put back ({reason}); nothing was removed"
     try:
         with _signals_held():
             files, folders, problem = _run_entries(folder)
@@ -376,9 +446,14 @@ def put_back(run_dir: str | Path) -> str:
 
 
 def drop_stash(run_dir: str | Path) -> None:
-    """Remove ``run_dir/.replaced-run`` once the run that replaced it completed; a failure is logged, never raised."""
+    """Remove ``run_dir/.replaced-run`` once the run that replaced it completed, only if
+    :func:`stash_run` made it (:func:`stash_problem`: else it is left, with a warning); a failure
+    is logged, never raised."""
     stash = Path(run_dir) / STASH
-    if os.path.lexists(stash):
+    problem = stash_problem(run_dir)
+    if problem is not None:
+        log.warning("%s", problem)
+    elif os.path.lexists(stash):
         try:
             shutil.rmtree(stash)
         except OSError as exc:

@@ -53,6 +53,7 @@ from moebalance.train.checkpoint import (
     drop_stash,
     put_back,
     save_checkpoint,
+    stash_problem,
     stash_run,
     write_json,
     write_text,
@@ -287,7 +288,7 @@ class _Run:
             )
             self.balancing.load_state_dict(state.get("balancing", {}))  # the rule's momentum / window
             log.info("resumed from %s after step %d", ckpt_path, self.start_step)
-            if self.ctx.is_main and os.path.lexists(out / STASH):
+            if self.ctx.is_main and os.path.lexists(out / STASH) and stash_problem(out) is None:
                 log.warning("%s holds the run an interrupted --overwrite replaced; removed when this run finishes", out / STASH)
         t = cfg.train
         self.tokens_per_step = t.batch_size * t.grad_accum * t.seq_len * self.ctx.world_size
@@ -596,15 +597,15 @@ def train(
     if resume and overwrite:
         raise ValueError("train(): resume and overwrite exclude each other")
     run = _Run(cfg, out, data, resume)
-    replacing = overwrite and run.ctx.is_main
+    stashed = False  # set only once stash_run says the stash holds a run: put back only then
     try:
-        if replacing:
-            stash_run(out)
+        if overwrite and run.ctx.is_main:
+            stashed = stash_run(out)
         run.start(resume)
         run.fit(progress, desc)
         return run.finish()
     except BaseException as exc:
-        if replacing and not run.completed and os.path.lexists(out / STASH):
+        if stashed and not run.completed:
             _add_note(exc, put_back(out))
         raise
 

@@ -29,11 +29,10 @@ from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.runfiles import read_json_object
 
 __all__ = [
-    "BIAS_METHODS", "DEFAULT_TOKENS_PER_STEP", "DERIVED_KEYS", "STUDY_METHODS", "base_tokens_per_step", "batch_size_runs",
-    "method_overrides",
-    "check_tokens_per_step", "floor_weights_size", "noise_floor", "parse_run_name", "recovery_tokens",
-    "recovery_window", "render_study_markdown",
-    "run_fields", "seed_rows", "study_floors", "study_report",
+    "BIAS_METHODS", "DEFAULT_TOKENS_PER_STEP", "DERIVED_KEYS", "STUDY_METHODS", "base_tokens_per_step",
+    "batch_size_runs", "check_tokens_per_step", "floor_weights_size", "method_overrides", "noise_floor",
+    "parse_run_name", "recovery_tokens", "recovery_window", "render_study_markdown", "run_fields", "seed_rows",
+    "study_floors", "study_report",
 ]  # fmt: skip
 
 #: Tokens per step of the study: from 256 (2 sequences of 128) to 20,480 (160 sequences), each a
@@ -45,9 +44,9 @@ _LF = ["balance.strategy=loss_free", "balance.bias_mode=additive", "balance.bias
 #: The methods of the study: name -> overrides. The bias rules at their usual settings: ``sign``
 #: (Algorithm 1, u = 1e-3), ``error`` (§5 ablation, same u), ``smebu`` (u = 1e-3, kappa 2, momentum
 #: 0.5), ``proportional`` (uniform target, u = E * 1e-3: exactly the step of ``error``, set by
-#: :func:`method_overrides`),
-#: ``quantile`` (Megatron-LM's micro-batch estimator, ema 0.9) and ``quantile_pooled`` (the exact
-#: quantile over the last 8 steps' scores, ema 0.9); the auxiliary-loss baselines: ``aux_loss``
+#: :func:`method_overrides`), ``quantile`` (Megatron-LM's micro-batch estimator, ema 0.9) and
+#: ``quantile_pooled`` (the exact quantile over the last 8 steps' scores, ema 0.9); the
+#: auxiliary-loss baselines: ``aux_loss``
 #: (eq. 2, alpha 1e-3), ``global_aux_loss`` (Qiu et al., alpha 1e-3) and ``deepseek_v3`` (sign rule
 #: + sequence-wise loss at 1e-4).
 STUDY_METHODS = {

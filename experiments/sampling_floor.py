@@ -11,7 +11,8 @@ specialise.
 
     python experiments/sampling_floor.py RUN_DIR --out sampling.json [--eval-tokens 0] [--draws 500]
 
-Output (``--out``, written once, atomically; a re-run with the same arguments reads it back):
+Output (``--out``, written once, atomically; a re-run with the same arguments reads it back, other
+arguments are refused unless ``--overwrite``):
 JSON with the arguments and ``{"floor", "std", "measured", "chunks", "tokens"}``.
 Errors: one line on stderr; status 2 for bad arguments or a run folder without a readable
 checkpoint, 130 on Ctrl-C (nothing written).
@@ -27,7 +28,10 @@ from pathlib import Path
 import torch
 
 from moebalance.lab.floor import load_frozen, sampling_floor
-from moebalance.train.checkpoint import folder_problem, write_json
+from moebalance.train.checkpoint import write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bias_floor import check_run_and_out, recorded_args  # noqa: E402  (the sibling script)
 
 #: The largest ``--eval-tokens`` (a larger one only hangs or runs out of memory).
 MAX_EVAL_TOKENS = 10**9
@@ -41,27 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=0, help="validation tokens (default 0: the whole split)")
     p.add_argument("--draws", type=int, default=500, help="bootstrap resamples, 10 to 100000 (default 500)")
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out written with other arguments")
     a = p.parse_args(sys.argv[1:] if argv is None else argv)
     if not 0 <= a.eval_tokens <= MAX_EVAL_TOKENS:
         p.error(f"--eval-tokens must be in [0, {MAX_EVAL_TOKENS}] (0: the whole split), got {a.eval_tokens}")
     if not 10 <= a.draws <= 100000:
         p.error(f"--draws must be in [10, 100000], got {a.draws}")
-    if not (a.run_dir / "checkpoint.pt").is_file():
-        p.error(f"{a.run_dir} holds no checkpoint.pt (a finished run of `moebalance train`)")
-    if a.out.is_dir():
-        p.error(f"--out {str(a.out)!r} is a folder; name the JSON file to write")
-    problem = folder_problem(a.out.parent)
-    if problem is not None:
-        p.error(f"--out {str(a.out)!r}: {problem}")
-    args = {"run_dir": str(a.run_dir), "eval_tokens": a.eval_tokens, "draws": a.draws}
-    if a.out.is_file():
-        try:
-            stored = json.loads(a.out.read_text())
-        except (OSError, ValueError):
-            stored = None
-        if not isinstance(stored, dict) or stored.get("args") != args or "floor" not in stored:
-            p.error(f"--out {str(a.out)!r} holds another result; not overwritten (remove it first)")
-        print(json.dumps(stored["floor"]))
+    check_run_and_out(p, a, needs=("floor",))  # as bias_floor.py: the run, and an --out that may be written
+    if a.out.exists() and not a.overwrite:  # it holds these arguments' result
+        print(json.dumps(json.loads(a.out.read_text())["floor"]))
         return 0
     torch.set_num_threads(1)
     try:
@@ -73,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         print(f"{p.prog}: error: {a.run_dir}: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    write_json(a.out, {"args": args, "floor": res})
+    write_json(a.out, {"args": recorded_args(a), "floor": res})
     print(json.dumps(res))
     return 0
 

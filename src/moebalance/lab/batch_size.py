@@ -23,7 +23,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from moebalance.lab.floor import floor_of, load_frozen, sampling_floor
-from moebalance.lab.reporting import load_metrics, plot_against_size, run_colours
+from moebalance.lab.reporting import load_metrics, moving_average, plot_against_size, run_colours
+from moebalance.lab.seeds import seed_stats
 from moebalance.train.checkpoint import write_json, write_text
 from moebalance.train.config import RunConfig, apply_overrides
 from moebalance.train.runfiles import read_json_object
@@ -220,7 +221,7 @@ def recovery_tokens(maxvio_batch: list[float], size: int, window_tokens: int = R
     if not maxvio_batch:
         return None
     window = max(1, window_tokens // size)
-    smooth = [sum(maxvio_batch[max(0, i - window + 1) : i + 1]) / min(i + 1, window) for i in range(len(maxvio_batch))]
+    smooth = moving_average(maxvio_batch, window)
     peak = max(range(len(smooth)), key=smooth.__getitem__)
     for i in range(peak, len(smooth)):
         if smooth[i] <= RECOVERY_THRESHOLD:
@@ -362,8 +363,8 @@ def seed_rows(rows: dict[str, dict], size: int) -> dict[str, dict[str, tuple[flo
             continue
         out[method] = {}
         for field in ("maxvio_global", "maxvio_batch_end", "val_ppl"):
-            v = np.array([r[field] for r in runs], dtype=np.float64)
-            out[method][field] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
+            stats = seed_stats([r[field] for r in runs])
+            out[method][field] = (stats["mean"], stats["std"] or 0.0, len(runs))
     return out
 
 

@@ -150,7 +150,7 @@ def floor_of(
 
 def window_loads(model: MoETransformer, data: TokenData, cfg: RunConfig, eval_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Each validation window's expert loads: ``([W, L, E] float64 token counts, [W] int64
-    offsets)``, over the windows :func:`~moebalance.train.evaluate` reads with ``eval_tokens``
+    offsets)``, over the windows :func:`~moebalance.train.loop.evaluate` reads with ``eval_tokens``
     (0: the whole split), one forward per window, in evaluation mode."""
     was_training = model.training
     model.eval()

@@ -35,6 +35,7 @@ __all__ = [
     "plot_maxvio_batch",
     "plot_runs",
     "maxvio_global_label",
+    "moving_average",
     "plot_tradeoff",
     "plot_val_loss",
     "plot_against_size",
@@ -73,7 +74,8 @@ def _save(fig, path: str | Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _smooth(values: list[float], window: int) -> list[float]:
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Trailing mean of ``values`` over the last ``window`` entries (fewer at the start)."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v
@@ -123,7 +125,7 @@ def plot_maxvio_batch(runs: dict[str, str | Path], path: str | Path) -> None:
         vio = [r["maxvio_batch"] for r in train]
         window = max(1, len(vio) // 50)
         windows.add(window)
-        ax.plot(steps, _smooth(vio, window), label=name, color=colours[name])
+        ax.plot(steps, moving_average(vio, window), label=name, color=colours[name])
     ax.set_xlabel("training step")
     ax.set_ylabel("MaxVio_batch (mean over layers)")
     _plain_log_axis(ax)

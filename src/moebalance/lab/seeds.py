@@ -19,7 +19,7 @@ import math
 import statistics
 from typing import Any
 
-__all__ = ["METRICS", "SIGNIFICANCE", "paired_t_test", "ppl_noise_verdict", "seed_markdown", "seed_summary"]
+__all__ = ["METRICS", "SIGNIFICANCE", "paired_t_test", "ppl_noise_verdict", "seed_markdown", "seed_stats", "seed_summary"]
 
 #: Two-sided p-value below which a paired difference is called significant.
 SIGNIFICANCE = 0.05
@@ -28,7 +28,8 @@ SIGNIFICANCE = 0.05
 METRICS = {"val_ppl": "val ppl", "maxvio_global": "MaxVio_global", "maxvio_batch_last": "MaxVio_batch (last 10%)"}
 
 
-def _stats(values: list[float]) -> dict[str, Any]:
+def seed_stats(values: list[float]) -> dict[str, Any]:
+    """``{"mean", "std" (sample, ddof = 1; None for one value), "values"}`` of one metric over seeds."""
     return {
         "mean": statistics.fmean(values),
         "std": statistics.stdev(values) if len(values) > 1 else None,
@@ -52,7 +53,7 @@ def seed_summary(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]
     out = {}
     for strategy, recs in by_strategy.items():
         recs = sorted(recs, key=lambda r: r["seed"])
-        out[strategy] = {"seeds": [r["seed"] for r in recs]} | {m: _stats([r[m] for r in recs]) for m in METRICS}
+        out[strategy] = {"seeds": [r["seed"] for r in recs]} | {m: seed_stats([r[m] for r in recs]) for m in METRICS}
     return out
 
 

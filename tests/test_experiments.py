@@ -12,11 +12,16 @@ from moebalance.train.config import preset_config
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bias_floor.py"
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("bias_floor", SCRIPT)
+def _load(script: Path):
+    """A fresh module of one experiments/ script (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(script.stem, script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _module():
+    return _load(SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -203,10 +208,7 @@ SAMPLING = SCRIPT.parent / "sampling_floor.py"
 
 
 def _sampling():
-    spec = importlib.util.spec_from_file_location("sampling_floor", SAMPLING)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(SAMPLING)
 
 
 def test_sampling_floor_checks_out_below_a_file_before_the_work(smoke_run, capsys, monkeypatch):
@@ -240,10 +242,7 @@ DROP_BIAS = SCRIPT.parent / "drop_bias.py"
 
 
 def _drop_bias():
-    spec = importlib.util.spec_from_file_location("drop_bias", DROP_BIAS)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(DROP_BIAS)
 
 
 def test_drop_bias_measures_each_condition_against_the_trained_routing(smoke_run, tmp_path):
